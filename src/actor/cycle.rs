@@ -1,0 +1,211 @@
+//! One refresh cycle: under the store's cross-process lock, re-read the
+//! store, adopt what someone else wrote, or spend the refresh token once and
+//! durably write the result before anyone hears of it.
+//!
+//! Only [`TokenActor`](super::TokenActor) runs a cycle, and never two at once
+//! for one credential.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tracing::{debug, info, warn};
+
+use super::Config;
+use crate::credentials::{decode_claims, expiry_of, AccessToken, Expiry, ExpirySource, RefreshToken, TokenSet};
+use crate::error::BrokerError;
+use crate::policy::{freshness, Freshness};
+use crate::provider::{RefreshError, Refreshed};
+use crate::store::{StoreError, StoreVersion};
+
+/// What the actor knows when it starts a cycle.
+pub(crate) struct CycleInput {
+    /// The tokens the actor holds.
+    pub held: TokenSet,
+    /// The access token the upstream API rejected, if any.
+    pub rejected: Option<AccessToken>,
+    /// A refresh token the provider already refused: never sent again.
+    pub dead_refresh: Option<RefreshToken>,
+    /// Tokens a refresh returned that could not be written yet.
+    pub unsaved: Option<TokenSet>,
+}
+
+/// How a cycle ended.
+pub(crate) enum CycleOutcome {
+    /// Someone else wrote newer usable tokens; no request was made.
+    Adopted(TokenSet, Option<StoreVersion>),
+    /// The refresh token was spent and the new tokens are on disk.
+    Refreshed(TokenSet, Option<StoreVersion>),
+    /// The store holds what the actor holds and nothing needed doing.
+    Unchanged(Option<StoreVersion>),
+    /// The provider refused the refresh token (or there is none).
+    LoginRequired {
+        reason: String,
+        dead_refresh: Option<RefreshToken>,
+        version: Option<StoreVersion>,
+    },
+    /// A refresh succeeded but its tokens could not be written.
+    Unsaved(TokenSet, BrokerError),
+    /// Nothing changed; the error says why (transient, store, account).
+    Failed(BrokerError),
+}
+
+/// Runs a blocking store operation off the actor's thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, BrokerError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(BrokerError::from),
+        Err(e) => Err(BrokerError::Store(StoreError::Unreadable {
+            path: "store".into(),
+            cause: format!("the store task failed: {e}"),
+        })),
+    }
+}
+
+pub(crate) async fn run(cfg: Arc<Config>, input: CycleInput, requests: Arc<AtomicU64>) -> CycleOutcome {
+    match run_inner(&cfg, input, &requests).await {
+        Ok(outcome) => outcome,
+        Err(e) => CycleOutcome::Failed(e),
+    }
+}
+
+async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -> Result<CycleOutcome, BrokerError> {
+    let store = cfg.store.clone();
+    let lock_timeout = cfg.lock_timeout;
+    // The lock covers re-read, refresh and write; it is released when
+    // `_lock` drops at the end of this function, on every path.
+    let (_lock, on_disk, version) = blocking(move || {
+        let lock = store.lock(lock_timeout)?;
+        let tokens = store.load()?;
+        Ok((lock, tokens, store.version()))
+    })
+    .await?;
+
+    if let (Some(held), Some(now)) = (&input.held.account_id, &on_disk.account_id) {
+        if held != now {
+            warn!("the credentials now belong to another account; spending nothing");
+            return Err(BrokerError::AccountChanged {
+                location: cfg.location.clone(),
+            });
+        }
+    }
+    let changed = on_disk.differs_from(&input.held);
+
+    if let Some(unsaved) = input.unsaved {
+        if !changed {
+            return save(cfg, unsaved).await;
+        }
+        warn!("tokens from an earlier refresh were never written, and someone else has since changed the store; adopting theirs");
+    }
+
+    let now = SystemTime::now();
+    let rejected = input.rejected.as_ref() == Some(&on_disk.access_token);
+    let state = freshness(&on_disk, now, cfg.refresh_ahead);
+    if !rejected && matches!(state, Freshness::Fresh { .. } | Freshness::Unknown) {
+        return Ok(if changed {
+            info!(access = %on_disk.access_token.fingerprint(), "adopting tokens written by someone else");
+            CycleOutcome::Adopted(on_disk, version)
+        } else {
+            CycleOutcome::Unchanged(version)
+        });
+    }
+    let Some(refresh_token) = on_disk.refresh_token.clone() else {
+        return Ok(CycleOutcome::LoginRequired {
+            reason: "the credentials have no refresh token".into(),
+            dead_refresh: None,
+            version,
+        });
+    };
+    if input.dead_refresh.as_ref() == Some(&refresh_token) {
+        return Ok(CycleOutcome::LoginRequired {
+            reason: "the provider already rejected this refresh token".into(),
+            dead_refresh: Some(refresh_token),
+            version,
+        });
+    }
+
+    requests.fetch_add(1, Ordering::Relaxed);
+    info!(refresh = %refresh_token.fingerprint(), ?state, rejected, "spending the refresh token");
+    match cfg.provider.refresh(&refresh_token).await {
+        Ok(refreshed) => save(cfg, merge(&on_disk, refreshed, SystemTime::now())).await,
+        Err(e @ RefreshError::Rejected { .. }) => {
+            warn!(error = %e, "the provider rejected the refresh token; re-reading the store once");
+            let store = cfg.store.clone();
+            let (again, version) = blocking(move || Ok((store.load()?, store.version()))).await?;
+            if again.differs_from(&on_disk) {
+                info!("someone else refreshed meanwhile; adopting their tokens");
+                return Ok(CycleOutcome::Adopted(again, version));
+            }
+            Ok(CycleOutcome::LoginRequired {
+                reason: e.to_string(),
+                dead_refresh: Some(refresh_token),
+                version,
+            })
+        }
+        Err(e) => {
+            warn!(error = %e, "refresh failed; will retry with backoff");
+            Err(BrokerError::Unavailable {
+                location: cfg.location.clone(),
+                cause: e,
+                retry_in: None,
+            })
+        }
+    }
+}
+
+/// Writes freshly refreshed tokens; only once this succeeds may anyone see them.
+async fn save(cfg: &Arc<Config>, tokens: TokenSet) -> Result<CycleOutcome, BrokerError> {
+    let store = cfg.store.clone();
+    let to_write = tokens.clone();
+    match blocking(move || {
+        store.save(&to_write)?;
+        Ok(store.version())
+    })
+    .await
+    {
+        Ok(version) => {
+            debug!(access = %tokens.access_token.fingerprint(), "new tokens are on disk");
+            Ok(CycleOutcome::Refreshed(tokens, version))
+        }
+        Err(e) => {
+            warn!(error = %e, "could not write the new tokens; keeping them in memory and retrying");
+            Ok(CycleOutcome::Unsaved(tokens, e))
+        }
+    }
+}
+
+/// The token set after a refresh: what the provider returned, keeping the
+/// old refresh and id tokens where it sent none.
+pub(crate) fn merge(old: &TokenSet, new: Refreshed, now: SystemTime) -> TokenSet {
+    let id_token = new.id_token.or_else(|| old.id_token.clone());
+    let account_id = id_token
+        .as_ref()
+        .and_then(|t| decode_claims(t.expose()).ok())
+        .and_then(|c| c.chatgpt_account_id())
+        .or_else(|| old.account_id.clone());
+    let from_expires_in = new.expires_in.map(|life| Expiry {
+        at: now + life,
+        lifetime: Some(life),
+        source: ExpirySource::Stored,
+    });
+    let expiry = match expiry_of(new.access_token.expose(), None) {
+        Ok(Some(jwt)) => Some(jwt),
+        Ok(None) => from_expires_in,
+        Err(e) => {
+            warn!(error = %e, "the new access token's claims are unreadable; using expires_in");
+            from_expires_in
+        }
+    };
+    TokenSet {
+        access_token: new.access_token,
+        refresh_token: new.refresh_token.or_else(|| old.refresh_token.clone()),
+        id_token,
+        account_id,
+        expiry,
+        last_refresh: Some(now),
+    }
+}
+
+/// The default time a cycle waits for another process's lock.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);

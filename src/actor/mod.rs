@@ -1,0 +1,534 @@
+//! The [`TokenActor`]: one per credential, the only code that decides to
+//! refresh and the only code that spends the credential's refresh token.
+//!
+//! Callers reach it through [`TokenBroker`](crate::TokenBroker) or by
+//! sending the messages below to its [`Addr`](actix::Addr). A still-valid
+//! token is published into a shared snapshot so that the handle can serve it
+//! without a round trip; everything else comes here.
+//!
+//! At most one [refresh cycle](cycle) runs at a time. Callers that need a
+//! new token while one runs wait for its outcome; callers that arrive while
+//! the current token is still usable get it at once.
+
+mod cycle;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::prelude::*;
+use arc_swap::ArcSwapOption;
+use tokio::sync::oneshot;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+pub use cycle::DEFAULT_LOCK_TIMEOUT;
+
+use crate::credentials::{AccessToken, RefreshToken, TokenSet};
+use crate::error::BrokerError;
+use crate::policy::{backoff, freshness, Freshness};
+use crate::provider::Provider;
+use crate::status::{Counters, State, Status};
+use crate::store::{Store, StoreVersion};
+use cycle::{CycleInput, CycleOutcome};
+
+/// The token handed to callers, as published for the handle's fast path.
+pub(crate) type Published = Arc<ArcSwapOption<AccessToken>>;
+
+/// Everything a [`TokenActor`] needs that does not change.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub store: Arc<dyn Store>,
+    pub provider: Arc<Provider>,
+    pub refresh_ahead: Duration,
+    pub lock_timeout: Duration,
+    pub location: String,
+    /// What a person should do when a new sign-in is needed.
+    pub login_hint: String,
+}
+
+/// Ask for a valid access token. Answers at once when the current token is
+/// usable (starting one background refresh inside the refresh-ahead window);
+/// otherwise waits for the one refresh in flight.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<AccessToken, BrokerError>")]
+pub struct GetToken;
+
+/// The upstream API answered 401 for `token`. If it is still the current
+/// token, it is refreshed once however many callers reject it; a stale token
+/// is ignored. Answers with a token to retry with.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<AccessToken, BrokerError>")]
+pub struct Reject {
+    /// The access token the upstream API refused.
+    pub token: AccessToken,
+}
+
+/// Re-read the store now and adopt what changed. Never spends a refresh
+/// token.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), BrokerError>")]
+pub struct Reload;
+
+/// A snapshot of the credential's state, without secrets.
+#[derive(Debug, Message)]
+#[rtype(result = "Status")]
+pub struct GetStatus;
+
+/// Stop once no refresh is in flight. Answers when the actor has stopped, so
+/// that a process can exit without cutting a refresh between spending the
+/// old refresh token and writing the new one.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+type Waiter = oneshot::Sender<Result<AccessToken, BrokerError>>;
+
+/// Why the last refresh attempt failed, and when to try again.
+#[derive(Debug, Default)]
+struct Failure {
+    count: u32,
+    retry_at: Option<Instant>,
+    last: Option<BrokerError>,
+}
+
+/// The provider refused the refresh token: remembered per store version so
+/// that it is never sent again, and forgotten when the store changes.
+#[derive(Debug)]
+struct LoginRequired {
+    reason: String,
+    dead_refresh: Option<RefreshToken>,
+    version: Option<StoreVersion>,
+}
+
+/// The actor that owns one credential.
+pub struct TokenActor {
+    cfg: Arc<Config>,
+    tokens: TokenSet,
+    version: Option<StoreVersion>,
+    /// The current access token was rejected by the upstream API.
+    rejected: bool,
+    login: Option<LoginRequired>,
+    failure: Failure,
+    /// Tokens a refresh returned that are not on disk yet.
+    unsaved: Option<TokenSet>,
+    in_flight: bool,
+    waiters: Vec<Waiter>,
+    published: Published,
+    fresh_timer: Option<SpawnHandle>,
+    requests: Arc<AtomicU64>,
+    counters: Counters,
+    shutting_down: bool,
+    stop_waiters: Vec<oneshot::Sender<()>>,
+    span: tracing::Span,
+}
+
+impl std::fmt::Debug for TokenActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenActor")
+            .field("location", &self.cfg.location)
+            .field("access", &self.tokens.access_token)
+            .field("in_flight", &self.in_flight)
+            .field("waiters", &self.waiters.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What to do with one request for a token.
+enum Decision {
+    Serve(AccessToken),
+    ServeAndRefresh(AccessToken),
+    Wait,
+    StartAndWait,
+    Fail(BrokerError),
+}
+
+impl TokenActor {
+    pub(crate) fn new(cfg: Arc<Config>, tokens: TokenSet, version: Option<StoreVersion>, published: Published) -> Self {
+        let span = info_span!("credential", location = %cfg.location);
+        TokenActor {
+            cfg,
+            tokens,
+            version,
+            rejected: false,
+            login: None,
+            failure: Failure::default(),
+            unsaved: None,
+            in_flight: false,
+            waiters: Vec::new(),
+            published,
+            fresh_timer: None,
+            requests: Arc::new(AtomicU64::new(0)),
+            counters: Counters::default(),
+            shutting_down: false,
+            stop_waiters: Vec::new(),
+            span,
+        }
+    }
+
+    /// Also tells `tx` when the actor has stopped.
+    pub(crate) fn notify_on_stop(&mut self, tx: oneshot::Sender<()>) {
+        self.stop_waiters.push(tx);
+    }
+
+    fn freshness(&self, now: SystemTime) -> Freshness {
+        if self.rejected {
+            return Freshness::Expired;
+        }
+        freshness(&self.tokens, now, self.cfg.refresh_ahead)
+    }
+
+    /// Publishes the current token for the fast path while it is fresh, and
+    /// schedules its withdrawal when the refresh-ahead window opens.
+    fn publish(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.fresh_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let now = SystemTime::now();
+        match self.freshness(now) {
+            Freshness::Fresh { refresh_at } => {
+                self.published.store(Some(Arc::new(self.tokens.access_token.clone())));
+                let wait = refresh_at.duration_since(now).unwrap_or_default();
+                self.fresh_timer = Some(ctx.run_later(wait, |act, ctx| {
+                    act.fresh_timer = None;
+                    act.publish(ctx);
+                }));
+            }
+            Freshness::Unknown => self.published.store(Some(Arc::new(self.tokens.access_token.clone()))),
+            Freshness::Due { .. } | Freshness::Expired => self.published.store(None),
+        }
+    }
+
+    fn may_attempt(&self) -> bool {
+        !self.in_flight && self.failure.retry_at.is_none_or(|at| Instant::now() >= at)
+    }
+
+    fn store_changed_since_login_required(&self) -> bool {
+        match &self.login {
+            Some(login) => self.cfg.store.version() != login.version,
+            None => true,
+        }
+    }
+
+    fn decide(&self) -> Decision {
+        let state = self.freshness(SystemTime::now());
+        if state.is_usable() {
+            let token = self.tokens.access_token.clone();
+            let refresh = matches!(state, Freshness::Due { .. })
+                && self.may_attempt()
+                && self.store_changed_since_login_required();
+            return if refresh {
+                Decision::ServeAndRefresh(token)
+            } else {
+                Decision::Serve(token)
+            };
+        }
+        if self.in_flight {
+            return Decision::Wait;
+        }
+        if let Some(login) = &self.login {
+            if !self.store_changed_since_login_required() {
+                return Decision::Fail(self.login_error(&login.reason));
+            }
+            // The file changed since the provider refused us: a cycle will
+            // re-read it, adopting new tokens or confirming the sign-in.
+            return Decision::StartAndWait;
+        }
+        match (&self.failure.last, self.failure.retry_at) {
+            (Some(err), Some(at)) if Instant::now() < at => Decision::Fail(with_retry_in(err.clone(), at)),
+            _ => Decision::StartAndWait,
+        }
+    }
+
+    fn answer(&mut self, ctx: &mut Context<Self>) -> ResponseFuture<Result<AccessToken, BrokerError>> {
+        self.counters.actor_requests += 1;
+        match self.decide() {
+            Decision::Serve(token) => Box::pin(std::future::ready(Ok(token))),
+            Decision::ServeAndRefresh(token) => {
+                self.start_cycle(ctx);
+                Box::pin(std::future::ready(Ok(token)))
+            }
+            Decision::Fail(err) => Box::pin(std::future::ready(Err(err))),
+            Decision::Wait | Decision::StartAndWait => {
+                if !self.in_flight {
+                    self.start_cycle(ctx);
+                }
+                let (tx, rx) = oneshot::channel();
+                self.waiters.push(tx);
+                let location = self.cfg.location.clone();
+                Box::pin(async move { rx.await.unwrap_or(Err(BrokerError::Stopped { location })) })
+            }
+        }
+    }
+
+    fn login_error(&self, reason: &str) -> BrokerError {
+        BrokerError::LoginRequired {
+            location: self.cfg.location.clone(),
+            reason: reason.to_owned(),
+            hint: self.cfg.login_hint.clone(),
+        }
+    }
+
+    /// Starts the one refresh cycle. Runs inside the actor's context, not a
+    /// caller's future, so a caller that gives up never cuts it short.
+    fn start_cycle(&mut self, ctx: &mut Context<Self>) {
+        debug_assert!(!self.in_flight);
+        self.in_flight = true;
+        let input = CycleInput {
+            held: self.tokens.clone(),
+            rejected: self.rejected.then(|| self.tokens.access_token.clone()),
+            dead_refresh: self.login.as_ref().and_then(|l| l.dead_refresh.clone()),
+            unsaved: self.unsaved.clone(),
+        };
+        let span = info_span!(parent: &self.span, "refresh");
+        let fut = cycle::run(self.cfg.clone(), input, self.requests.clone()).instrument(span);
+        ctx.spawn(fut.into_actor(self).map(|outcome, act, ctx| act.finish_cycle(outcome, ctx)));
+    }
+
+    fn finish_cycle(&mut self, outcome: CycleOutcome, ctx: &mut Context<Self>) {
+        self.in_flight = false;
+        self.counters.token_requests = self.requests.load(Ordering::Relaxed);
+        let mut error = None;
+        match outcome {
+            CycleOutcome::Adopted(tokens, version) => {
+                self.counters.adoptions += 1;
+                self.install(tokens, version);
+            }
+            CycleOutcome::Refreshed(tokens, version) => {
+                self.counters.refreshes += 1;
+                self.unsaved = None;
+                self.install(tokens, version);
+            }
+            CycleOutcome::Unchanged(version) => self.version = version,
+            CycleOutcome::LoginRequired {
+                reason,
+                dead_refresh,
+                version,
+            } => {
+                self.counters.failures += 1;
+                warn!(parent: &self.span, %reason, "login required");
+                error = Some(self.login_error(&reason));
+                self.login = Some(LoginRequired {
+                    reason,
+                    dead_refresh,
+                    version,
+                });
+            }
+            CycleOutcome::Unsaved(tokens, err) => {
+                self.unsaved = Some(tokens);
+                error = Some(self.record_failure(err, None));
+            }
+            CycleOutcome::Failed(err) => {
+                let retry_after = match &err {
+                    BrokerError::Unavailable {
+                        cause: crate::provider::RefreshError::Transient { retry_after, .. },
+                        ..
+                    } => *retry_after,
+                    _ => None,
+                };
+                error = Some(self.record_failure(err, retry_after));
+            }
+        }
+        self.publish(ctx);
+        self.settle_waiters(error, ctx);
+        if self.shutting_down && !self.in_flight {
+            ctx.stop();
+        }
+    }
+
+    fn record_failure(&mut self, err: BrokerError, retry_after: Option<Duration>) -> BrokerError {
+        self.counters.failures += 1;
+        self.failure.count += 1;
+        let wait = backoff(self.failure.count, retry_after);
+        let at = Instant::now() + wait;
+        self.failure.retry_at = Some(at);
+        let err = with_retry_in(err, at);
+        self.failure.last = Some(err.clone());
+        err
+    }
+
+    /// Adopts a token set (written by us or by someone else).
+    fn install(&mut self, tokens: TokenSet, version: Option<StoreVersion>) {
+        if tokens.access_token != self.tokens.access_token {
+            self.rejected = false;
+        }
+        info!(parent: &self.span, access = %tokens.access_token.fingerprint(), "new access token installed");
+        self.tokens = tokens;
+        self.version = version;
+        self.login = None;
+        self.failure = Failure::default();
+    }
+
+    /// Answers everyone waiting for the cycle that just ended.
+    fn settle_waiters(&mut self, error: Option<BrokerError>, ctx: &mut Context<Self>) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let result = if self.freshness(SystemTime::now()).is_usable() {
+            Ok(self.tokens.access_token.clone())
+        } else if let Some(err) = error {
+            Err(err)
+        } else {
+            // The cycle started before the token was rejected and left it in
+            // place: run one more, with what we know now.
+            self.start_cycle(ctx);
+            return;
+        };
+        debug!(parent: &self.span, waiters = self.waiters.len(), ok = result.is_ok(), "answering waiters");
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
+    fn status(&self) -> Status {
+        let state = if self.login.is_some() && !self.freshness(SystemTime::now()).is_usable() {
+            State::LoginRequired
+        } else {
+            match self.freshness(SystemTime::now()) {
+                Freshness::Fresh { .. } | Freshness::Unknown => State::Valid,
+                Freshness::Due { .. } => State::RefreshDue,
+                Freshness::Expired if self.login.is_some() => State::LoginRequired,
+                Freshness::Expired => State::Expired,
+            }
+        };
+        let mut counters = self.counters;
+        counters.token_requests = self.requests.load(Ordering::Relaxed);
+        Status {
+            location: self.cfg.location.clone(),
+            state,
+            account_id: self.tokens.account_id.clone(),
+            expires_at: self.tokens.expiry.map(|e| e.at),
+            last_refresh: self.tokens.last_refresh,
+            has_refresh_token: self.tokens.refresh_token.is_some(),
+            refreshing: self.in_flight,
+            access_token_fingerprint: self.tokens.access_token.fingerprint(),
+            last_error: self
+                .login
+                .as_ref()
+                .map(|l| self.login_error(&l.reason).to_string())
+                .or_else(|| self.failure.last.as_ref().map(ToString::to_string)),
+            counters,
+        }
+    }
+}
+
+fn with_retry_in(err: BrokerError, at: Instant) -> BrokerError {
+    match err {
+        BrokerError::Unavailable { location, cause, .. } => BrokerError::Unavailable {
+            location,
+            cause,
+            retry_in: Some(at.saturating_duration_since(Instant::now())),
+        },
+        other => other,
+    }
+}
+
+impl Actor for TokenActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Callers are bounded by the application; let them queue rather than
+        // bounce between the mailbox and their executors.
+        ctx.set_mailbox_capacity(1 << 20);
+        self.publish(ctx);
+        debug!(parent: &self.span, access = %self.tokens.access_token.fingerprint(), "token actor started");
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.published.store(None);
+        let location = self.cfg.location.clone();
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Err(BrokerError::Stopped {
+                location: location.clone(),
+            }));
+        }
+        for stop in self.stop_waiters.drain(..) {
+            let _ = stop.send(());
+        }
+        debug!(parent: &self.span, "token actor stopped");
+    }
+}
+
+impl Handler<GetToken> for TokenActor {
+    type Result = ResponseFuture<Result<AccessToken, BrokerError>>;
+
+    fn handle(&mut self, _msg: GetToken, ctx: &mut Self::Context) -> Self::Result {
+        self.answer(ctx)
+    }
+}
+
+impl Handler<Reject> for TokenActor {
+    type Result = ResponseFuture<Result<AccessToken, BrokerError>>;
+
+    fn handle(&mut self, msg: Reject, ctx: &mut Self::Context) -> Self::Result {
+        if msg.token == self.tokens.access_token && !self.rejected {
+            info!(parent: &self.span, access = %msg.token.fingerprint(), "the upstream API rejected the current access token");
+            self.rejected = true;
+            self.publish(ctx);
+        }
+        self.answer(ctx)
+    }
+}
+
+impl Handler<Reload> for TokenActor {
+    type Result = ResponseActFuture<Self, Result<(), BrokerError>>;
+
+    fn handle(&mut self, _msg: Reload, _ctx: &mut Self::Context) -> Self::Result {
+        let store = self.cfg.store.clone();
+        let read = async move {
+            tokio::task::spawn_blocking(move || store.load().map(|t| (t, store.version())))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::store::StoreError::Unreadable {
+                        path: "store".into(),
+                        cause: e.to_string(),
+                    })
+                })
+        };
+        Box::pin(read.into_actor(self).map(|result, act, ctx| {
+            let (tokens, version) = result?;
+            if let (Some(held), Some(now)) = (&act.tokens.account_id, &tokens.account_id) {
+                if held != now {
+                    return Err(BrokerError::AccountChanged {
+                        location: act.cfg.location.clone(),
+                    });
+                }
+            }
+            if act.in_flight {
+                // The cycle re-reads under the lock and settles it.
+                return Ok(());
+            }
+            if tokens.differs_from(&act.tokens) {
+                act.counters.adoptions += 1;
+                act.install(tokens, version);
+                act.publish(ctx);
+            } else {
+                act.version = version;
+            }
+            Ok(())
+        }))
+    }
+}
+
+impl Handler<GetStatus> for TokenActor {
+    type Result = MessageResult<GetStatus>;
+
+    fn handle(&mut self, _msg: GetStatus, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.status())
+    }
+}
+
+impl Handler<Shutdown> for TokenActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Self::Context) -> Self::Result {
+        self.shutting_down = true;
+        let (tx, rx) = oneshot::channel();
+        self.stop_waiters.push(tx);
+        if !self.in_flight {
+            ctx.stop();
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}

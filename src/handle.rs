@@ -1,0 +1,342 @@
+//! The public [`TokenBroker`] handle and its [`BrokerBuilder`].
+//!
+//! A handle is cheap to clone, `Send + Sync`, and works from any async
+//! runtime: a plain `#[tokio::main]` program that never set up an actix
+//! System, or code already inside one. Each broker runs its
+//! [`TokenActor`] on a small dedicated thread with its own actix System.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use arc_swap::ArcSwapOption;
+use tokio::sync::{oneshot, watch};
+
+use crate::actor::{Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_LOCK_TIMEOUT};
+use crate::credentials::AccessToken;
+use crate::error::BrokerError;
+use crate::policy::DEFAULT_REFRESH_AHEAD;
+use crate::provider::{
+    ClientAuth, Dialect, Provider, CODEX_CLIENT_ID, CODEX_TOKEN_URL, CODEX_TOKEN_URL_ENV, DEFAULT_HTTP_TIMEOUT,
+};
+use crate::status::Status;
+use crate::store::{CodexAuthFile, OAuth2File, Store};
+
+/// A cloneable handle to one credential's [`TokenActor`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), token_broker::BrokerError> {
+/// use token_broker::TokenBroker;
+///
+/// // $CODEX_HOME/auth.json, else ~/.codex/auth.json
+/// let broker = TokenBroker::codex().build()?;
+/// let token = broker.token().await?;
+/// // ... send `Authorization: Bearer {token.expose()}` ...
+/// // on a 401 from the API:
+/// let retry_with = broker.reject(&token).await?;
+/// # let _ = retry_with;
+/// broker.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct TokenBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: Addr<TokenActor>,
+    published: Published,
+    location: String,
+    done: watch::Receiver<bool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The actor finishes a refresh in flight before it stops.
+        self.addr.do_send(Shutdown);
+    }
+}
+
+impl std::fmt::Debug for TokenBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenBroker")
+            .field("location", &self.inner.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenBroker {
+    /// A builder for the Codex CLI's credentials: `$CODEX_HOME/auth.json`
+    /// (else `~/.codex/auth.json`), OpenAI's token endpoint (overridden by
+    /// `CODEX_REFRESH_TOKEN_URL_OVERRIDE`) and the Codex client id.
+    pub fn codex() -> BrokerBuilder {
+        BrokerBuilder::new(Flavor::Codex)
+    }
+
+    /// A builder for any RFC 6749 provider. Set the credentials file with
+    /// [`BrokerBuilder::credentials_path`] or a store with
+    /// [`BrokerBuilder::store`].
+    pub fn oauth2(token_url: impl Into<String>, client_id: impl Into<String>) -> BrokerBuilder {
+        BrokerBuilder::new(Flavor::OAuth2 {
+            token_url: token_url.into(),
+            client_id: client_id.into(),
+        })
+    }
+
+    /// A valid access token. Served from the published snapshot without a
+    /// message round trip while the token is fresh; otherwise asks the
+    /// actor, which may wait for the one refresh in flight.
+    ///
+    /// Fails only when no valid access token is left and the refresh failed.
+    pub async fn token(&self) -> Result<AccessToken, BrokerError> {
+        if let Some(token) = self.fresh_token() {
+            return Ok(token);
+        }
+        self.ask(GetToken).await
+    }
+
+    /// The published token if it is fresh, without waiting or messaging.
+    /// `None` means "call [`token`](Self::token)".
+    #[inline]
+    pub fn fresh_token(&self) -> Option<AccessToken> {
+        self.inner.published.load().as_deref().cloned()
+    }
+
+    /// Reports that the upstream API answered 401 for `token`, and returns a
+    /// token to retry with. If `token` is still the current one it is
+    /// refreshed once, however many callers reject it at the same time; an
+    /// older token is ignored and the current one returned.
+    pub async fn reject(&self, token: &AccessToken) -> Result<AccessToken, BrokerError> {
+        self.ask(Reject { token: token.clone() }).await
+    }
+
+    /// Re-reads the credentials now and adopts what changed. Never spends a
+    /// refresh token.
+    pub async fn reload(&self) -> Result<(), BrokerError> {
+        self.ask(Reload).await
+    }
+
+    /// The credential's state, without secrets.
+    pub async fn status(&self) -> Result<Status, BrokerError> {
+        self.inner.addr.send(GetStatus).await.map_err(|_| self.stopped())
+    }
+
+    /// The actor's address, for actix code that sends messages directly.
+    pub fn addr(&self) -> &Addr<TokenActor> {
+        &self.inner.addr
+    }
+
+    /// Where the credentials live.
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    /// Stops the actor once any refresh in flight has written its tokens,
+    /// and waits for it. Call before a process exits.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.addr.send(Shutdown).await;
+        let mut done = self.inner.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+    }
+
+    async fn ask<M, T>(&self, msg: M) -> Result<T, BrokerError>
+    where
+        M: Message<Result = Result<T, BrokerError>> + Send + 'static,
+        T: Send + 'static,
+        TokenActor: Handler<M>,
+    {
+        self.inner.addr.send(msg).await.map_err(|_| self.stopped())?
+    }
+
+    fn stopped(&self) -> BrokerError {
+        BrokerError::Stopped {
+            location: self.inner.location.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Flavor {
+    Codex,
+    OAuth2 { token_url: String, client_id: String },
+}
+
+/// Configures and starts a [`TokenBroker`].
+#[derive(Debug)]
+pub struct BrokerBuilder {
+    flavor: Flavor,
+    path: Option<PathBuf>,
+    store: Option<Arc<dyn Store>>,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_auth: ClientAuth,
+    refresh_ahead: Duration,
+    http_timeout: Duration,
+    lock_timeout: Duration,
+}
+
+impl BrokerBuilder {
+    fn new(flavor: Flavor) -> Self {
+        BrokerBuilder {
+            flavor,
+            path: None,
+            store: None,
+            token_url: None,
+            client_id: None,
+            client_auth: ClientAuth::None,
+            refresh_ahead: DEFAULT_REFRESH_AHEAD,
+            http_timeout: DEFAULT_HTTP_TIMEOUT,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+        }
+    }
+
+    /// The credentials file (a Codex `auth.json` or an OAuth2 credentials
+    /// file, by flavor).
+    pub fn credentials_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+
+    /// Any store, instead of a file (for example a [`MemoryStore`](crate::store::MemoryStore)).
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The token endpoint, overriding the flavor's default and
+    /// `CODEX_REFRESH_TOKEN_URL_OVERRIDE`.
+    pub fn token_url(mut self, url: impl Into<String>) -> Self {
+        self.token_url = Some(url.into());
+        self
+    }
+
+    /// The OAuth client id, overriding the flavor's default.
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// How an RFC 6749 client authenticates (default: none, a public
+    /// client). Ignored by the Codex flavor.
+    pub fn client_auth(mut self, auth: ClientAuth) -> Self {
+        self.client_auth = auth;
+        self
+    }
+
+    /// How long before expiry a token is refreshed (default 10 minutes; at
+    /// half-life for tokens that live less than twice this).
+    pub fn refresh_ahead(mut self, window: Duration) -> Self {
+        self.refresh_ahead = window;
+        self
+    }
+
+    /// The timeout of one token request (default 30 s).
+    pub fn http_timeout(mut self, timeout: Duration) -> Self {
+        self.http_timeout = timeout;
+        self
+    }
+
+    /// How long a refresh waits for another process's lock (default 60 s).
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// Reads the credentials and starts the broker's actor.
+    ///
+    /// Blocks briefly: it reads the credentials file and starts the actor's
+    /// thread. Fails with [`BrokerError::Store`] when the credentials are
+    /// missing or invalid and [`BrokerError::Config`] for unusable settings.
+    pub fn build(self) -> Result<TokenBroker, BrokerError> {
+        if self.http_timeout.is_zero() {
+            return Err(BrokerError::Config("the HTTP timeout must be more than zero".into()));
+        }
+        let (token_url, client_id, dialect, login_hint) = match &self.flavor {
+            Flavor::Codex => (
+                self.token_url
+                    .clone()
+                    .or_else(|| std::env::var(CODEX_TOKEN_URL_ENV).ok().filter(|v| !v.is_empty()))
+                    .unwrap_or_else(|| CODEX_TOKEN_URL.to_owned()),
+                self.client_id.clone().unwrap_or_else(|| CODEX_CLIENT_ID.to_owned()),
+                Dialect::OpenAi,
+                "sign in again with `codex login`".to_owned(),
+            ),
+            Flavor::OAuth2 { token_url, client_id } => (
+                self.token_url.clone().unwrap_or_else(|| token_url.clone()),
+                self.client_id.clone().unwrap_or_else(|| client_id.clone()),
+                Dialect::Rfc6749(self.client_auth.clone()),
+                String::new(),
+            ),
+        };
+        match reqwest::Url::parse(&token_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+            _ => return Err(BrokerError::Config(format!("the token URL {token_url:?} is not an http(s) URL"))),
+        }
+        let store: Arc<dyn Store> = match (self.store, self.path, &self.flavor) {
+            (Some(store), _, _) => store,
+            (None, Some(path), Flavor::Codex) => Arc::new(CodexAuthFile::new(path)),
+            (None, None, Flavor::Codex) => Arc::new(CodexAuthFile::new(CodexAuthFile::default_path().ok_or_else(
+                || BrokerError::Config("neither CODEX_HOME nor HOME is set: pass the auth.json path".into()),
+            )?)),
+            (None, Some(path), Flavor::OAuth2 { .. }) => Arc::new(OAuth2File::new(path)),
+            (None, None, Flavor::OAuth2 { .. }) => {
+                return Err(BrokerError::Config("an oauth2 broker needs a credentials file path".into()))
+            }
+        };
+        let location = store.location().to_owned();
+        let login_hint = if login_hint.is_empty() {
+            format!("sign in again and write the new tokens to {location}")
+        } else {
+            login_hint
+        };
+        let tokens = store.load()?;
+        let version = store.version();
+        let cfg = Arc::new(Config {
+            store,
+            provider: Arc::new(Provider::new(token_url, client_id, dialect).with_timeout(self.http_timeout)),
+            refresh_ahead: self.refresh_ahead,
+            lock_timeout: self.lock_timeout,
+            location: location.clone(),
+            login_hint,
+        });
+        let published: Published = Arc::new(ArcSwapOption::empty());
+        let actor = TokenActor::new(cfg, tokens, version, published.clone());
+        let (addr, done) = spawn_actor(actor).map_err(BrokerError::Config)?;
+        Ok(TokenBroker {
+            inner: Arc::new(Inner {
+                addr,
+                published,
+                location,
+                done,
+            }),
+        })
+    }
+}
+
+/// Runs `actor` on a dedicated thread with its own actix System, so that
+/// the handle works whether or not the caller runs one.
+fn spawn_actor(mut actor: TokenActor) -> Result<(Addr<TokenActor>, watch::Receiver<bool>), String> {
+    let (addr_tx, addr_rx) = std::sync::mpsc::sync_channel(1);
+    let (done_tx, done_rx) = watch::channel(false);
+    std::thread::Builder::new()
+        .name("token-broker".into())
+        .spawn(move || {
+            let system = actix_rt::System::new();
+            system.block_on(async move {
+                let (stopped_tx, stopped_rx) = oneshot::channel();
+                actor.notify_on_stop(stopped_tx);
+                let addr = actor.start();
+                let _ = addr_tx.send(addr.clone());
+                let _ = stopped_rx.await;
+                drop(addr);
+            });
+            let _ = done_tx.send(true);
+        })
+        .map_err(|e| format!("could not start the broker thread: {e}"))?;
+    let addr = addr_rx
+        .recv()
+        .map_err(|_| "the broker thread failed to start".to_owned())?;
+    Ok((addr, done_rx))
+}

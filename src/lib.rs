@@ -1,0 +1,49 @@
+//! # token-broker
+//!
+//! Hands out OAuth access tokens to many concurrent jobs without ever racing
+//! on a refresh token.
+//!
+//! Providers rotate refresh tokens: each works once, and spending one twice
+//! gets `refresh_token_reused` (sometimes revoking the whole token family).
+//! token-broker makes that race impossible by construction: for each
+//! credential exactly one [`TokenActor`](actor::TokenActor) owns the state
+//! and is the only code that may spend its refresh token.
+//!
+//! - A still-valid access token is always used as is: no network call.
+//! - A refresh happens once per expiry, however many callers wait.
+//! - The credentials file is re-read under a cross-process lock before a
+//!   refresh token is spent, and the new tokens are durably written before
+//!   any caller sees them.
+//! - No token ever appears in `Debug`, `Display`, errors or logs.
+//!
+//! ```no_run
+//! use token_broker::TokenBroker;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), token_broker::BrokerError> {
+//!     let broker = TokenBroker::codex().build()?;
+//!     let token = broker.token().await?;
+//!     println!("{} chars", token.expose().len());
+//!     broker.shutdown().await;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Data flows one way: caller → [`TokenBroker`] → [`TokenActor`](actor::TokenActor)
+//! → [`store`] / [`provider`] → actor → published snapshot → caller.
+
+#![warn(missing_docs)]
+
+pub mod actor;
+pub mod credentials;
+mod error;
+mod handle;
+pub mod policy;
+pub mod provider;
+pub mod status;
+pub mod store;
+
+pub use credentials::{AccessToken, TokenSet};
+pub use error::BrokerError;
+pub use handle::{BrokerBuilder, TokenBroker};
+pub use status::{State, Status};

@@ -1,0 +1,327 @@
+//! How a refresh is sent to a token endpoint and how its answer is read.
+//!
+//! Two dialects:
+//! - [`Dialect::OpenAi`]: a JSON body `{"client_id","grant_type","refresh_token"}`
+//!   as the Codex CLI sends it; errors shaped
+//!   `{"error":{"message","type","code":"refresh_token_reused"}}`.
+//! - [`Dialect::Rfc6749`]: RFC 6749 section 6, a form-encoded body with
+//!   client authentication `none`, `client_secret_basic` or
+//!   `client_secret_post`; errors shaped `{"error":"invalid_grant"}`.
+//!
+//! Every failure is classified as [`RefreshError::Rejected`] (permanent:
+//! the credential needs a new sign-in) or [`RefreshError::Transient`]
+//! (retry later). Error text never carries a token.
+
+mod response;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use base64::Engine as _;
+
+pub use response::{parse_error_body, parse_success_body, ErrorBody};
+
+use crate::credentials::{AccessToken, IdToken, RefreshToken, Secret};
+
+/// The Codex CLI's token endpoint.
+pub const CODEX_TOKEN_URL: &str = "https://auth.openai.com/oauth/token";
+/// The Codex CLI's OAuth client id.
+pub const CODEX_CLIENT_ID: &str = "app_EMoamEEZ73f0CkXaXp7hrann";
+/// The environment variable that overrides the Codex token endpoint, as in
+/// the Codex CLI.
+pub const CODEX_TOKEN_URL_ENV: &str = "CODEX_REFRESH_TOKEN_URL_OVERRIDE";
+/// The default timeout of one token request.
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of a response body that is read.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// How an RFC 6749 client authenticates to the token endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A public client: `client_id` in the form, no secret.
+    None,
+    /// `client_secret_basic`: HTTP Basic with the form-encoded id and secret.
+    Basic(Secret),
+    /// `client_secret_post`: `client_id` and `client_secret` in the form.
+    Post(Secret),
+}
+
+/// The wire format of a refresh request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI's JSON dialect, as the Codex CLI speaks it.
+    OpenAi,
+    /// RFC 6749 section 6, form-encoded.
+    Rfc6749(ClientAuth),
+}
+
+/// What a successful refresh returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refreshed {
+    /// The new access token.
+    pub access_token: AccessToken,
+    /// The rotated refresh token; `None` means "keep the old one".
+    pub refresh_token: Option<RefreshToken>,
+    /// A new id token; `None` means "keep the old one".
+    pub id_token: Option<IdToken>,
+    /// The access token's lifetime, when the server said (`expires_in`).
+    pub expires_in: Option<Duration>,
+}
+
+/// Why a refresh failed, classified. Never carries token text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RefreshError {
+    /// The token endpoint refused this refresh token for good (reused,
+    /// expired, invalidated, `invalid_grant`, any 401): a new sign-in is
+    /// needed unless someone else already stored newer tokens.
+    #[error("the token endpoint {endpoint} rejected the refresh token (HTTP {status}, {code}): {description}")]
+    Rejected {
+        /// The token endpoint.
+        endpoint: String,
+        /// The HTTP status.
+        status: u16,
+        /// The error code (`refresh_token_reused`, `invalid_grant`...).
+        code: String,
+        /// The server's description, scrubbed of token text and shortened.
+        description: String,
+    },
+    /// The refresh may work if tried again later.
+    #[error("the token endpoint {endpoint} is unavailable: {cause}")]
+    Transient {
+        /// The token endpoint.
+        endpoint: String,
+        /// What went wrong.
+        cause: String,
+        /// How long the server asked us to wait (`Retry-After`).
+        retry_after: Option<Duration>,
+    },
+}
+
+impl RefreshError {
+    /// Whether the failure is permanent for this refresh token.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, RefreshError::Rejected { .. })
+    }
+
+    /// The error code the server gave, for a rejection.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            RefreshError::Rejected { code, .. } => Some(code),
+            RefreshError::Transient { .. } => None,
+        }
+    }
+}
+
+/// A token endpoint and how to talk to it.
+///
+/// The HTTP client (and its TLS configuration) is built on the first
+/// refresh, so handing out a still-valid token never pays for it.
+#[derive(Debug)]
+pub struct Provider {
+    token_url: String,
+    client_id: String,
+    dialect: Dialect,
+    timeout: Duration,
+    http: OnceLock<Result<reqwest::Client, String>>,
+}
+
+impl Provider {
+    /// A provider at `token_url` for the OAuth client `client_id`.
+    pub fn new(token_url: impl Into<String>, client_id: impl Into<String>, dialect: Dialect) -> Self {
+        Provider {
+            token_url: token_url.into(),
+            client_id: client_id.into(),
+            dialect,
+            timeout: DEFAULT_HTTP_TIMEOUT,
+            http: OnceLock::new(),
+        }
+    }
+
+    /// Sets the timeout of one token request (connect, send and read).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The token endpoint.
+    pub fn token_url(&self) -> &str {
+        &self.token_url
+    }
+
+    /// The dialect.
+    pub fn dialect(&self) -> &Dialect {
+        &self.dialect
+    }
+
+    /// Spends `refresh_token` once. Call only from the actor.
+    pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
+        let transient = |cause: String| RefreshError::Transient {
+            endpoint: self.token_url.clone(),
+            cause,
+            retry_after: None,
+        };
+        let http = self.client().map_err(transient)?;
+        let request = self.build_request(http, refresh_token);
+        let mut response = request.send().await.map_err(|e| transient(describe_reqwest(&e, self.timeout)))?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = MAX_RESPONSE_BYTES.saturating_sub(body.len());
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if body.len() >= MAX_RESPONSE_BYTES {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(transient(format!("reading the response: {}", describe_reqwest(&e, self.timeout)))),
+            }
+        }
+        let scrub = |text: &str| scrub(text, refresh_token.expose());
+        if status.is_success() {
+            return parse_success_body(&body).map_err(|why| {
+                transient(format!("HTTP {} with an unusable body: {why}", status.as_u16()))
+            });
+        }
+        let status = status.as_u16();
+        let parsed = parse_error_body(&body);
+        let permanent = matches!(status, 400..=499) && status != 408 && status != 429;
+        if permanent {
+            let (code, description) = match parsed {
+                Some(ErrorBody { code, description }) => (code, description.unwrap_or_default()),
+                None => ("unknown".to_owned(), String::new()),
+            };
+            return Err(RefreshError::Rejected {
+                endpoint: self.token_url.clone(),
+                status,
+                code: scrub(&code),
+                description: scrub(&description),
+            });
+        }
+        let detail = parsed
+            .map(|b| format!(" ({})", scrub(&b.code)))
+            .unwrap_or_default();
+        Err(RefreshError::Transient {
+            endpoint: self.token_url.clone(),
+            cause: format!("HTTP {status}{detail}"),
+            retry_after,
+        })
+    }
+
+    fn client(&self) -> Result<&reqwest::Client, String> {
+        self.http
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .timeout(self.timeout)
+                    .connect_timeout(self.timeout.min(Duration::from_secs(10)))
+                    .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| format!("could not build the HTTP client: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn build_request(&self, http: &reqwest::Client, refresh_token: &RefreshToken) -> reqwest::RequestBuilder {
+        let request = http
+            .post(&self.token_url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        match &self.dialect {
+            Dialect::OpenAi => request.json(&serde_json::json!({
+                "client_id": self.client_id,
+                "grant_type": "refresh_token",
+                "refresh_token": refresh_token.expose(),
+            })),
+            Dialect::Rfc6749(auth) => {
+                let mut form = vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh_token.expose()),
+                ];
+                let request = match auth {
+                    ClientAuth::None => {
+                        form.push(("client_id", &self.client_id));
+                        request
+                    }
+                    ClientAuth::Post(secret) => {
+                        form.push(("client_id", &self.client_id));
+                        form.push(("client_secret", secret.expose()));
+                        request
+                    }
+                    ClientAuth::Basic(secret) => request.header(
+                        reqwest::header::AUTHORIZATION,
+                        basic_authorization(&self.client_id, secret.expose()),
+                    ),
+                };
+                request.form(&form)
+            }
+        }
+    }
+}
+
+/// `client_secret_basic` per RFC 6749 section 2.3.1: id and secret are
+/// form-encoded, joined by a colon, then base64-encoded.
+pub fn basic_authorization(client_id: &str, secret: &str) -> String {
+    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let pair = format!("{}:{}", encode(client_id), encode(secret));
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+fn describe_reqwest(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        return format!("no answer within {timeout:?}");
+    }
+    let mut text = if e.is_connect() {
+        "could not connect".to_owned()
+    } else {
+        "the request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Removes `secret` from server-provided text and caps its length.
+fn scrub(text: &str, secret: &str) -> String {
+    let cleaned = if secret.len() >= 8 {
+        text.replace(secret, "<redacted>")
+    } else {
+        text.to_owned()
+    };
+    let mut out: String = cleaned.chars().filter(|c| !c.is_control()).take(200).collect();
+    if cleaned.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_authorization_form_encodes() {
+        // "a b:c/d" -> "a+b:c%2Fd"
+        let header = basic_authorization("a b", "c/d");
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(header.trim_start_matches("Basic "))
+            .unwrap();
+        assert_eq!(decoded, b"a+b:c%2Fd");
+    }
+
+    #[test]
+    fn scrub_removes_the_secret_and_caps() {
+        assert_eq!(scrub("bad token rt-123456789", "rt-123456789"), "bad token <redacted>");
+        assert_eq!(scrub(&"x".repeat(500), "secret-long").chars().count(), 201);
+    }
+}

@@ -1,0 +1,137 @@
+//! Where credentials live: the Codex `auth.json`, a generic OAuth2
+//! credentials file, or memory; atomic durable writes and the
+//! cross-process lock.
+//!
+//! A store only reads and writes. It never decides to refresh: that is the
+//! [`TokenActor`](crate::actor::TokenActor)'s job.
+
+mod codex;
+mod file;
+mod memory;
+mod oauth2;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use codex::CodexAuthFile;
+pub use file::{FileLock, FileVersion};
+pub use memory::MemoryStore;
+pub use oauth2::OAuth2File;
+
+use crate::credentials::TokenSet;
+
+/// The largest credentials file token-broker reads. Real files are a few KiB.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// A place credentials are kept.
+///
+/// Implementations must be cheap to call from a blocking thread; the actor
+/// calls every method through `spawn_blocking`.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Where the credentials live, for messages (a path, or `memory`).
+    fn location(&self) -> &str;
+
+    /// Reads the current token set.
+    fn load(&self) -> Result<TokenSet, StoreError>;
+
+    /// Durably replaces the owned fields (tokens, refresh time) with
+    /// `tokens`, keeping everything else as it was. When this returns `Ok`
+    /// the new tokens survive a crash.
+    fn save(&self, tokens: &TokenSet) -> Result<(), StoreError>;
+
+    /// A cheap identity of the stored contents (for a file: inode, size and
+    /// modification time) used to notice changes made by someone else.
+    fn version(&self) -> Option<StoreVersion>;
+
+    /// Takes the store's exclusive cross-process lock, waiting at most
+    /// `timeout`. Held while the store is re-read, a refresh token is spent
+    /// and the result is written; dropped to release.
+    fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError>;
+}
+
+/// A cheap identity of a store's contents; equal versions mean "unchanged".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreVersion {
+    /// A file's identity.
+    File(FileVersion),
+    /// A memory store's write counter.
+    Memory(u64),
+}
+
+/// A held store lock; released on drop.
+pub enum StoreLock {
+    /// A lock that only exists in this process (memory stores).
+    InProcess(parking_lot::ArcMutexGuard<parking_lot::RawMutex, ()>),
+    /// An advisory lock on a sibling lock file.
+    File(FileLock),
+}
+
+impl fmt::Debug for StoreLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreLock::InProcess(_) => f.write_str("StoreLock::InProcess"),
+            StoreLock::File(lock) => write!(f, "StoreLock::File({lock:?})"),
+        }
+    }
+}
+
+/// Why a store could not be read or written. Never carries token text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The file does not exist.
+    #[error("credentials file {path} does not exist")]
+    NotFound {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file exists but could not be read (permissions, a directory...).
+    #[error("credentials file {path} could not be read: {cause}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        cause: String,
+    },
+    /// The file was read but does not hold usable credentials.
+    #[error("credentials file {path} is invalid: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, without any token text.
+        reason: String,
+    },
+    /// The file is larger than [`MAX_FILE_BYTES`].
+    #[error("credentials file {path} is too large ({size} bytes; the limit is {MAX_FILE_BYTES})")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The new tokens could not be written.
+    #[error("could not write credentials file {path}: {cause}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        cause: String,
+    },
+    /// Another process held the lock for longer than the timeout.
+    #[error("timed out after {waited:?} waiting for the lock on {path}")]
+    LockTimeout {
+        /// The lock file.
+        path: PathBuf,
+        /// How long we waited.
+        waited: Duration,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn invalid(path: &Path, reason: impl Into<String>) -> Self {
+        StoreError::Invalid {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}

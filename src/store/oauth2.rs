@@ -1,0 +1,117 @@
+//! A generic OAuth2 credentials file for any RFC 6749 provider.
+//!
+//! ```json
+//! {
+//!   "access_token": "<token>",
+//!   "refresh_token": "<token>",
+//!   "id_token": "<jwt, optional>",
+//!   "token_type": "Bearer",
+//!   "scope": "read write",
+//!   "expires_at": "2026-11-28T08:29:02.000000Z"
+//! }
+//! ```
+//!
+//! `expires_at` (RFC 3339) is written from the server's `expires_in`. An
+//! access token that is a JWT takes its expiry from its `exp` claim instead.
+//! Unknown keys are kept on every write.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::file::{self, optional_string, parse_object, read_bounded, required_string, write_atomic};
+use super::{Store, StoreError, StoreLock, StoreVersion};
+use crate::credentials::{expiry_of, format_rfc3339, parse_rfc3339, AccessToken, IdToken, RefreshToken, TokenSet};
+
+/// A generic OAuth2 credentials file.
+#[derive(Debug, Clone)]
+pub struct OAuth2File {
+    path: PathBuf,
+    location: String,
+}
+
+impl OAuth2File {
+    /// A store over the credentials file at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let location = path.display().to_string();
+        OAuth2File { path, location }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Store for OAuth2File {
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn load(&self) -> Result<TokenSet, StoreError> {
+        let bytes = read_bounded(&self.path)?;
+        parse(&self.path, &bytes)
+    }
+
+    fn save(&self, tokens: &TokenSet) -> Result<(), StoreError> {
+        let bytes = read_bounded(&self.path)?;
+        let mut root = parse_object(&self.path, &bytes)?;
+        root.insert("access_token".into(), Value::String(tokens.access_token.expose().to_owned()));
+        if let Some(refresh) = &tokens.refresh_token {
+            root.insert("refresh_token".into(), Value::String(refresh.expose().to_owned()));
+        }
+        if let Some(id) = &tokens.id_token {
+            root.insert("id_token".into(), Value::String(id.expose().to_owned()));
+        }
+        match tokens.expiry {
+            Some(expiry) => root.insert("expires_at".into(), Value::String(format_rfc3339(expiry.at))),
+            // The old expiry belongs to the old token: never let it describe the new one.
+            None => root.remove("expires_at"),
+        };
+        if let Some(at) = tokens.last_refresh {
+            root.insert("last_refresh".into(), Value::String(format_rfc3339(at)));
+        }
+        let mut text = serde_json::to_string_pretty(&Value::Object(root))
+            .map_err(|e| StoreError::invalid(&self.path, format!("could not serialise: {e}")))?;
+        text.push('\n');
+        write_atomic(&self.path, text.as_bytes())
+    }
+
+    fn version(&self) -> Option<StoreVersion> {
+        file::version_of(&self.path)
+    }
+
+    fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError> {
+        file::lock(&self.path, timeout)
+    }
+}
+
+/// Parses the contents of an OAuth2 credentials file.
+pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<TokenSet, StoreError> {
+    let root = parse_object(path, bytes)?;
+    let access = required_string(path, &root, "access_token")?;
+    let refresh = optional_string(path, &root, "refresh_token")?;
+    let id_token = optional_string(path, &root, "id_token")?;
+    let time = |key: &str| -> Result<Option<std::time::SystemTime>, StoreError> {
+        match optional_string(path, &root, key)? {
+            None => Ok(None),
+            Some(s) => parse_rfc3339(s)
+                .map(Some)
+                .ok_or_else(|| StoreError::invalid(path, format!("`{key}` is not an RFC 3339 timestamp"))),
+        }
+    };
+    let expires_at = time("expires_at")?;
+    let last_refresh = time("last_refresh")?;
+    let expiry =
+        expiry_of(access, expires_at).map_err(|e| StoreError::invalid(path, format!("access_token: {e}")))?;
+    Ok(TokenSet {
+        access_token: AccessToken::new(access),
+        refresh_token: refresh.map(RefreshToken::new),
+        id_token: id_token.map(IdToken::new),
+        account_id: None,
+        expiry,
+        last_refresh,
+    })
+}

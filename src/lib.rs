@@ -40,6 +40,7 @@ mod error;
 mod handle;
 pub mod policy;
 pub mod provider;
+pub mod sim;
 pub mod status;
 pub mod store;
 

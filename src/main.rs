@@ -1,1 +1,208 @@
-fn main() {}
+//! `token-broker`: a thin command line over the library.
+//!
+//! Exit codes: 0 ok; 2 usage error; 3 credentials file missing, unreadable
+//! or invalid; 4 login required; 5 provider unavailable; 1 anything else.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use token_broker::provider::ClientAuth;
+use token_broker::{BrokerError, TokenBroker};
+
+/// Hands out OAuth access tokens without ever racing on a refresh token.
+#[derive(Debug, Parser)]
+#[command(name = "token-broker", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    creds: CredentialArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a valid access token and a newline, refreshing only if needed.
+    Token,
+    /// Show the credential's state without secrets.
+    Status,
+}
+
+#[derive(Debug, Args)]
+struct CredentialArgs {
+    /// The credentials file [default for codex: $CODEX_HOME/auth.json, else ~/.codex/auth.json].
+    #[arg(long, global = true, value_name = "PATH")]
+    auth_file: Option<PathBuf>,
+    /// The provider's dialect and file format.
+    #[arg(long, global = true, value_enum, default_value_t = ProviderKind::Codex)]
+    provider: ProviderKind,
+    /// The token endpoint (required for oauth2; overrides the codex default).
+    #[arg(long, global = true, value_name = "URL")]
+    token_url: Option<String>,
+    /// The OAuth client id (required for oauth2).
+    #[arg(long, global = true, value_name = "ID")]
+    client_id: Option<String>,
+    /// The name of the environment variable holding the client secret (never pass a secret as an argument).
+    #[arg(long, global = true, value_name = "VAR")]
+    client_secret_env: Option<String>,
+    /// How an oauth2 client authenticates.
+    #[arg(long, global = true, value_enum, default_value_t = ClientAuthKind::None)]
+    client_auth: ClientAuthKind,
+    /// Refresh this long before expiry (e.g. 90s, 10m).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10m")]
+    refresh_ahead: Duration,
+    /// The timeout of one token request (e.g. 30s).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    timeout: Duration,
+    /// Print the status, and any error, as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ProviderKind {
+    /// The Codex CLI's auth.json and OpenAI's JSON refresh dialect.
+    Codex,
+    /// A generic OAuth2 credentials file and RFC 6749 form refreshes.
+    Oauth2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ClientAuthKind {
+    /// A public client: client_id in the form.
+    None,
+    /// client_secret_basic.
+    Basic,
+    /// client_secret_post.
+    Post,
+}
+
+/// A failure of the command: the broker's, or writing the output.
+enum CliError {
+    Broker(BrokerError),
+    Output(std::io::Error),
+}
+
+impl From<BrokerError> for CliError {
+    fn from(e: BrokerError) -> Self {
+        CliError::Broker(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let json = cli.creds.json;
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(json, &CliError::Output(e)),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(json, &e),
+    }
+}
+
+/// Logs go to stderr, quiet unless `RUST_LOG` asks for more.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let broker = build(&cli.creds)?;
+    let result: Result<(), CliError> = match cli.command {
+        Command::Token => print_token(&broker).await,
+        Command::Status => print_status(&broker, cli.creds.json).await,
+    };
+    // Let a refresh in flight write its tokens before the process exits.
+    broker.shutdown().await;
+    result
+}
+
+fn build(args: &CredentialArgs) -> Result<TokenBroker, BrokerError> {
+    let usage = |m: &str| BrokerError::Config(m.to_owned());
+    let mut builder = match args.provider {
+        ProviderKind::Codex => TokenBroker::codex(),
+        ProviderKind::Oauth2 => {
+            let url = args.token_url.as_deref().ok_or_else(|| usage("--provider oauth2 needs --token-url"))?;
+            let id = args.client_id.as_deref().ok_or_else(|| usage("--provider oauth2 needs --client-id"))?;
+            if args.auth_file.is_none() {
+                return Err(usage("--provider oauth2 needs --auth-file"));
+            }
+            TokenBroker::oauth2(url, id).client_auth(client_auth(args)?)
+        }
+    };
+    if let Some(path) = &args.auth_file {
+        builder = builder.credentials_path(path);
+    }
+    if let Some(url) = &args.token_url {
+        builder = builder.token_url(url);
+    }
+    if let Some(id) = &args.client_id {
+        builder = builder.client_id(id);
+    }
+    builder
+        .refresh_ahead(args.refresh_ahead)
+        .http_timeout(args.timeout)
+        .build()
+}
+
+fn client_auth(args: &CredentialArgs) -> Result<ClientAuth, BrokerError> {
+    let secret = || -> Result<token_broker::credentials::Secret, BrokerError> {
+        let var = args.client_secret_env.as_deref().ok_or_else(|| {
+            BrokerError::Config("--client-auth basic|post needs --client-secret-env VAR".into())
+        })?;
+        match std::env::var(var) {
+            Ok(value) if !value.is_empty() => Ok(token_broker::credentials::Secret::new(value)),
+            _ => Err(BrokerError::Config(format!("the environment variable {var} is not set or empty"))),
+        }
+    };
+    Ok(match args.client_auth {
+        ClientAuthKind::None => ClientAuth::None,
+        ClientAuthKind::Basic => ClientAuth::Basic(secret()?),
+        ClientAuthKind::Post => ClientAuth::Post(secret()?),
+    })
+}
+
+async fn print_token(broker: &TokenBroker) -> Result<(), CliError> {
+    let token = broker.token().await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", token.expose())
+        .and_then(|()| out.flush())
+        .map_err(CliError::Output)
+}
+
+async fn print_status(broker: &TokenBroker, json: bool) -> Result<(), CliError> {
+    let status = broker.status().await?;
+    let now = SystemTime::now();
+    let text = if json {
+        format!("{}\n", status.to_json(now))
+    } else {
+        status.display_at(now).to_string()
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(CliError::Output)
+}
+
+fn fail(json: bool, e: &CliError) -> ExitCode {
+    let (code, kind, message) = match e {
+        CliError::Broker(e) => (e.exit_code(), e.kind(), e.to_string()),
+        CliError::Output(e) => (1, "io", format!("could not write the output: {e}")),
+    };
+    let line = if json {
+        serde_json::json!({"error": {"kind": kind, "message": message, "exit_code": code}}).to_string()
+    } else {
+        format!("token-broker: {message}")
+    };
+    let _ = writeln!(std::io::stderr(), "{line}");
+    ExitCode::from(code as u8)
+}

@@ -1,0 +1,42 @@
+//! The simulated provider (and, later, job scheduler) used by the
+//! `simulate` command, the tests and the benches.
+//!
+//! Nothing here is needed to use the broker; it is public so that tests,
+//! benches and the binary share one implementation.
+
+mod provider;
+
+pub use provider::{Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SimDialect};
+
+use crate::credentials::format_rfc3339;
+
+/// The text of a Codex `auth.json` holding `issued`, as the Codex CLI
+/// writes it (with `OPENAI_API_KEY: null` and `auth_mode`).
+pub fn codex_auth_json(issued: &Issued) -> String {
+    let value = serde_json::json!({
+        "auth_mode": "chatgpt",
+        "OPENAI_API_KEY": null,
+        "tokens": {
+            "id_token": issued.id_token,
+            "access_token": issued.access_token,
+            "refresh_token": issued.refresh_token,
+            "account_id": issued.account_id,
+        },
+        "last_refresh": format_rfc3339(std::time::SystemTime::now()),
+    });
+    let mut text = serde_json::to_string_pretty(&value).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// The text of a generic OAuth2 credentials file holding `issued`.
+pub fn oauth2_credentials_json(issued: &Issued) -> String {
+    let value = serde_json::json!({
+        "access_token": issued.access_token,
+        "refresh_token": issued.refresh_token,
+        "token_type": "Bearer",
+    });
+    let mut text = serde_json::to_string_pretty(&value).unwrap_or_default();
+    text.push('\n');
+    text
+}

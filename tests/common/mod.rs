@@ -1,0 +1,77 @@
+//! Helpers shared by the integration tests: a simulated provider on
+//! loopback, credentials files in a temporary folder, and the CLI binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use token_broker::sim::{codex_auth_json, Issued, ProviderServer, SimConfig};
+
+pub const CLI: &str = env!("CARGO_BIN_EXE_token-broker");
+
+/// A simulated provider and a folder for credentials files.
+pub struct Fixture {
+    pub sim: ProviderServer,
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn new(config: SimConfig) -> Self {
+        Fixture {
+            sim: ProviderServer::start(config).expect("start the simulated provider"),
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn codex() -> Self {
+        Self::new(SimConfig::default())
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes a Codex auth.json holding `issued` and returns its path.
+    pub fn write_codex(&self, issued: &Issued) -> PathBuf {
+        let path = self.path("auth.json");
+        std::fs::write(&path, codex_auth_json(issued)).unwrap();
+        path
+    }
+
+    /// A Codex broker over `path` talking to the simulated provider.
+    pub fn codex_broker(&self, path: &Path) -> token_broker::BrokerBuilder {
+        token_broker::TokenBroker::codex()
+            .credentials_path(path)
+            .token_url(self.sim.token_url())
+            .http_timeout(Duration::from_secs(10))
+    }
+
+    /// Runs the CLI against the simulated provider.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(CLI)
+            .args(args)
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", self.sim.token_url())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run the CLI")
+    }
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}

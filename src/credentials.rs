@@ -304,10 +304,7 @@ impl Claims {
             why: "not a number",
         })?;
         if !secs.is_finite() || secs < 0.0 {
-            return Err(JwtError::BadTime {
-                claim,
-                why: "negative",
-            });
+            return Err(JwtError::BadTime { claim, why: "negative" });
         }
         if secs > MAX_EXPIRY_UNIX as f64 {
             return Err(JwtError::BadTime {
@@ -385,14 +382,26 @@ mod tests {
     fn malformed_jwts_are_typed_errors() {
         assert_eq!(decode_claims("a.!!!.c"), Err(JwtError::Base64));
         assert_eq!(decode_claims(&jwt("[1,2]")), Err(JwtError::Json));
-        assert!(matches!(expiry_of(&jwt(r#"{"exp":"soon"}"#), None), Err(JwtError::BadTime { .. })));
-        assert!(matches!(expiry_of(&jwt(r#"{"exp":-1}"#), None), Err(JwtError::BadTime { .. })));
-        assert!(matches!(expiry_of(&jwt(r#"{"exp":1e300}"#), None), Err(JwtError::BadTime { .. })));
+        assert!(matches!(
+            expiry_of(&jwt(r#"{"exp":"soon"}"#), None),
+            Err(JwtError::BadTime { .. })
+        ));
+        assert!(matches!(
+            expiry_of(&jwt(r#"{"exp":-1}"#), None),
+            Err(JwtError::BadTime { .. })
+        ));
+        assert!(matches!(
+            expiry_of(&jwt(r#"{"exp":1e300}"#), None),
+            Err(JwtError::BadTime { .. })
+        ));
     }
 
     #[test]
     fn account_id_claim() {
-        let c = decode_claims(&jwt(r#"{"https://api.openai.com/auth":{"chatgpt_account_id":"acc-1"}}"#)).unwrap();
+        let c = decode_claims(&jwt(
+            r#"{"https://api.openai.com/auth":{"chatgpt_account_id":"acc-1"}}"#,
+        ))
+        .unwrap();
         assert_eq!(c.chatgpt_account_id().as_deref(), Some("acc-1"));
     }
 

@@ -13,7 +13,9 @@ use actix::prelude::*;
 use arc_swap::ArcSwapOption;
 use tokio::sync::{oneshot, watch};
 
-use crate::actor::{Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_LOCK_TIMEOUT};
+use crate::actor::{
+    Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_LOCK_TIMEOUT,
+};
 use crate::credentials::AccessToken;
 use crate::error::BrokerError;
 use crate::policy::DEFAULT_REFRESH_AHEAD;
@@ -272,17 +274,25 @@ impl BrokerBuilder {
         };
         match reqwest::Url::parse(&token_url) {
             Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-            _ => return Err(BrokerError::Config(format!("the token URL {token_url:?} is not an http(s) URL"))),
+            _ => {
+                return Err(BrokerError::Config(format!(
+                    "the token URL {token_url:?} is not an http(s) URL"
+                )))
+            }
         }
         let store: Arc<dyn Store> = match (self.store, self.path, &self.flavor) {
             (Some(store), _, _) => store,
             (None, Some(path), Flavor::Codex) => Arc::new(CodexAuthFile::new(path)),
-            (None, None, Flavor::Codex) => Arc::new(CodexAuthFile::new(CodexAuthFile::default_path().ok_or_else(
-                || BrokerError::Config("neither CODEX_HOME nor HOME is set: pass the auth.json path".into()),
-            )?)),
+            (None, None, Flavor::Codex) => {
+                Arc::new(CodexAuthFile::new(CodexAuthFile::default_path().ok_or_else(|| {
+                    BrokerError::Config("neither CODEX_HOME nor HOME is set: pass the auth.json path".into())
+                })?))
+            }
             (None, Some(path), Flavor::OAuth2 { .. }) => Arc::new(OAuth2File::new(path)),
             (None, None, Flavor::OAuth2 { .. }) => {
-                return Err(BrokerError::Config("an oauth2 broker needs a credentials file path".into()))
+                return Err(BrokerError::Config(
+                    "an oauth2 broker needs a credentials file path".into(),
+                ))
             }
         };
         let location = store.location().to_owned();

@@ -45,6 +45,22 @@ pub mod status;
 pub mod store;
 
 pub use credentials::{AccessToken, TokenSet};
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 pub use error::BrokerError;
 pub use handle::{BrokerBuilder, TokenBroker};
 pub use status::{State, Status};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+        assert_send_sync::<crate::TokenBroker>();
+        assert_send_sync::<crate::AccessToken>();
+        assert_send_sync::<crate::BrokerError>();
+    }
+}

@@ -131,8 +131,14 @@ fn build(args: &CredentialArgs) -> Result<TokenBroker, BrokerError> {
     let mut builder = match args.provider {
         ProviderKind::Codex => TokenBroker::codex(),
         ProviderKind::Oauth2 => {
-            let url = args.token_url.as_deref().ok_or_else(|| usage("--provider oauth2 needs --token-url"))?;
-            let id = args.client_id.as_deref().ok_or_else(|| usage("--provider oauth2 needs --client-id"))?;
+            let url = args
+                .token_url
+                .as_deref()
+                .ok_or_else(|| usage("--provider oauth2 needs --token-url"))?;
+            let id = args
+                .client_id
+                .as_deref()
+                .ok_or_else(|| usage("--provider oauth2 needs --client-id"))?;
             if args.auth_file.is_none() {
                 return Err(usage("--provider oauth2 needs --auth-file"));
             }
@@ -156,12 +162,15 @@ fn build(args: &CredentialArgs) -> Result<TokenBroker, BrokerError> {
 
 fn client_auth(args: &CredentialArgs) -> Result<ClientAuth, BrokerError> {
     let secret = || -> Result<token_broker::credentials::Secret, BrokerError> {
-        let var = args.client_secret_env.as_deref().ok_or_else(|| {
-            BrokerError::Config("--client-auth basic|post needs --client-secret-env VAR".into())
-        })?;
+        let var = args
+            .client_secret_env
+            .as_deref()
+            .ok_or_else(|| BrokerError::Config("--client-auth basic|post needs --client-secret-env VAR".into()))?;
         match std::env::var(var) {
             Ok(value) if !value.is_empty() => Ok(token_broker::credentials::Secret::new(value)),
-            _ => Err(BrokerError::Config(format!("the environment variable {var} is not set or empty"))),
+            _ => Err(BrokerError::Config(format!(
+                "the environment variable {var} is not set or empty"
+            ))),
         }
     };
     Ok(match args.client_auth {

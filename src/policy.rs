@@ -111,16 +111,28 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let w = Duration::from_secs(600);
         let s = |secs| Duration::from_secs(secs);
-        assert!(matches!(freshness(&set(now + s(601), None), now, w), Freshness::Fresh { .. }));
-        assert!(matches!(freshness(&set(now + s(599), None), now, w), Freshness::Due { .. }));
+        assert!(matches!(
+            freshness(&set(now + s(601), None), now, w),
+            Freshness::Fresh { .. }
+        ));
+        assert!(matches!(
+            freshness(&set(now + s(599), None), now, w),
+            Freshness::Due { .. }
+        ));
         assert_eq!(freshness(&set(now, None), now, w), Freshness::Expired);
         // 2 s tokens refresh at half-life.
-        assert!(matches!(freshness(&set(now + s(2), Some(s(2))), now, w), Freshness::Fresh { .. }));
+        assert!(matches!(
+            freshness(&set(now + s(2), Some(s(2))), now, w),
+            Freshness::Fresh { .. }
+        ));
         assert!(matches!(
             freshness(&set(now + Duration::from_millis(999), Some(s(2))), now, w),
             Freshness::Due { .. }
         ));
-        assert_eq!(freshness(&TokenSet::new("t", None).unwrap(), now, w), Freshness::Unknown);
+        assert_eq!(
+            freshness(&TokenSet::new("t", None).unwrap(), now, w),
+            Freshness::Unknown
+        );
     }
 
     #[test]

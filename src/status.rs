@@ -110,7 +110,12 @@ impl fmt::Display for StatusLines<'_> {
         writeln!(f, "state:          {}", s.state)?;
         writeln!(f, "account:        {}", s.account_id.as_deref().unwrap_or("unknown"))?;
         match s.expires_at {
-            Some(at) => writeln!(f, "access token:   expires {} ({})", format_rfc3339(at), relative(at, self.now))?,
+            Some(at) => writeln!(
+                f,
+                "access token:   expires {} ({})",
+                format_rfc3339(at),
+                relative(at, self.now)
+            )?,
             None => writeln!(f, "access token:   expiry unknown")?,
         }
         match s.last_refresh {

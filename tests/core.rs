@@ -283,7 +283,12 @@ async fn works_inside_an_actix_system() {
     let issued = fx.sim.sign_in(-1.0);
     let path = fx.write_codex(&issued);
     let broker = fx.codex_broker(&path).build().unwrap();
-    let token = broker.addr().send(token_broker::actor::GetToken).await.unwrap().unwrap();
+    let token = broker
+        .addr()
+        .send(token_broker::actor::GetToken)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(broker.token().await.unwrap(), token);
     broker.shutdown().await;
     assert_eq!(fx.sim.token_requests(), 1);

@@ -281,7 +281,10 @@ impl TokenActor {
         };
         let span = info_span!(parent: &self.span, "refresh");
         let fut = cycle::run(self.cfg.clone(), input, self.requests.clone()).instrument(span);
-        ctx.spawn(fut.into_actor(self).map(|outcome, act, ctx| act.finish_cycle(outcome, ctx)));
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|outcome, act, ctx| act.finish_cycle(outcome, ctx)),
+        );
     }
 
     fn finish_cycle(&mut self, outcome: CycleOutcome, ctx: &mut Context<Self>) {

@@ -162,7 +162,10 @@ impl Provider {
         };
         let http = self.client().map_err(transient)?;
         let request = self.build_request(http, refresh_token);
-        let mut response = request.send().await.map_err(|e| transient(describe_reqwest(&e, self.timeout)))?;
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| transient(describe_reqwest(&e, self.timeout)))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
         let mut body = Vec::new();
@@ -176,14 +179,18 @@ impl Provider {
                     }
                 }
                 Ok(None) => break,
-                Err(e) => return Err(transient(format!("reading the response: {}", describe_reqwest(&e, self.timeout)))),
+                Err(e) => {
+                    return Err(transient(format!(
+                        "reading the response: {}",
+                        describe_reqwest(&e, self.timeout)
+                    )))
+                }
             }
         }
         let scrub = |text: &str| scrub(text, refresh_token.expose());
         if status.is_success() {
-            return parse_success_body(&body).map_err(|why| {
-                transient(format!("HTTP {} with an unusable body: {why}", status.as_u16()))
-            });
+            return parse_success_body(&body)
+                .map_err(|why| transient(format!("HTTP {} with an unusable body: {why}", status.as_u16())));
         }
         let status = status.as_u16();
         let parsed = parse_error_body(&body);
@@ -200,9 +207,7 @@ impl Provider {
                 description: scrub(&description),
             });
         }
-        let detail = parsed
-            .map(|b| format!(" ({})", scrub(&b.code)))
-            .unwrap_or_default();
+        let detail = parsed.map(|b| format!(" ({})", scrub(&b.code))).unwrap_or_default();
         Err(RefreshError::Transient {
             endpoint: self.token_url.clone(),
             cause: format!("HTTP {status}{detail}"),

@@ -134,7 +134,9 @@ pub struct ProviderServer {
 
 impl std::fmt::Debug for ProviderServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProviderServer").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("ProviderServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -209,7 +211,8 @@ impl ProviderServer {
     /// Its `iat` is one configured access lifetime before its `exp`.
     pub fn sign_in(&self, expires_in: f64) -> Issued {
         let config = self.shared.config.lock().clone();
-        self.shared.issue(&config.account_id, expires_in, config.access_lifetime)
+        self.shared
+            .issue(&config.account_id, expires_in, config.access_lifetime)
     }
 
     /// Like [`sign_in`](Self::sign_in) for another account.
@@ -364,7 +367,11 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
     }
     if config.fault_rate > 0.0 && fastrand::f64() < config.fault_rate {
         shared.faults.fetch_add(1, Ordering::SeqCst);
-        return (StatusCode::SERVICE_UNAVAILABLE, "<html><body>503 Service Unavailable</body></html>").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "<html><body>503 Service Unavailable</body></html>",
+        )
+            .into_response();
     }
     let request = match &config.dialect {
         SimDialect::OpenAi => parse_openai(&body, &config),
@@ -372,9 +379,9 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
     };
     let refresh = match request {
         Ok(refresh) => refresh,
-        Err(response) => {
+        Err((status, body)) => {
             shared.invalid.fetch_add(1, Ordering::SeqCst);
-            return response;
+            return (status, Json(body)).into_response();
         }
     };
     match shared.spend(&refresh) {
@@ -404,13 +411,15 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
     (StatusCode::OK, Json(body)).into_response()
 }
 
-fn parse_openai(body: &[u8], config: &SimConfig) -> Result<String, Response> {
+/// A refused request: the status and JSON body to answer with.
+type Refusal = (StatusCode, Value);
+
+fn parse_openai(body: &[u8], config: &SimConfig) -> Result<String, Refusal> {
     let bad = |message: &str| {
         (
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "invalid_request"}})),
+            json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "invalid_request"}}),
         )
-            .into_response()
     };
     let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
         return Err(bad("The request body must be JSON."));
@@ -421,9 +430,8 @@ fn parse_openai(body: &[u8], config: &SimConfig) -> Result<String, Response> {
     if req.get("client_id").and_then(Value::as_str) != Some(config.client_id.as_str()) {
         return Err((
             StatusCode::UNAUTHORIZED,
-            Json(json!({"error": {"message": "Unknown client.", "type": "invalid_request_error", "param": null, "code": "invalid_client"}})),
-        )
-            .into_response());
+            json!({"error": {"message": "Unknown client.", "type": "invalid_request_error", "param": null, "code": "invalid_client"}}),
+        ));
     }
     req.get("refresh_token")
         .and_then(Value::as_str)
@@ -431,13 +439,22 @@ fn parse_openai(body: &[u8], config: &SimConfig) -> Result<String, Response> {
         .ok_or_else(|| bad("Missing refresh_token."))
 }
 
-fn parse_rfc6749(headers: &HeaderMap, body: &[u8], config: &SimConfig, auth: &SimClientAuth) -> Result<String, Response> {
+fn parse_rfc6749(
+    headers: &HeaderMap,
+    body: &[u8],
+    config: &SimConfig,
+    auth: &SimClientAuth,
+) -> Result<String, Refusal> {
     let form: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
     let error = |status: StatusCode, code: &str, description: &str| {
-        (status, Json(json!({"error": code, "error_description": description}))).into_response()
+        (status, json!({"error": code, "error_description": description}))
     };
     if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
-        return Err(error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "only refresh_token is supported"));
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "only refresh_token is supported",
+        ));
     }
     let client_ok = match auth {
         SimClientAuth::None => form.get("client_id") == Some(&config.client_id) && !form.contains_key("client_secret"),
@@ -451,7 +468,11 @@ fn parse_rfc6749(headers: &HeaderMap, body: &[u8], config: &SimConfig, auth: &Si
         }
     };
     if !client_ok {
-        return Err(error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed"));
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        ));
     }
     form.get("refresh_token")
         .cloned()

@@ -134,13 +134,11 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<TokenSet, StoreError> {
     let last_refresh = match root.get("last_refresh") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(
-            parse_rfc3339(s)
-                .ok_or_else(|| StoreError::invalid(path, "`last_refresh` is not an RFC 3339 timestamp"))?,
+            parse_rfc3339(s).ok_or_else(|| StoreError::invalid(path, "`last_refresh` is not an RFC 3339 timestamp"))?,
         ),
         Some(_) => return Err(StoreError::invalid(path, "`last_refresh` is not a string")),
     };
-    let expiry = expiry_of(access, None)
-        .map_err(|e| StoreError::invalid(path, format!("tokens.access_token: {e}")))?;
+    let expiry = expiry_of(access, None).map_err(|e| StoreError::invalid(path, format!("tokens.access_token: {e}")))?;
     let account_id = match optional_string(path, tokens, "account_id")? {
         Some(id) => Some(id.to_owned()),
         None => id_token
@@ -156,4 +154,95 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<TokenSet, StoreError> {
         expiry,
         last_refresh,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{codex_auth_json, Issued};
+
+    fn issued() -> Issued {
+        let b64 = |s: &str| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+        };
+        let jwt = |payload: &str| format!("{}.{}.c2ln", b64(r#"{"alg":"none"}"#), b64(payload));
+        Issued {
+            access_token: jwt(r#"{"exp":4000000000,"iat":3999996400}"#),
+            refresh_token: "rt_1234567890".into(),
+            id_token: jwt(r#"{"https://api.openai.com/auth":{"chatgpt_account_id":"acct-from-id"}}"#),
+            account_id: "acct-explicit".into(),
+        }
+    }
+
+    fn variant(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_str(&codex_auth_json(&issued())).unwrap();
+        edit(&mut v);
+        v.to_string().into_bytes()
+    }
+
+    #[test]
+    fn reads_every_codex_variant() {
+        let p = Path::new("auth.json");
+        let variants = [
+            variant(|_| {}),
+            variant(|v| drop(v.as_object_mut().unwrap().remove("auth_mode"))),
+            variant(|v| drop(v.as_object_mut().unwrap().remove("OPENAI_API_KEY"))),
+            variant(|v| v["OPENAI_API_KEY"] = "sk-abc".into()),
+            variant(|v| drop(v.as_object_mut().unwrap().remove("last_refresh"))),
+        ];
+        for bytes in &variants {
+            let set = parse(p, bytes).unwrap();
+            assert_eq!(set.account_id.as_deref(), Some("acct-explicit"));
+            assert!(set.expiry.is_some());
+        }
+        // account_id missing: taken from the id token's claim.
+        let set = parse(
+            p,
+            &variant(|v| drop(v["tokens"].as_object_mut().unwrap().remove("account_id"))),
+        )
+        .unwrap();
+        assert_eq!(set.account_id.as_deref(), Some("acct-from-id"));
+        // id_token missing.
+        let set = parse(
+            p,
+            &variant(|v| drop(v["tokens"].as_object_mut().unwrap().remove("id_token"))),
+        )
+        .unwrap();
+        assert!(set.id_token.is_none());
+        assert_eq!(set.account_id.as_deref(), Some("acct-explicit"));
+    }
+
+    #[test]
+    fn an_api_key_only_file_is_a_clear_error() {
+        let err = parse(Path::new("auth.json"), br#"{"OPENAI_API_KEY":"sk-x","tokens":null}"#).unwrap_err();
+        assert!(err.to_string().contains("codex login"), "{err}");
+        assert!(!err.to_string().contains("sk-x"));
+    }
+
+    #[test]
+    fn save_changes_only_owned_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.json");
+        let original = variant(|v| {
+            v["OPENAI_API_KEY"] = "sk-keep".into();
+            v["tokens"]["extra"] = 7.into();
+            v["unknown"] = serde_json::json!({"a": [1]});
+        });
+        std::fs::write(&path, &original).unwrap();
+        let store = CodexAuthFile::new(&path);
+        let mut set = store.load().unwrap();
+        set.access_token = AccessToken::new("new-access");
+        set.refresh_token = Some(RefreshToken::new("new-refresh"));
+        set.last_refresh = Some(std::time::SystemTime::now());
+        store.save(&set).unwrap();
+        let before: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let mut expected = before.clone();
+        expected["tokens"]["access_token"] = "new-access".into();
+        expected["tokens"]["refresh_token"] = "new-refresh".into();
+        expected["last_refresh"] = after["last_refresh"].clone();
+        assert_eq!(after, expected);
+        assert_ne!(after["last_refresh"], before["last_refresh"]);
+    }
 }

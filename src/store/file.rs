@@ -128,9 +128,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> 
     tmp.write_all(bytes).map_err(write_err)?;
     tmp.as_file().sync_all().map_err(write_err)?;
     tmp.persist(&target).map_err(|e| write_err(e.error))?;
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(write_err)?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(write_err)?;
     Ok(())
 }
 

@@ -58,7 +58,10 @@ impl Store for OAuth2File {
     fn save(&self, tokens: &TokenSet) -> Result<(), StoreError> {
         let bytes = read_bounded(&self.path)?;
         let mut root = parse_object(&self.path, &bytes)?;
-        root.insert("access_token".into(), Value::String(tokens.access_token.expose().to_owned()));
+        root.insert(
+            "access_token".into(),
+            Value::String(tokens.access_token.expose().to_owned()),
+        );
         if let Some(refresh) = &tokens.refresh_token {
             root.insert("refresh_token".into(), Value::String(refresh.expose().to_owned()));
         }
@@ -104,8 +107,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<TokenSet, StoreError> {
     };
     let expires_at = time("expires_at")?;
     let last_refresh = time("last_refresh")?;
-    let expiry =
-        expiry_of(access, expires_at).map_err(|e| StoreError::invalid(path, format!("access_token: {e}")))?;
+    let expiry = expiry_of(access, expires_at).map_err(|e| StoreError::invalid(path, format!("access_token: {e}")))?;
     Ok(TokenSet {
         access_token: AccessToken::new(access),
         refresh_token: refresh.map(RefreshToken::new),

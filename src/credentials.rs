@@ -47,8 +47,18 @@ impl Secret {
     /// A short, stable, non-reversible fingerprint: the first 8 hex digits
     /// of the SHA-256 of the text. Safe to log; tells two tokens apart.
     pub fn fingerprint(&self) -> String {
-        let digest = Sha256::digest(self.0.as_bytes());
-        digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+        let mut hex = self.sha256_hex();
+        hex.truncate(8);
+        hex
+    }
+
+    /// The full SHA-256 of the text, in hex: a stable identity that can be
+    /// stored (for example in a refresh-in-progress record) without the text.
+    pub fn sha256_hex(&self) -> String {
+        Sha256::digest(self.0.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -85,6 +95,11 @@ macro_rules! secret_newtype {
             /// A short fingerprint that is safe to log (see [`Secret::fingerprint`]).
             pub fn fingerprint(&self) -> String {
                 self.0.fingerprint()
+            }
+
+            /// The full SHA-256 of the text in hex (see [`Secret::sha256_hex`]).
+            pub fn sha256_hex(&self) -> String {
+                self.0.sha256_hex()
             }
         }
 

@@ -67,7 +67,9 @@ impl BrokerError {
     pub fn exit_code(&self) -> i32 {
         match self {
             BrokerError::Config(_) => 2,
-            BrokerError::Store(StoreError::LockTimeout { .. } | StoreError::Write { .. }) => 1,
+            BrokerError::Store(
+                StoreError::LockTimeout { .. } | StoreError::Write { .. } | StoreError::Conflict { .. },
+            ) => 1,
             BrokerError::Store(_) => 3,
             BrokerError::LoginRequired { .. } => 4,
             BrokerError::Unavailable { .. } => 5,
@@ -81,6 +83,7 @@ impl BrokerError {
             BrokerError::Store(StoreError::NotFound { .. }) => "credentials_missing",
             BrokerError::Store(StoreError::LockTimeout { .. }) => "lock_timeout",
             BrokerError::Store(StoreError::Write { .. }) => "write_failed",
+            BrokerError::Store(StoreError::Conflict { .. }) => "write_conflict",
             BrokerError::Store(_) => "credentials_invalid",
             BrokerError::LoginRequired { .. } => "login_required",
             BrokerError::Unavailable { .. } => "provider_unavailable",

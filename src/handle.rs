@@ -23,6 +23,9 @@ use crate::provider::{
     ClientAuth, Dialect, Provider, CODEX_CLIENT_ID, CODEX_TOKEN_URL, CODEX_TOKEN_URL_ENV, DEFAULT_HTTP_TIMEOUT,
 };
 use crate::status::Status;
+
+/// How often a broker checks its credentials file for outside changes.
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 use crate::store::{CodexAuthFile, OAuth2File, Store};
 
 /// A cloneable handle to one credential's [`TokenActor`].
@@ -177,6 +180,7 @@ pub struct BrokerBuilder {
     refresh_ahead: Duration,
     http_timeout: Duration,
     lock_timeout: Duration,
+    watch_interval: Duration,
 }
 
 impl BrokerBuilder {
@@ -191,6 +195,7 @@ impl BrokerBuilder {
             refresh_ahead: DEFAULT_REFRESH_AHEAD,
             http_timeout: DEFAULT_HTTP_TIMEOUT,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            watch_interval: DEFAULT_WATCH_INTERVAL,
         }
     }
 
@@ -243,6 +248,14 @@ impl BrokerBuilder {
     /// How long a refresh waits for another process's lock (default 60 s).
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = timeout;
+        self
+    }
+
+    /// How often the broker checks the credentials file for changes made by
+    /// someone else (another process, `codex login`) and adopts them
+    /// (default 1 s; zero turns the check off). A check is one `stat` call.
+    pub fn watch_interval(mut self, interval: Duration) -> Self {
+        self.watch_interval = interval;
         self
     }
 
@@ -308,6 +321,7 @@ impl BrokerBuilder {
             provider: Arc::new(Provider::new(token_url, client_id, dialect).with_timeout(self.http_timeout)),
             refresh_ahead: self.refresh_ahead,
             lock_timeout: self.lock_timeout,
+            watch_interval: self.watch_interval,
             location: location.clone(),
             login_hint,
         });

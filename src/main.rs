@@ -28,6 +28,16 @@ enum Command {
     Token,
     /// Show the credential's state without secrets.
     Status,
+    /// Keep a broker running and print a line (a fingerprint, never the
+    /// token) whenever the access token changes.
+    Watch {
+        /// How often to ask for a token.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: Duration,
+        /// Stop after this long (default: run until interrupted).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +130,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let result: Result<(), CliError> = match cli.command {
         Command::Token => print_token(&broker).await,
         Command::Status => print_status(&broker, cli.creds.json).await,
+        Command::Watch { interval, duration } => watch(&broker, interval, duration, cli.creds.json).await,
     };
     // Let a refresh in flight write its tokens before the process exits.
     broker.shutdown().await;
@@ -200,6 +211,94 @@ async fn print_status(broker: &TokenBroker, json: bool) -> Result<(), CliError> 
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .map_err(CliError::Output)
+}
+
+/// Asks for a token every `interval` and prints a line when it changes,
+/// until `duration` passes or the process is interrupted.
+async fn watch(
+    broker: &TokenBroker,
+    interval: Duration,
+    duration: Option<Duration>,
+    json: bool,
+) -> Result<(), CliError> {
+    let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+    let mut stop = Box::pin(interrupted());
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    let mut last: Option<String> = None;
+    let mut last_error: Option<BrokerError> = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut stop => break,
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            break;
+        }
+        match broker.token().await {
+            Ok(token) => {
+                last_error = None;
+                let fingerprint = token.fingerprint();
+                if last.as_deref() == Some(fingerprint.as_str()) {
+                    continue;
+                }
+                let status = broker.status().await?;
+                let now = SystemTime::now();
+                let line = if json {
+                    serde_json::json!({
+                        "at": token_broker::credentials::format_rfc3339(now),
+                        "access_token_fingerprint": fingerprint,
+                        "state": status.state,
+                        "expires_at": status.expires_at.map(token_broker::credentials::format_rfc3339),
+                        "token_requests": status.counters.token_requests,
+                        "adoptions": status.counters.adoptions,
+                    })
+                    .to_string()
+                } else {
+                    format!(
+                        "{} token sha256:{} {} expires {}",
+                        token_broker::credentials::format_rfc3339(now),
+                        fingerprint,
+                        status.state,
+                        status
+                            .expires_at
+                            .map(|at| token_broker::status::relative(at, now))
+                            .unwrap_or_else(|| "never (unknown)".into())
+                    )
+                };
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{line}")
+                    .and_then(|()| out.flush())
+                    .map_err(CliError::Output)?;
+                last = Some(fingerprint);
+            }
+            Err(e) => {
+                if last_error.as_ref() != Some(&e) {
+                    let _ = writeln!(std::io::stderr(), "token-broker: {e}");
+                }
+                last_error = Some(e);
+            }
+        }
+    }
+    match last_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 fn fail(json: bool, e: &CliError) -> ExitCode {

@@ -21,6 +21,9 @@ pub enum State {
     Expired,
     /// The provider rejected the refresh token: a new sign-in is needed.
     LoginRequired,
+    /// The credentials now belong to another account than the broker
+    /// started with: nothing is served until a restart.
+    AccountChanged,
 }
 
 impl fmt::Display for State {
@@ -30,6 +33,7 @@ impl fmt::Display for State {
             State::RefreshDue => "refresh-due",
             State::Expired => "expired",
             State::LoginRequired => "login-required",
+            State::AccountChanged => "account-changed",
         })
     }
 }

@@ -75,10 +75,10 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     let lock_timeout = cfg.lock_timeout;
     // The lock covers re-read, refresh and write; it is released when
     // `_lock` drops at the end of this function, on every path.
-    let (_lock, on_disk, version) = blocking(move || {
+    let (_lock, on_disk, version, marker) = blocking(move || {
         let lock = store.lock(lock_timeout)?;
         let tokens = store.load()?;
-        Ok((lock, tokens, store.version()))
+        Ok((lock, tokens, store.version(), store.interrupted_refresh()))
     })
     .await?;
 
@@ -92,9 +92,25 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     }
     let changed = on_disk.differs_from(&input.held);
 
+    // A refresh-in-progress record found while we hold the lock was left by
+    // a holder that died. It matters only if it names the refresh token on
+    // disk: that token may already be spent.
+    let interrupted = match marker {
+        Some(hash) if on_disk.refresh_token.as_ref().map(|t| t.sha256_hex()).as_ref() == Some(&hash) => {
+            warn!("an earlier refresh of this refresh token was interrupted before its result was saved");
+            true
+        }
+        Some(_) => {
+            let store = cfg.store.clone();
+            blocking(move || store.clear_refreshing()).await?;
+            false
+        }
+        None => false,
+    };
+
     if let Some(unsaved) = input.unsaved {
         if !changed {
-            return save(cfg, unsaved).await;
+            return save(cfg, unsaved, on_disk).await;
         }
         warn!("tokens from an earlier refresh were never written, and someone else has since changed the store; adopting theirs");
     }
@@ -125,25 +141,44 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
         });
     }
 
+    // Record the attempt before the token leaves the process: if we are
+    // killed before saving the result, the next holder of the lock knows.
+    let store = cfg.store.clone();
+    let marked = refresh_token.clone();
+    blocking(move || store.mark_refreshing(&marked)).await?;
     requests.fetch_add(1, Ordering::Relaxed);
     info!(refresh = %refresh_token.fingerprint(), ?state, rejected, "spending the refresh token");
     match cfg.provider.refresh(&refresh_token).await {
-        Ok(refreshed) => save(cfg, merge(&on_disk, refreshed, SystemTime::now())).await,
+        Ok(refreshed) => save(cfg, merge(&on_disk, refreshed, SystemTime::now()), on_disk).await,
         Err(e @ RefreshError::Rejected { .. }) => {
             warn!(error = %e, "the provider rejected the refresh token; re-reading the store once");
             let store = cfg.store.clone();
-            let (again, version) = blocking(move || Ok((store.load()?, store.version()))).await?;
+            let (again, version) = blocking(move || {
+                // The outcome is known: the record has done its job.
+                store.clear_refreshing()?;
+                Ok((store.load()?, store.version()))
+            })
+            .await?;
             if again.differs_from(&on_disk) {
                 info!("someone else refreshed meanwhile; adopting their tokens");
                 return Ok(CycleOutcome::Adopted(again, version));
             }
+            let reason = if interrupted {
+                format!(
+                    "an earlier refresh was interrupted before its new tokens were saved, \
+                     and the provider now refuses the old refresh token ({e})"
+                )
+            } else {
+                e.to_string()
+            };
             Ok(CycleOutcome::LoginRequired {
-                reason: e.to_string(),
+                reason,
                 dead_refresh: Some(refresh_token),
                 version,
             })
         }
         Err(e) => {
+            // The record stays: the request may have reached the provider.
             warn!(error = %e, "refresh failed; will retry with backoff");
             Err(BrokerError::Unavailable {
                 location: cfg.location.clone(),
@@ -154,19 +189,33 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     }
 }
 
-/// Writes freshly refreshed tokens; only once this succeeds may anyone see them.
-async fn save(cfg: &Arc<Config>, tokens: TokenSet) -> Result<CycleOutcome, BrokerError> {
+/// Writes freshly refreshed tokens over `replaces`; only once this succeeds
+/// may anyone see them.
+async fn save(cfg: &Arc<Config>, tokens: TokenSet, replaces: TokenSet) -> Result<CycleOutcome, BrokerError> {
     let store = cfg.store.clone();
     let to_write = tokens.clone();
-    match blocking(move || {
-        store.save(&to_write)?;
+    let written = blocking(move || {
+        store.save(&to_write, &replaces)?;
+        if let Err(e) = store.clear_refreshing() {
+            warn!(error = %e, "could not remove the refresh-in-progress record");
+        }
         Ok(store.version())
     })
-    .await
-    {
+    .await;
+    match written {
         Ok(version) => {
             debug!(access = %tokens.access_token.fingerprint(), "new tokens are on disk");
             Ok(CycleOutcome::Refreshed(tokens, version))
+        }
+        Err(BrokerError::Store(StoreError::Conflict { .. })) => {
+            warn!("another writer replaced the tokens during the refresh; keeping theirs");
+            let store = cfg.store.clone();
+            let (theirs, version) = blocking(move || {
+                store.clear_refreshing()?;
+                Ok((store.load()?, store.version()))
+            })
+            .await?;
+            Ok(CycleOutcome::Adopted(theirs, version))
         }
         Err(e) => {
             warn!(error = %e, "could not write the new tokens; keeping them in memory and retrying");

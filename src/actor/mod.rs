@@ -41,6 +41,8 @@ pub(crate) struct Config {
     pub provider: Arc<Provider>,
     pub refresh_ahead: Duration,
     pub lock_timeout: Duration,
+    /// How often to check the store for outside changes (zero: never).
+    pub watch_interval: Duration,
     pub location: String,
     /// What a person should do when a new sign-in is needed.
     pub login_hint: String,
@@ -112,6 +114,10 @@ pub struct TokenActor {
     /// Tokens a refresh returned that are not on disk yet.
     unsaved: Option<TokenSet>,
     in_flight: bool,
+    /// A re-read of the store is under way.
+    reloading: bool,
+    /// The store now holds another account's tokens: serve nothing.
+    account_changed: bool,
     waiters: Vec<Waiter>,
     published: Published,
     fresh_timer: Option<SpawnHandle>,
@@ -154,6 +160,8 @@ impl TokenActor {
             failure: Failure::default(),
             unsaved: None,
             in_flight: false,
+            reloading: false,
+            account_changed: false,
             waiters: Vec::new(),
             published,
             fresh_timer: None,
@@ -184,6 +192,10 @@ impl TokenActor {
             ctx.cancel_future(timer);
         }
         let now = SystemTime::now();
+        if self.account_changed {
+            self.published.store(None);
+            return;
+        }
         match self.freshness(now) {
             Freshness::Fresh { refresh_at } => {
                 self.published.store(Some(Arc::new(self.tokens.access_token.clone())));
@@ -210,6 +222,9 @@ impl TokenActor {
     }
 
     fn decide(&self) -> Decision {
+        if self.account_changed {
+            return Decision::Fail(self.account_error());
+        }
         let state = self.freshness(SystemTime::now());
         if state.is_usable() {
             let token = self.tokens.access_token.clone();
@@ -257,6 +272,22 @@ impl TokenActor {
                 let location = self.cfg.location.clone();
                 Box::pin(async move { rx.await.unwrap_or(Err(BrokerError::Stopped { location })) })
             }
+        }
+    }
+
+    fn account_error(&self) -> BrokerError {
+        BrokerError::AccountChanged {
+            location: self.cfg.location.clone(),
+        }
+    }
+
+    /// Checks whether someone else rewrote the store, and re-reads it if so.
+    fn poll_store(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight || self.reloading {
+            return;
+        }
+        if self.cfg.store.version() != self.version {
+            ctx.notify(Reload);
         }
     }
 
@@ -320,6 +351,10 @@ impl TokenActor {
                 self.unsaved = Some(tokens);
                 error = Some(self.record_failure(err, None));
             }
+            CycleOutcome::Failed(err @ BrokerError::AccountChanged { .. }) => {
+                self.account_changed = true;
+                error = Some(err);
+            }
             CycleOutcome::Failed(err) => {
                 let retry_after = match &err {
                     BrokerError::Unavailable {
@@ -358,6 +393,7 @@ impl TokenActor {
         self.tokens = tokens;
         self.version = version;
         self.login = None;
+        self.account_changed = false;
         self.failure = Failure::default();
     }
 
@@ -383,7 +419,9 @@ impl TokenActor {
     }
 
     fn status(&self) -> Status {
-        let state = if self.login.is_some() && !self.freshness(SystemTime::now()).is_usable() {
+        let state = if self.account_changed {
+            State::AccountChanged
+        } else if self.login.is_some() && !self.freshness(SystemTime::now()).is_usable() {
             State::LoginRequired
         } else {
             match self.freshness(SystemTime::now()) {
@@ -405,9 +443,9 @@ impl TokenActor {
             refreshing: self.in_flight,
             access_token_fingerprint: self.tokens.access_token.fingerprint(),
             last_error: self
-                .login
-                .as_ref()
-                .map(|l| self.login_error(&l.reason).to_string())
+                .account_changed
+                .then(|| self.account_error().to_string())
+                .or_else(|| self.login.as_ref().map(|l| self.login_error(&l.reason).to_string()))
                 .or_else(|| self.failure.last.as_ref().map(ToString::to_string)),
             counters,
         }
@@ -433,6 +471,9 @@ impl Actor for TokenActor {
         // bounce between the mailbox and their executors.
         ctx.set_mailbox_capacity(1 << 20);
         self.publish(ctx);
+        if !self.cfg.watch_interval.is_zero() {
+            ctx.run_interval(self.cfg.watch_interval, |act, ctx| act.poll_store(ctx));
+        }
         debug!(parent: &self.span, access = %self.tokens.access_token.fingerprint(), "token actor started");
     }
 
@@ -476,24 +517,37 @@ impl Handler<Reload> for TokenActor {
     type Result = ResponseActFuture<Self, Result<(), BrokerError>>;
 
     fn handle(&mut self, _msg: Reload, _ctx: &mut Self::Context) -> Self::Result {
+        self.reloading = true;
         let store = self.cfg.store.clone();
         let read = async move {
-            tokio::task::spawn_blocking(move || store.load().map(|t| (t, store.version())))
+            tokio::task::spawn_blocking(move || (store.load(), store.version()))
                 .await
                 .unwrap_or_else(|e| {
-                    Err(crate::store::StoreError::Unreadable {
+                    let err = crate::store::StoreError::Unreadable {
                         path: "store".into(),
                         cause: e.to_string(),
-                    })
+                    };
+                    (Err(err), None)
                 })
         };
-        Box::pin(read.into_actor(self).map(|result, act, ctx| {
-            let (tokens, version) = result?;
+        Box::pin(read.into_actor(self).map(|(result, version), act, ctx| {
+            act.reloading = false;
+            // Remember what we saw even if it is unusable, so that one bad
+            // write is reported once, not on every poll.
+            act.version = version;
+            let tokens = match result {
+                Ok(tokens) => tokens,
+                Err(e) => {
+                    warn!(parent: &act.span, error = %e, "could not re-read the credentials; keeping the current tokens");
+                    return Err(e.into());
+                }
+            };
             if let (Some(held), Some(now)) = (&act.tokens.account_id, &tokens.account_id) {
                 if held != now {
-                    return Err(BrokerError::AccountChanged {
-                        location: act.cfg.location.clone(),
-                    });
+                    warn!(parent: &act.span, "the credentials now belong to another account; serving nothing until restart");
+                    act.account_changed = true;
+                    act.publish(ctx);
+                    return Err(act.account_error());
                 }
             }
             if act.in_flight {
@@ -501,12 +555,13 @@ impl Handler<Reload> for TokenActor {
                 return Ok(());
             }
             if tokens.differs_from(&act.tokens) {
+                info!(parent: &act.span, "the credentials were changed by someone else; adopting them");
                 act.counters.adoptions += 1;
                 act.install(tokens, version);
-                act.publish(ctx);
-            } else {
-                act.version = version;
+            } else if act.account_changed {
+                act.account_changed = false;
             }
+            act.publish(ctx);
             Ok(())
         }))
     }

@@ -111,6 +111,8 @@ struct Ledger {
     refresh: HashMap<String, bool>,
     /// Access token -> expiry.
     access: HashMap<String, SystemTime>,
+    /// Access token -> the refresh token issued with it.
+    pairs: HashMap<String, String>,
     serial: u64,
 }
 
@@ -231,6 +233,12 @@ impl ProviderServer {
         self.shared.is_live(access_token)
     }
 
+    /// Whether `access_token` and `refresh_token` were issued together, in
+    /// one sign-in or one refresh response (a torn or mixed file fails this).
+    pub fn issued_together(&self, access_token: &str, refresh_token: &str) -> bool {
+        self.shared.ledger.lock().pairs.get(access_token).map(String::as_str) == Some(refresh_token)
+    }
+
     /// Whether `refresh_token` was issued here and is still unspent.
     pub fn is_unspent(&self, refresh_token: &str) -> bool {
         self.shared.ledger.lock().refresh.get(refresh_token) == Some(&false)
@@ -325,6 +333,7 @@ impl Shared {
         let refresh = format!("rt_sim_{serial}_{:016x}{:016x}", nonce, fastrand::u64(..));
         ledger.refresh.insert(refresh.clone(), false);
         ledger.access.insert(access.clone(), exp);
+        ledger.pairs.insert(access.clone(), refresh.clone());
         Issued {
             access_token: access,
             refresh_token: refresh,
@@ -362,8 +371,12 @@ impl Shared {
 async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     shared.token_requests.fetch_add(1, Ordering::SeqCst);
     let config = shared.config.lock().clone();
-    if !config.latency.is_zero() {
-        tokio::time::sleep(config.latency).await;
+    // Half the latency before the token is spent, half after: a client that
+    // gives up (or dies) late in a request may have spent its token without
+    // hearing back, as with a real provider.
+    let half = config.latency / 2;
+    if !half.is_zero() {
+        tokio::time::sleep(half).await;
     }
     if config.fault_rate > 0.0 && fastrand::f64() < config.fault_rate {
         shared.faults.fetch_add(1, Ordering::SeqCst);
@@ -398,6 +411,9 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
     let lifetime = config.access_lifetime;
     let issued = shared.issue(&config.account_id, lifetime.as_secs_f64(), lifetime);
     shared.refreshed.fetch_add(1, Ordering::SeqCst);
+    if !half.is_zero() {
+        tokio::time::sleep(half).await;
+    }
     let mut body = json!({
         "access_token": issued.access_token,
         "refresh_token": issued.refresh_token,

@@ -22,31 +22,24 @@
 //! `last_refresh`; every other key stays exactly as it was.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::file::{self, optional_string, parse_object, read_bounded, required_string, write_atomic};
-use super::{Store, StoreError, StoreLock, StoreVersion};
+use super::file::{optional_string, required_string};
+use super::json_file::{FileFormat, JsonFileStore};
+use super::StoreError;
 use crate::credentials::{
     decode_claims, expiry_of, format_rfc3339, parse_rfc3339, AccessToken, IdToken, RefreshToken, TokenSet,
 };
 
+/// The layout of the Codex CLI's `auth.json`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CodexFormat;
+
 /// The Codex CLI's `auth.json`.
-#[derive(Debug, Clone)]
-pub struct CodexAuthFile {
-    path: PathBuf,
-    location: String,
-}
+pub type CodexAuthFile = JsonFileStore<CodexFormat>;
 
 impl CodexAuthFile {
-    /// A store over the `auth.json` at `path`.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        let path = path.into();
-        let location = path.display().to_string();
-        CodexAuthFile { path, location }
-    }
-
     /// The default location: `$CODEX_HOME/auth.json`, else
     /// `~/.codex/auth.json`. `None` when neither variable is set.
     pub fn default_path() -> Option<PathBuf> {
@@ -56,68 +49,37 @@ impl CodexAuthFile {
         let home = std::env::var_os("HOME").filter(|v| !v.is_empty())?;
         Some(PathBuf::from(home).join(".codex").join("auth.json"))
     }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
-impl Store for CodexAuthFile {
-    fn location(&self) -> &str {
-        &self.location
+impl FileFormat for CodexFormat {
+    const NAME: &'static str = "CodexAuthFile";
+
+    fn read(path: &Path, root: &Map<String, Value>) -> Result<TokenSet, StoreError> {
+        read_codex(path, root)
     }
 
-    fn load(&self) -> Result<TokenSet, StoreError> {
-        let bytes = read_bounded(&self.path)?;
-        parse(&self.path, &bytes)
-    }
-
-    fn save(&self, tokens: &TokenSet) -> Result<(), StoreError> {
-        // Patch the file as it is now, so keys we do not own survive even if
-        // someone added them since we loaded it. A file we cannot parse is
-        // never overwritten.
-        let bytes = read_bounded(&self.path)?;
-        let mut root = parse_object(&self.path, &bytes)?;
-        let tokens_obj = match root.get_mut("tokens") {
-            Some(Value::Object(map)) => map,
-            _ => return Err(StoreError::invalid(&self.path, "`tokens` is not an object")),
+    fn patch(path: &Path, root: &mut Map<String, Value>, tokens: &TokenSet) -> Result<(), StoreError> {
+        let Some(Value::Object(tokens_obj)) = root.get_mut("tokens") else {
+            return Err(StoreError::invalid(path, "`tokens` is not an object"));
         };
-        patch(tokens_obj, tokens);
+        tokens_obj.insert(
+            "access_token".into(),
+            Value::String(tokens.access_token.expose().to_owned()),
+        );
+        if let Some(refresh) = &tokens.refresh_token {
+            tokens_obj.insert("refresh_token".into(), Value::String(refresh.expose().to_owned()));
+        }
+        if let Some(id) = &tokens.id_token {
+            tokens_obj.insert("id_token".into(), Value::String(id.expose().to_owned()));
+        }
         if let Some(at) = tokens.last_refresh {
             root.insert("last_refresh".into(), Value::String(format_rfc3339(at)));
         }
-        let mut text = serde_json::to_string_pretty(&Value::Object(root))
-            .map_err(|e| StoreError::invalid(&self.path, format!("could not serialise: {e}")))?;
-        text.push('\n');
-        write_atomic(&self.path, text.as_bytes())
-    }
-
-    fn version(&self) -> Option<StoreVersion> {
-        file::version_of(&self.path)
-    }
-
-    fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError> {
-        file::lock(&self.path, timeout)
+        Ok(())
     }
 }
 
-fn patch(tokens_obj: &mut Map<String, Value>, tokens: &TokenSet) {
-    tokens_obj.insert(
-        "access_token".into(),
-        Value::String(tokens.access_token.expose().to_owned()),
-    );
-    if let Some(refresh) = &tokens.refresh_token {
-        tokens_obj.insert("refresh_token".into(), Value::String(refresh.expose().to_owned()));
-    }
-    if let Some(id) = &tokens.id_token {
-        tokens_obj.insert("id_token".into(), Value::String(id.expose().to_owned()));
-    }
-}
-
-/// Parses the contents of an `auth.json`.
-pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<TokenSet, StoreError> {
-    let root = parse_object(path, bytes)?;
+fn read_codex(path: &Path, root: &Map<String, Value>) -> Result<TokenSet, StoreError> {
     let tokens = match root.get("tokens") {
         Some(Value::Object(map)) => map,
         None | Some(Value::Null) => {
@@ -160,6 +122,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<TokenSet, StoreError> {
 mod tests {
     use super::*;
     use crate::sim::{codex_auth_json, Issued};
+    use crate::store::Store;
 
     fn issued() -> Issued {
         let b64 = |s: &str| {
@@ -192,19 +155,19 @@ mod tests {
             variant(|v| drop(v.as_object_mut().unwrap().remove("last_refresh"))),
         ];
         for bytes in &variants {
-            let set = parse(p, bytes).unwrap();
+            let set = CodexAuthFile::parse(p, bytes).unwrap();
             assert_eq!(set.account_id.as_deref(), Some("acct-explicit"));
             assert!(set.expiry.is_some());
         }
         // account_id missing: taken from the id token's claim.
-        let set = parse(
+        let set = CodexAuthFile::parse(
             p,
             &variant(|v| drop(v["tokens"].as_object_mut().unwrap().remove("account_id"))),
         )
         .unwrap();
         assert_eq!(set.account_id.as_deref(), Some("acct-from-id"));
         // id_token missing.
-        let set = parse(
+        let set = CodexAuthFile::parse(
             p,
             &variant(|v| drop(v["tokens"].as_object_mut().unwrap().remove("id_token"))),
         )
@@ -215,7 +178,8 @@ mod tests {
 
     #[test]
     fn an_api_key_only_file_is_a_clear_error() {
-        let err = parse(Path::new("auth.json"), br#"{"OPENAI_API_KEY":"sk-x","tokens":null}"#).unwrap_err();
+        let err =
+            CodexAuthFile::parse(Path::new("auth.json"), br#"{"OPENAI_API_KEY":"sk-x","tokens":null}"#).unwrap_err();
         assert!(err.to_string().contains("codex login"), "{err}");
         assert!(!err.to_string().contains("sk-x"));
     }
@@ -235,7 +199,8 @@ mod tests {
         set.access_token = AccessToken::new("new-access");
         set.refresh_token = Some(RefreshToken::new("new-refresh"));
         set.last_refresh = Some(std::time::SystemTime::now());
-        store.save(&set).unwrap();
+        let old = store.load().unwrap();
+        store.save(&set, &old).unwrap();
         let before: serde_json::Value = serde_json::from_slice(&original).unwrap();
         let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let mut expected = before.clone();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{StoreError, StoreLock, StoreVersion, MAX_FILE_BYTES};
+use crate::credentials::RefreshToken;
 
 /// The identity of a file's contents: if none of these changed, nobody
 /// rewrote the file.
@@ -189,6 +190,45 @@ pub(crate) fn lock(path: &Path, timeout: Duration) -> Result<StoreLock, StoreErr
         }
         std::thread::sleep(pause.min(timeout - waited));
         pause = (pause * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// The sidecar that records a refresh in progress: `path` + `.refreshing`.
+fn marker_path(path: &Path) -> PathBuf {
+    let target = resolve_link(path);
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".refreshing");
+    target.with_file_name(name)
+}
+
+/// Durably records that `refresh_token` is about to be spent (its hash, the
+/// process id and the time; never the token).
+pub(crate) fn write_marker(path: &Path, refresh_token: &RefreshToken) -> Result<(), StoreError> {
+    let record = serde_json::json!({
+        "pid": std::process::id(),
+        "started_at": crate::credentials::format_rfc3339(SystemTime::now()),
+        "refresh_token_sha256": refresh_token.sha256_hex(),
+    });
+    write_atomic(&marker_path(path), format!("{record}\n").as_bytes())
+}
+
+/// The refresh-token hash in a marker left behind, if any.
+pub(crate) fn read_marker(path: &Path) -> Option<String> {
+    let bytes = fs::read(marker_path(path)).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("refresh_token_sha256")?.as_str().map(str::to_owned)
+}
+
+/// Removes the marker; a missing one is fine.
+pub(crate) fn remove_marker(path: &Path) -> Result<(), StoreError> {
+    let marker = marker_path(path);
+    match fs::remove_file(&marker) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::Write {
+            path: marker,
+            cause: describe_io(&e),
+        }),
     }
 }
 

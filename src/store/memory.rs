@@ -49,8 +49,13 @@ impl Store for MemoryStore {
         Ok(self.inner.lock().0.clone())
     }
 
-    fn save(&self, tokens: &TokenSet) -> Result<(), StoreError> {
-        self.set(tokens.clone());
+    fn save(&self, tokens: &TokenSet, replaces: &TokenSet) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.0.differs_from(replaces) {
+            return Err(StoreError::Conflict { path: "memory".into() });
+        }
+        inner.0 = tokens.clone();
+        inner.1 += 1;
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 
 mod codex;
 mod file;
+mod json_file;
 mod memory;
 mod oauth2;
 
@@ -14,12 +15,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use codex::CodexAuthFile;
+pub use codex::{CodexAuthFile, CodexFormat};
 pub use file::{FileLock, FileVersion};
+pub use json_file::{FileFormat, JsonFileStore};
 pub use memory::MemoryStore;
-pub use oauth2::OAuth2File;
+pub use oauth2::{OAuth2File, OAuth2Format};
 
-use crate::credentials::TokenSet;
+use crate::credentials::{RefreshToken, TokenSet};
 
 /// The largest credentials file token-broker reads. Real files are a few KiB.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -38,7 +40,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Durably replaces the owned fields (tokens, refresh time) with
     /// `tokens`, keeping everything else as it was. When this returns `Ok`
     /// the new tokens survive a crash.
-    fn save(&self, tokens: &TokenSet) -> Result<(), StoreError>;
+    ///
+    /// `replaces` is the token set the refresh started from: if the store
+    /// now holds different tokens (a writer that takes no lock, such as the
+    /// Codex CLI, changed it meanwhile), nothing is written and the result
+    /// is [`StoreError::Conflict`].
+    fn save(&self, tokens: &TokenSet, replaces: &TokenSet) -> Result<(), StoreError>;
 
     /// A cheap identity of the stored contents (for a file: inode, size and
     /// modification time) used to notice changes made by someone else.
@@ -48,6 +55,26 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// `timeout`. Held while the store is re-read, a refresh token is spent
     /// and the result is written; dropped to release.
     fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError>;
+
+    /// Durably records that `refresh_token` is about to be spent, so that a
+    /// broker killed before it saves the result can be recognised on the
+    /// next start. The record holds a hash of the token, never the token.
+    fn mark_refreshing(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {
+        let _ = refresh_token;
+        Ok(())
+    }
+
+    /// Removes the record written by [`mark_refreshing`](Self::mark_refreshing).
+    fn clear_refreshing(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The SHA-256 (hex) of the refresh token whose refresh was interrupted,
+    /// if a record was left behind. Read under the lock: a record found then
+    /// was left by a holder that died.
+    fn interrupted_refresh(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A cheap identity of a store's contents; equal versions mean "unchanged".
@@ -116,6 +143,13 @@ pub enum StoreError {
         path: PathBuf,
         /// The operating system's reason.
         cause: String,
+    },
+    /// The stored tokens changed while a refresh was under way; nothing was
+    /// written.
+    #[error("credentials file {path} was changed by another writer during the refresh; not overwriting it")]
+    Conflict {
+        /// The file.
+        path: PathBuf,
     },
     /// Another process held the lock for longer than the timeout.
     #[error("timed out after {waited:?} waiting for the lock on {path}")]

@@ -15,49 +15,30 @@
 //! access token that is a JWT takes its expiry from its `exp` claim instead.
 //! Unknown keys are kept on every write.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::file::{self, optional_string, parse_object, read_bounded, required_string, write_atomic};
-use super::{Store, StoreError, StoreLock, StoreVersion};
+use super::file::{optional_string, required_string};
+use super::json_file::{FileFormat, JsonFileStore};
+use super::StoreError;
 use crate::credentials::{expiry_of, format_rfc3339, parse_rfc3339, AccessToken, IdToken, RefreshToken, TokenSet};
 
+/// The layout of a generic OAuth2 credentials file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OAuth2Format;
+
 /// A generic OAuth2 credentials file.
-#[derive(Debug, Clone)]
-pub struct OAuth2File {
-    path: PathBuf,
-    location: String,
-}
+pub type OAuth2File = JsonFileStore<OAuth2Format>;
 
-impl OAuth2File {
-    /// A store over the credentials file at `path`.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        let path = path.into();
-        let location = path.display().to_string();
-        OAuth2File { path, location }
+impl FileFormat for OAuth2Format {
+    const NAME: &'static str = "OAuth2File";
+
+    fn read(path: &Path, root: &Map<String, Value>) -> Result<TokenSet, StoreError> {
+        read_oauth2(path, root)
     }
 
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Store for OAuth2File {
-    fn location(&self) -> &str {
-        &self.location
-    }
-
-    fn load(&self) -> Result<TokenSet, StoreError> {
-        let bytes = read_bounded(&self.path)?;
-        parse(&self.path, &bytes)
-    }
-
-    fn save(&self, tokens: &TokenSet) -> Result<(), StoreError> {
-        let bytes = read_bounded(&self.path)?;
-        let mut root = parse_object(&self.path, &bytes)?;
+    fn patch(_path: &Path, root: &mut Map<String, Value>, tokens: &TokenSet) -> Result<(), StoreError> {
         root.insert(
             "access_token".into(),
             Value::String(tokens.access_token.expose().to_owned()),
@@ -76,29 +57,16 @@ impl Store for OAuth2File {
         if let Some(at) = tokens.last_refresh {
             root.insert("last_refresh".into(), Value::String(format_rfc3339(at)));
         }
-        let mut text = serde_json::to_string_pretty(&Value::Object(root))
-            .map_err(|e| StoreError::invalid(&self.path, format!("could not serialise: {e}")))?;
-        text.push('\n');
-        write_atomic(&self.path, text.as_bytes())
-    }
-
-    fn version(&self) -> Option<StoreVersion> {
-        file::version_of(&self.path)
-    }
-
-    fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError> {
-        file::lock(&self.path, timeout)
+        Ok(())
     }
 }
 
-/// Parses the contents of an OAuth2 credentials file.
-pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<TokenSet, StoreError> {
-    let root = parse_object(path, bytes)?;
-    let access = required_string(path, &root, "access_token")?;
-    let refresh = optional_string(path, &root, "refresh_token")?;
-    let id_token = optional_string(path, &root, "id_token")?;
+fn read_oauth2(path: &Path, root: &Map<String, Value>) -> Result<TokenSet, StoreError> {
+    let access = required_string(path, root, "access_token")?;
+    let refresh = optional_string(path, root, "refresh_token")?;
+    let id_token = optional_string(path, root, "id_token")?;
     let time = |key: &str| -> Result<Option<std::time::SystemTime>, StoreError> {
-        match optional_string(path, &root, key)? {
+        match optional_string(path, root, key)? {
             None => Ok(None),
             Some(s) => parse_rfc3339(s)
                 .map(Some)

@@ -1,0 +1,144 @@
+//! A credentials store over one JSON file, generic over its format.
+//!
+//! Reads retry briefly on a file caught half-written by a writer that
+//! truncates in place (the Codex CLI does). Writes patch only the fields the
+//! format owns, compare the stored tokens with the ones a refresh started
+//! from (so a stale writer never overwrites newer tokens), and replace the
+//! file atomically and durably.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::file::{self, parse_object, read_bounded, write_atomic};
+use super::{Store, StoreError, StoreLock, StoreVersion};
+use crate::credentials::{RefreshToken, TokenSet};
+
+/// How many times, and how far apart, a read is retried when the file does
+/// not parse: long enough for an in-place writer to finish, short enough
+/// that a truly broken file is reported promptly.
+const SETTLE_ATTEMPTS: u32 = 8;
+const SETTLE_PAUSE: Duration = Duration::from_millis(25);
+
+/// The layout of a credentials file: how to read tokens from it and how to
+/// write refreshed tokens into it.
+pub trait FileFormat: Send + Sync + 'static {
+    /// A short name for messages and `Debug` output.
+    const NAME: &'static str;
+
+    /// Reads the token set from a parsed file.
+    fn read(path: &Path, root: &Map<String, Value>) -> Result<TokenSet, StoreError>;
+
+    /// Writes the owned fields of `tokens` into `root`, leaving every other
+    /// key as it was.
+    fn patch(path: &Path, root: &mut Map<String, Value>, tokens: &TokenSet) -> Result<(), StoreError>;
+}
+
+/// A credentials store over one JSON file in format `F`.
+pub struct JsonFileStore<F> {
+    path: PathBuf,
+    location: String,
+    format: PhantomData<fn() -> F>,
+}
+
+impl<F> Clone for JsonFileStore<F> {
+    fn clone(&self) -> Self {
+        JsonFileStore {
+            path: self.path.clone(),
+            location: self.location.clone(),
+            format: PhantomData,
+        }
+    }
+}
+
+impl<F: FileFormat> fmt::Debug for JsonFileStore<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(F::NAME).field("path", &self.path).finish()
+    }
+}
+
+impl<F: FileFormat> JsonFileStore<F> {
+    /// A store over the file at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let location = path.display().to_string();
+        JsonFileStore {
+            path,
+            location,
+            format: PhantomData,
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Parses file contents in this format (no retries).
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<TokenSet, StoreError> {
+        F::read(path, &parse_object(path, bytes)?)
+    }
+}
+
+impl<F: FileFormat> Store for JsonFileStore<F> {
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn load(&self) -> Result<TokenSet, StoreError> {
+        let mut attempt = 1;
+        loop {
+            let result = read_bounded(&self.path).and_then(|bytes| Self::parse(&self.path, &bytes));
+            match result {
+                Err(StoreError::Invalid { .. }) if attempt < SETTLE_ATTEMPTS => {
+                    // Possibly caught mid-write by a writer that truncates in place.
+                    attempt += 1;
+                    std::thread::sleep(SETTLE_PAUSE);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn save(&self, tokens: &TokenSet, replaces: &TokenSet) -> Result<(), StoreError> {
+        // Patch the file as it is now, so keys we do not own survive even if
+        // someone added them since we loaded it. A file we cannot parse is
+        // never overwritten.
+        let bytes = read_bounded(&self.path)?;
+        let mut root = parse_object(&self.path, &bytes)?;
+        let stored = F::read(&self.path, &root)?;
+        if stored.differs_from(replaces) {
+            return Err(StoreError::Conflict {
+                path: self.path.clone(),
+            });
+        }
+        F::patch(&self.path, &mut root, tokens)?;
+        let mut text = serde_json::to_string_pretty(&Value::Object(root))
+            .map_err(|e| StoreError::invalid(&self.path, format!("could not serialise: {e}")))?;
+        text.push('\n');
+        write_atomic(&self.path, text.as_bytes())
+    }
+
+    fn version(&self) -> Option<StoreVersion> {
+        file::version_of(&self.path)
+    }
+
+    fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError> {
+        file::lock(&self.path, timeout)
+    }
+
+    fn mark_refreshing(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {
+        file::write_marker(&self.path, refresh_token)
+    }
+
+    fn clear_refreshing(&self) -> Result<(), StoreError> {
+        file::remove_marker(&self.path)
+    }
+
+    fn interrupted_refresh(&self) -> Option<String> {
+        file::read_marker(&self.path)
+    }
+}

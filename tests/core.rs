@@ -306,3 +306,23 @@ fn missing_file_is_exit_3() {
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
     assert_eq!(fx.sim.token_requests(), 0);
 }
+
+/// A provider whose tokens are already expired on arrival (clock skew, or an
+/// absurd lifetime) gets one request per caller wave, never a refresh loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_expired_on_arrival_never_cause_a_refresh_loop() {
+    let fx = Fixture::new(SimConfig {
+        access_lifetime: Duration::from_millis(1),
+        ..SimConfig::default()
+    });
+    let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+    let broker = fx.codex_broker(&path).build().unwrap();
+    let token = tokio::time::timeout(Duration::from_secs(10), broker.token())
+        .await
+        .expect("the waiter is answered")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fx.sim.token_requests(), 1, "no request without a caller");
+    assert_eq!(read_json(&path)["tokens"]["access_token"], token.expose());
+    broker.shutdown().await;
+}

@@ -240,6 +240,16 @@ fn sigkill_at_any_instant_never_tears_the_file_or_loses_a_rotation_silently() {
         std::fs::write(&path, codex_auth_json(&fx.sim.sign_in(-1.0))).unwrap();
     }
     println!("rotated {rotated}, untouched {untouched}, interrupted {interrupted}");
+    // One clean refresh sweeps up temporary files the killed writers left.
+    std::fs::write(&path, codex_auth_json(&fx.sim.sign_in(-1.0))).unwrap();
+    let out = fx.cli(&["token", "--auth-file", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let orphans: Vec<_> = std::fs::read_dir(fx.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(orphans.is_empty(), "{orphans:?}");
     assert!(rotated > 0, "no kill landed after a completed refresh");
     assert!(untouched > 0, "no kill landed before a refresh");
     assert_eq!(

@@ -239,6 +239,12 @@ pub(crate) fn merge(old: &TokenSet, new: Refreshed, now: SystemTime) -> TokenSet
         source: ExpirySource::Stored,
     });
     let expiry = match expiry_of(new.access_token.expose(), None) {
+        // A JWT already expired on arrival while the server says it lives on:
+        // the clocks disagree, so trust the server's relative lifetime.
+        Ok(Some(jwt)) if jwt.at <= now && from_expires_in.is_some_and(|e| e.at > now) => {
+            warn!("the new access token's `exp` is already past by the local clock; using expires_in (clock skew?)");
+            from_expires_in
+        }
         Ok(Some(jwt)) => Some(jwt),
         Ok(None) => from_expires_in,
         Err(e) => {

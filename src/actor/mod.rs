@@ -85,6 +85,9 @@ pub struct Shutdown;
 
 type Waiter = oneshot::Sender<Result<AccessToken, BrokerError>>;
 
+/// The most refresh cycles one group of waiting callers may cause.
+const MAX_CYCLES_PER_WAIT: u32 = 3;
+
 /// Why the last refresh attempt failed, and when to try again.
 #[derive(Debug, Default)]
 struct Failure {
@@ -116,6 +119,8 @@ pub struct TokenActor {
     in_flight: bool,
     /// A re-read of the store is under way.
     reloading: bool,
+    /// Extra cycles run for the current waiters (bounded).
+    waiter_cycles: u32,
     /// The store now holds another account's tokens: serve nothing.
     account_changed: bool,
     waiters: Vec<Waiter>,
@@ -161,6 +166,7 @@ impl TokenActor {
             unsaved: None,
             in_flight: false,
             reloading: false,
+            waiter_cycles: 0,
             account_changed: false,
             waiters: Vec::new(),
             published,
@@ -321,18 +327,28 @@ impl TokenActor {
     fn finish_cycle(&mut self, outcome: CycleOutcome, ctx: &mut Context<Self>) {
         self.in_flight = false;
         self.counters.token_requests = self.requests.load(Ordering::Relaxed);
-        let mut error = None;
-        match outcome {
+        // What the callers waiting for this cycle get: `None` means "the
+        // current token if it is usable, else one more cycle".
+        let answer = match outcome {
             CycleOutcome::Adopted(tokens, version) => {
                 self.counters.adoptions += 1;
                 self.install(tokens, version);
+                None
             }
             CycleOutcome::Refreshed(tokens, version) => {
                 self.counters.refreshes += 1;
                 self.unsaved = None;
+                let token = tokens.access_token.clone();
                 self.install(tokens, version);
+                // The waiters asked for the result of this refresh: they get
+                // it even if the local clock already calls it expired (clock
+                // skew, absurdly short lifetimes), and the actor never loops.
+                Some(Ok(token))
             }
-            CycleOutcome::Unchanged(version) => self.version = version,
+            CycleOutcome::Unchanged(version) => {
+                self.version = version;
+                None
+            }
             CycleOutcome::LoginRequired {
                 reason,
                 dead_refresh,
@@ -340,20 +356,21 @@ impl TokenActor {
             } => {
                 self.counters.failures += 1;
                 warn!(parent: &self.span, %reason, "login required");
-                error = Some(self.login_error(&reason));
+                let err = self.login_error(&reason);
                 self.login = Some(LoginRequired {
                     reason,
                     dead_refresh,
                     version,
                 });
+                Some(Err(err))
             }
             CycleOutcome::Unsaved(tokens, err) => {
                 self.unsaved = Some(tokens);
-                error = Some(self.record_failure(err, None));
+                Some(Err(self.record_failure(err, None)))
             }
             CycleOutcome::Failed(err @ BrokerError::AccountChanged { .. }) => {
                 self.account_changed = true;
-                error = Some(err);
+                Some(Err(err))
             }
             CycleOutcome::Failed(err) => {
                 let retry_after = match &err {
@@ -363,11 +380,11 @@ impl TokenActor {
                     } => *retry_after,
                     _ => None,
                 };
-                error = Some(self.record_failure(err, retry_after));
+                Some(Err(self.record_failure(err, retry_after)))
             }
-        }
+        };
         self.publish(ctx);
-        self.settle_waiters(error, ctx);
+        self.settle_waiters(answer, ctx);
         if self.shutting_down && !self.in_flight {
             ctx.stop();
         }
@@ -398,20 +415,35 @@ impl TokenActor {
     }
 
     /// Answers everyone waiting for the cycle that just ended.
-    fn settle_waiters(&mut self, error: Option<BrokerError>, ctx: &mut Context<Self>) {
+    fn settle_waiters(&mut self, answer: Option<Result<AccessToken, BrokerError>>, ctx: &mut Context<Self>) {
         if self.waiters.is_empty() {
             return;
         }
-        let result = if self.freshness(SystemTime::now()).is_usable() {
-            Ok(self.tokens.access_token.clone())
-        } else if let Some(err) = error {
-            Err(err)
-        } else {
-            // The cycle started before the token was rejected and left it in
-            // place: run one more, with what we know now.
-            self.start_cycle(ctx);
-            return;
+        let usable = !self.account_changed && self.freshness(SystemTime::now()).is_usable();
+        let result = match answer {
+            // A failed refresh leaves a still-valid token usable.
+            Some(Err(_)) if usable && !self.account_changed => Ok(self.tokens.access_token.clone()),
+            Some(result) => result,
+            None if usable => Ok(self.tokens.access_token.clone()),
+            None if self.waiter_cycles < MAX_CYCLES_PER_WAIT => {
+                // The cycle started before the token was rejected, or adopted
+                // tokens that need a refresh themselves: one more, with what
+                // we know now.
+                self.waiter_cycles += 1;
+                self.start_cycle(ctx);
+                return;
+            }
+            None => Err(BrokerError::Unavailable {
+                location: self.cfg.location.clone(),
+                cause: crate::provider::RefreshError::Transient {
+                    endpoint: self.cfg.provider.token_url().to_owned(),
+                    cause: format!("no usable token after {MAX_CYCLES_PER_WAIT} refresh cycles"),
+                    retry_after: None,
+                },
+                retry_in: None,
+            }),
         };
+        self.waiter_cycles = 0;
         debug!(parent: &self.span, waiters = self.waiters.len(), ok = result.is_ok(), "answering waiters");
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(result.clone());

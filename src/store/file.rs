@@ -120,9 +120,11 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> 
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    let prefix = temp_prefix(&target);
+    sweep_temp_files(&dir, &prefix);
     // tempfile creates the file with mode 0600 on Unix.
     let mut tmp = tempfile::Builder::new()
-        .prefix(".token-broker-")
+        .prefix(&prefix)
         .suffix(".tmp")
         .tempfile_in(&dir)
         .map_err(write_err)?;
@@ -131,6 +133,27 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> 
     tmp.persist(&target).map_err(|e| write_err(e.error))?;
     File::open(&dir).and_then(|d| d.sync_all()).map_err(write_err)?;
     Ok(())
+}
+
+/// The prefix of the temporary files that replace `target`:
+/// `.auth.json.tb-`, so that writers of different files never touch each
+/// other's temporary files.
+fn temp_prefix(target: &Path) -> String {
+    format!(".{}.tb-", target.file_name().unwrap_or_default().to_string_lossy())
+}
+
+/// Removes temporary files a killed writer of the same file left behind.
+/// Called with the file's lock held: every writer of the file holds it while
+/// its temporary file exists, so any such file found now is an orphan.
+fn sweep_temp_files(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(prefix) && name.ends_with(".tmp") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The version of the file at `path`, or `None` when it cannot be stat'ed.

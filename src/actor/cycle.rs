@@ -15,7 +15,7 @@ use super::Config;
 use crate::credentials::{decode_claims, expiry_of, AccessToken, Expiry, ExpirySource, RefreshToken, TokenSet};
 use crate::error::BrokerError;
 use crate::policy::{freshness, Freshness};
-use crate::provider::{RefreshError, Refreshed};
+use crate::provider::Refreshed;
 use crate::store::{StoreError, StoreVersion};
 
 /// What the actor knows when it starts a cycle.
@@ -146,12 +146,18 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     let store = cfg.store.clone();
     let marked = refresh_token.clone();
     blocking(move || store.mark_refreshing(&marked)).await?;
-    requests.fetch_add(1, Ordering::Relaxed);
-    info!(refresh = %refresh_token.fingerprint(), ?state, rejected, "spending the refresh token");
-    match cfg.provider.refresh(&refresh_token).await {
-        Ok(refreshed) => save(cfg, merge(&on_disk, refreshed, SystemTime::now()), on_disk).await,
-        Err(e @ RefreshError::Rejected { .. }) => {
-            warn!(error = %e, "the provider rejected the refresh token; re-reading the store once");
+    // Why an earlier attempt may have spent this refresh token unheard.
+    let mut interrupted_by: Option<String> = interrupted.then(|| "an earlier attempt ended before its result was saved".to_owned());
+    let mut attempt = 1;
+    loop {
+        requests.fetch_add(1, Ordering::Relaxed);
+        info!(refresh = %refresh_token.fingerprint(), ?state, rejected, attempt, "spending the refresh token");
+        let error = match cfg.provider.refresh(&refresh_token).await {
+            Ok(refreshed) => return save(cfg, merge(&on_disk, refreshed, SystemTime::now()), on_disk).await,
+            Err(e) => e,
+        };
+        if error.is_permanent() {
+            warn!(%error, "the provider rejected the refresh token; re-reading the store once");
             let store = cfg.store.clone();
             let (again, version) = blocking(move || {
                 // The outcome is known: the record has done its job.
@@ -163,29 +169,48 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
                 info!("someone else refreshed meanwhile; adopting their tokens");
                 return Ok(CycleOutcome::Adopted(again, version));
             }
-            let reason = if interrupted {
-                format!(
-                    "an earlier refresh was interrupted before its new tokens were saved, \
-                     and the provider now refuses the old refresh token ({e})"
-                )
-            } else {
-                e.to_string()
+            let reason = match &interrupted_by {
+                Some(how) => format!(
+                    "an earlier refresh was interrupted ({how}) before its new tokens were saved, \
+                     and the provider now refuses the old refresh token: {error}"
+                ),
+                None => error.to_string(),
             };
-            Ok(CycleOutcome::LoginRequired {
+            return Ok(CycleOutcome::LoginRequired {
                 reason,
                 dead_refresh: Some(refresh_token),
                 version,
-            })
+            });
         }
-        Err(e) => {
-            // The record stays: the request may have reached the provider.
-            warn!(error = %e, "refresh failed; will retry with backoff");
-            Err(BrokerError::Unavailable {
-                location: cfg.location.clone(),
-                cause: e,
-                retry_in: None,
-            })
+        if error.outcome_unknown() && attempt == 1 {
+            // The provider may have rotated the token without our hearing
+            // back. Still holding the lock: has another writer moved on?
+            warn!(%error, "the refresh outcome is unknown; re-reading the store, then retrying once");
+            let store = cfg.store.clone();
+            let (again, version) = blocking(move || Ok((store.load()?, store.version()))).await?;
+            if again.differs_from(&on_disk) {
+                let store = cfg.store.clone();
+                blocking(move || store.clear_refreshing()).await?;
+                return Ok(CycleOutcome::Adopted(again, version));
+            }
+            // Many providers accept a just-rotated token again for a short
+            // grace period and return the same new tokens.
+            tokio::time::sleep(UNKNOWN_OUTCOME_RETRY_DELAY).await;
+            interrupted_by = Some(error.to_string());
+            attempt += 1;
+            continue;
         }
+        // The record stays when the request may have reached the provider.
+        if !error.outcome_unknown() && interrupted_by.is_none() {
+            let store = cfg.store.clone();
+            blocking(move || store.clear_refreshing()).await?;
+        }
+        warn!(%error, "refresh failed; will retry with backoff");
+        return Err(BrokerError::Unavailable {
+            location: cfg.location.clone(),
+            cause: error,
+            retry_in: None,
+        });
     }
 }
 
@@ -261,6 +286,9 @@ pub(crate) fn merge(old: &TokenSet, new: Refreshed, now: SystemTime) -> TokenSet
         last_refresh: Some(now),
     }
 }
+
+/// How long to wait before the one retry of a refresh whose outcome is unknown.
+const UNKNOWN_OUTCOME_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 /// The default time a cycle waits for another process's lock.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);

@@ -437,7 +437,7 @@ impl TokenActor {
                 location: self.cfg.location.clone(),
                 cause: crate::provider::RefreshError::Transient {
                     endpoint: self.cfg.provider.token_url().to_owned(),
-                    cause: format!("no usable token after {MAX_CYCLES_PER_WAIT} refresh cycles"),
+                    kind: crate::provider::Failure::NoUsableToken(MAX_CYCLES_PER_WAIT),
                     retry_after: None,
                 },
                 retry_in: None,

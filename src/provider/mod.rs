@@ -86,21 +86,92 @@ pub enum RefreshError {
         description: String,
     },
     /// The refresh may work if tried again later.
-    #[error("the token endpoint {endpoint} is unavailable: {cause}")]
+    #[error("the token endpoint {endpoint} failed: {kind}")]
     Transient {
         /// The token endpoint.
         endpoint: String,
         /// What went wrong.
-        cause: String,
+        kind: Failure,
         /// How long the server asked us to wait (`Retry-After`).
         retry_after: Option<Duration>,
     },
+}
+
+/// What went wrong with a refresh that may work later.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// No connection could be made: the request was never sent.
+    #[error("could not connect ({0})")]
+    Connect(String),
+    /// No complete answer within the timeout: the provider may have spent
+    /// the refresh token.
+    #[error("no answer within {}", crate::status::human_duration(*.0))]
+    Timeout(Duration),
+    /// The connection broke after the request was sent: the provider may
+    /// have spent the refresh token.
+    #[error("the connection broke before the answer was complete ({0})")]
+    Interrupted(String),
+    /// The HTTP client could not be set up.
+    #[error("{0}")]
+    Client(String),
+    /// A 5xx or 408 answer.
+    #[error("HTTP {status}{}", .code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The error code in the body, if any.
+        code: Option<String>,
+    },
+    /// A 429 answer.
+    #[error("rate limited (HTTP 429)")]
+    RateLimited,
+    /// A success status with a body that holds no usable tokens: the
+    /// provider has probably spent the refresh token.
+    #[error("HTTP {status} with an unusable body: {why}")]
+    Malformed {
+        /// The HTTP status.
+        status: u16,
+        /// What is wrong with the body (never its text).
+        why: String,
+    },
+    /// Refresh cycles kept ending without a usable token.
+    #[error("no usable token after {0} refresh cycles")]
+    NoUsableToken(u32),
+    /// A body larger than [`MAX_RESPONSE_BYTES`].
+    #[error("HTTP {status} with a body over {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge {
+        /// The HTTP status.
+        status: u16,
+    },
+}
+
+impl Failure {
+    /// Whether the provider may have spent the refresh token although we
+    /// got no usable answer (a timeout or broken connection after sending,
+    /// or a success status with an unusable body).
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Failure::Timeout(_) | Failure::Interrupted(_) => true,
+            Failure::Malformed { status, .. } | Failure::TooLarge { status } => (200..300).contains(status),
+            Failure::Connect(_)
+            | Failure::Client(_)
+            | Failure::Status { .. }
+            | Failure::RateLimited
+            | Failure::NoUsableToken(_) => false,
+        }
+    }
 }
 
 impl RefreshError {
     /// Whether the failure is permanent for this refresh token.
     pub fn is_permanent(&self) -> bool {
         matches!(self, RefreshError::Rejected { .. })
+    }
+
+    /// Whether the provider may have spent the refresh token without our
+    /// hearing the result (see [`Failure::outcome_unknown`]).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, RefreshError::Transient { kind, .. } if kind.outcome_unknown())
     }
 
     /// The error code the server gave, for a rejection.
@@ -155,44 +226,33 @@ impl Provider {
 
     /// Spends `refresh_token` once. Call only from the actor.
     pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
-        let transient = |cause: String| RefreshError::Transient {
+        let fail = |kind: Failure| RefreshError::Transient {
             endpoint: self.token_url.clone(),
-            cause,
+            kind,
             retry_after: None,
         };
-        let http = self.client().map_err(transient)?;
+        let http = self.client().map_err(|e| fail(Failure::Client(e)))?;
         let request = self.build_request(http, refresh_token);
-        let mut response = request
-            .send()
-            .await
-            .map_err(|e| transient(describe_reqwest(&e, self.timeout)))?;
-        let status = response.status();
+        let mut response = request.send().await.map_err(|e| fail(self.classify(&e, false)))?;
+        let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
         let mut body = Vec::new();
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
-                    let room = MAX_RESPONSE_BYTES.saturating_sub(body.len());
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if body.len() >= MAX_RESPONSE_BYTES {
-                        break;
+                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return Err(fail(Failure::TooLarge { status }));
                     }
+                    body.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
-                Err(e) => {
-                    return Err(transient(format!(
-                        "reading the response: {}",
-                        describe_reqwest(&e, self.timeout)
-                    )))
-                }
+                Err(e) => return Err(fail(self.classify(&e, true))),
             }
         }
         let scrub = |text: &str| scrub(text, refresh_token.expose());
-        if status.is_success() {
-            return parse_success_body(&body)
-                .map_err(|why| transient(format!("HTTP {} with an unusable body: {why}", status.as_u16())));
+        if (200..300).contains(&status) {
+            return parse_success_body(&body).map_err(|why| fail(Failure::Malformed { status, why }));
         }
-        let status = status.as_u16();
         let parsed = parse_error_body(&body);
         let permanent = matches!(status, 400..=499) && status != 408 && status != 429;
         if permanent {
@@ -207,12 +267,33 @@ impl Provider {
                 description: scrub(&description),
             });
         }
-        let detail = parsed.map(|b| format!(" ({})", scrub(&b.code))).unwrap_or_default();
+        let kind = match status {
+            429 => Failure::RateLimited,
+            _ => Failure::Status {
+                status,
+                code: parsed.map(|b| scrub(&b.code)),
+            },
+        };
         Err(RefreshError::Transient {
             endpoint: self.token_url.clone(),
-            cause: format!("HTTP {status}{detail}"),
+            kind,
             retry_after,
         })
+    }
+
+    /// Classifies a client error. `answered`: the status line had arrived.
+    fn classify(&self, e: &reqwest::Error, answered: bool) -> Failure {
+        if e.is_timeout() {
+            return Failure::Timeout(self.timeout);
+        }
+        if e.is_connect() && !answered {
+            return Failure::Connect(error_chain(e));
+        }
+        if e.is_builder() {
+            return Failure::Client(error_chain(e));
+        }
+        // Anything else happened after the request may have been sent.
+        Failure::Interrupted(error_chain(e))
     }
 
     fn client(&self) -> Result<&reqwest::Client, String> {
@@ -278,22 +359,20 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-fn describe_reqwest(e: &reqwest::Error, timeout: Duration) -> String {
-    if e.is_timeout() {
-        return format!("no answer within {timeout:?}");
-    }
-    let mut text = if e.is_connect() {
-        "could not connect".to_owned()
-    } else {
-        "the request failed".to_owned()
-    };
+/// The causes of a client error, innermost last, without the URL (which
+/// reqwest puts in its own message).
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        parts.push(cause.to_string());
         source = cause.source();
     }
-    text
+    if parts.is_empty() {
+        "no detail".to_owned()
+    } else {
+        parts.join(": ")
+    }
 }
 
 /// Removes `secret` from server-provided text and caps its length.

@@ -6,7 +6,7 @@
 
 mod provider;
 
-pub use provider::{Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SimDialect};
+pub use provider::{Fault, Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SimDialect};
 
 use crate::credentials::format_rfc3339;
 

@@ -60,6 +60,9 @@ pub struct SimConfig {
     pub account_id: String,
     /// The fraction of token requests answered 503 before any token is spent.
     pub fault_rate: f64,
+    /// How long a spent refresh token is accepted again, answered with the
+    /// same new tokens (zero: never, every reuse is `refresh_token_reused`).
+    pub reuse_grace: Duration,
 }
 
 impl Default for SimConfig {
@@ -72,6 +75,7 @@ impl Default for SimConfig {
             omit_id_token: false,
             account_id: "acct-sim-0001".to_owned(),
             fault_rate: 0.0,
+            reuse_grace: Duration::ZERO,
         }
     }
 }
@@ -103,12 +107,21 @@ pub struct SimCounts {
     pub invalid: u64,
     /// Requests answered with an injected fault.
     pub faults: u64,
+    /// Spent refresh tokens accepted again within the reuse grace period.
+    pub replayed: u64,
+}
+
+/// What the provider knows about one refresh token.
+#[derive(Default)]
+struct RefreshState {
+    /// When it was spent, and the answer it got.
+    spent: Option<(std::time::Instant, Value)>,
 }
 
 #[derive(Default)]
 struct Ledger {
-    /// Refresh token -> spent?
-    refresh: HashMap<String, bool>,
+    /// Refresh token -> its state.
+    refresh: HashMap<String, RefreshState>,
     /// Access token -> expiry.
     access: HashMap<String, SystemTime>,
     /// Access token -> the refresh token issued with it.
@@ -123,7 +136,9 @@ struct Shared {
     refreshed: AtomicU64,
     reused: AtomicU64,
     invalid: AtomicU64,
-    faults: AtomicU64,
+    faults_served: AtomicU64,
+    replayed: AtomicU64,
+    faults: Mutex<std::collections::VecDeque<Fault>>,
 }
 
 /// A running simulated provider; stops when dropped.
@@ -156,7 +171,9 @@ impl ProviderServer {
             refreshed: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             invalid: AtomicU64::new(0),
-            faults: AtomicU64::new(0),
+            faults_served: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            faults: Mutex::new(Default::default()),
         });
         let (tx, rx) = oneshot::channel::<()>();
         let app = Router::new()
@@ -225,7 +242,12 @@ impl ProviderServer {
 
     /// Marks a refresh token spent, as if another process had refreshed.
     pub fn spend(&self, refresh_token: &str) {
-        self.shared.ledger.lock().refresh.insert(refresh_token.to_owned(), true);
+        let spent = (std::time::Instant::now() - Duration::from_secs(3600), json!({}));
+        self.shared
+            .ledger
+            .lock()
+            .refresh
+            .insert(refresh_token.to_owned(), RefreshState { spent: Some(spent) });
     }
 
     /// Whether `access_token` was issued here and has not expired.
@@ -241,7 +263,7 @@ impl ProviderServer {
 
     /// Whether `refresh_token` was issued here and is still unspent.
     pub fn is_unspent(&self, refresh_token: &str) -> bool {
-        self.shared.ledger.lock().refresh.get(refresh_token) == Some(&false)
+        matches!(self.shared.ledger.lock().refresh.get(refresh_token), Some(RefreshState { spent: None }))
     }
 
     /// The counts so far.
@@ -252,13 +274,19 @@ impl ProviderServer {
             refreshed: s.refreshed.load(Ordering::SeqCst),
             reused: s.reused.load(Ordering::SeqCst),
             invalid: s.invalid.load(Ordering::SeqCst),
-            faults: s.faults.load(Ordering::SeqCst),
+            faults: s.faults_served.load(Ordering::SeqCst),
+            replayed: s.replayed.load(Ordering::SeqCst),
         }
     }
 
     /// Requests made to the token endpoint so far.
     pub fn token_requests(&self) -> u64 {
         self.shared.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Makes the next token requests misbehave, one fault each, in order.
+    pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.shared.faults.lock().extend(faults);
     }
 
     /// Changes the behaviour of later requests.
@@ -331,7 +359,7 @@ impl Shared {
             "https://api.openai.com/auth": auth_claim,
         }));
         let refresh = format!("rt_sim_{serial}_{:016x}{:016x}", nonce, fastrand::u64(..));
-        ledger.refresh.insert(refresh.clone(), false);
+        ledger.refresh.insert(refresh.clone(), RefreshState::default());
         ledger.access.insert(access.clone(), exp);
         ledger.pairs.insert(access.clone(), refresh.clone());
         Issued {
@@ -349,28 +377,90 @@ impl Shared {
 
 /// The outcome of looking up a refresh token.
 enum Spend {
-    Ok,
+    /// Unspent: now spent; answer with new tokens.
+    Fresh,
+    /// Spent within the reuse grace period: answer as before.
+    Replay(Value),
+    /// Spent before.
     Reused,
+    /// Never issued here.
     Unknown,
 }
 
 impl Shared {
-    fn spend(&self, refresh: &str) -> Spend {
+    fn spend(&self, refresh: &str, grace: Duration) -> Spend {
         let mut ledger = self.ledger.lock();
         match ledger.refresh.get_mut(refresh) {
-            Some(spent @ false) => {
-                *spent = true;
-                Spend::Ok
+            Some(state @ RefreshState { spent: None }) => {
+                // Spent now, atomically; `rotate` records the answer.
+                state.spent = Some((std::time::Instant::now(), Value::Null));
+                Spend::Fresh
             }
-            Some(true) => Spend::Reused,
+            Some(RefreshState {
+                spent: Some((at, answer)),
+            }) if at.elapsed() < grace && !answer.is_null() => Spend::Replay(answer.clone()),
+            Some(_) => Spend::Reused,
             None => Spend::Unknown,
         }
     }
+
+    /// Issues the next token set for `refresh` and records it as spent.
+    fn rotate(&self, refresh: &str, config: &SimConfig) -> Value {
+        let lifetime = config.access_lifetime;
+        let issued = self.issue(&config.account_id, lifetime.as_secs_f64(), lifetime);
+        let mut answer = json!({
+            "access_token": issued.access_token,
+            "refresh_token": issued.refresh_token,
+            "token_type": "Bearer",
+            "expires_in": lifetime.as_secs().max(1),
+            "scope": "openid profile email offline_access",
+        });
+        if !config.omit_id_token {
+            answer["id_token"] = Value::String(issued.id_token);
+        }
+        if let Some(state) = self.ledger.lock().refresh.get_mut(refresh) {
+            state.spent = Some((std::time::Instant::now(), answer.clone()));
+        }
+        self.refreshed.fetch_add(1, Ordering::SeqCst);
+        answer
+    }
+}
+
+/// A misbehaviour to inject into the next token request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this status before spending anything (an HTML page for
+    /// 5xx, the dialect's error JSON otherwise), with `Retry-After` seconds.
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The `Retry-After` header, in seconds.
+        retry_after: Option<u64>,
+    },
+    /// Wait this long before spending (a client with a shorter timeout never
+    /// reaches the provider's decision... as far as it knows).
+    HangBeforeSpend(Duration),
+    /// Spend the token, then wait this long before answering.
+    HangAfterSpend(Duration),
+    /// Spend the token, then break the connection in the middle of the body.
+    ResetAfterSpend,
+    /// Spend the token, then answer 200 with an HTML page.
+    Html200,
+    /// Spend the token, then answer 200 with the JSON cut in half.
+    Truncated200,
+    /// Spend the token, then answer 200 with JSON that lacks `access_token`.
+    NoAccessToken200,
+    /// Spend the token, then answer 200 with a body this many bytes long.
+    Huge200(usize),
 }
 
 async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     shared.token_requests.fetch_add(1, Ordering::SeqCst);
     let config = shared.config.lock().clone();
+    let fault = shared.faults.lock().pop_front();
+    if fault.is_some() {
+        shared.faults_served.fetch_add(1, Ordering::SeqCst);
+    }
     // Half the latency before the token is spent, half after: a client that
     // gives up (or dies) late in a request may have spent its token without
     // hearing back, as with a real provider.
@@ -378,13 +468,14 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
     if !half.is_zero() {
         tokio::time::sleep(half).await;
     }
+    match &fault {
+        Some(Fault::Status { status, retry_after }) => return status_fault(&config.dialect, *status, *retry_after),
+        Some(Fault::HangBeforeSpend(d)) => tokio::time::sleep(*d).await,
+        _ => {}
+    }
     if config.fault_rate > 0.0 && fastrand::f64() < config.fault_rate {
-        shared.faults.fetch_add(1, Ordering::SeqCst);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "<html><body>503 Service Unavailable</body></html>",
-        )
-            .into_response();
+        shared.faults_served.fetch_add(1, Ordering::SeqCst);
+        return status_fault(&config.dialect, 503, None);
     }
     let request = match &config.dialect {
         SimDialect::OpenAi => parse_openai(&body, &config),
@@ -397,8 +488,12 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
             return (status, Json(body)).into_response();
         }
     };
-    match shared.spend(&refresh) {
-        Spend::Ok => {}
+    let answer = match shared.spend(&refresh, config.reuse_grace) {
+        Spend::Fresh => shared.rotate(&refresh, &config),
+        Spend::Replay(answer) => {
+            shared.replayed.fetch_add(1, Ordering::SeqCst);
+            answer
+        }
         Spend::Reused => {
             shared.reused.fetch_add(1, Ordering::SeqCst);
             return rejection(&config.dialect, Rejection::Reused);
@@ -407,24 +502,73 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
             shared.invalid.fetch_add(1, Ordering::SeqCst);
             return rejection(&config.dialect, Rejection::Unknown);
         }
-    }
-    let lifetime = config.access_lifetime;
-    let issued = shared.issue(&config.account_id, lifetime.as_secs_f64(), lifetime);
-    shared.refreshed.fetch_add(1, Ordering::SeqCst);
+    };
     if !half.is_zero() {
         tokio::time::sleep(half).await;
     }
-    let mut body = json!({
-        "access_token": issued.access_token,
-        "refresh_token": issued.refresh_token,
-        "token_type": "Bearer",
-        "expires_in": lifetime.as_secs().max(1),
-        "scope": "openid profile email offline_access",
-    });
-    if !config.omit_id_token {
-        body["id_token"] = Value::String(issued.id_token);
+    let text = answer.to_string();
+    match fault {
+        Some(Fault::HangAfterSpend(d)) => {
+            tokio::time::sleep(d).await;
+            (StatusCode::OK, Json(answer)).into_response()
+        }
+        Some(Fault::ResetAfterSpend) => {
+            let head = Bytes::from(text[..text.len() / 2].to_owned());
+            let chunks: Vec<Result<Bytes, std::io::Error>> =
+                vec![Ok(head), Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset"))];
+            let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Some(Fault::Html200) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html")],
+            "<html><body><h1>Welcome</h1></body></html>",
+        )
+            .into_response(),
+        Some(Fault::Truncated200) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            text[..text.len() / 2].to_owned(),
+        )
+            .into_response(),
+        Some(Fault::NoAccessToken200) => {
+            (StatusCode::OK, Json(json!({"token_type": "Bearer", "expires_in": 3600}))).into_response()
+        }
+        Some(Fault::Huge200(n)) => {
+            let mut huge = String::with_capacity(n + 32);
+            huge.push_str("{\"padding\":\"");
+            huge.extend(std::iter::repeat_n('x', n.saturating_sub(16)));
+            huge.push_str("\"}");
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], huge).into_response()
+        }
+        _ => (StatusCode::OK, Json(answer)).into_response(),
     }
-    (StatusCode::OK, Json(body)).into_response()
+}
+
+/// An error status before anything is spent, with the body a real provider
+/// (or the proxy in front of it) would send.
+fn status_fault(dialect: &SimDialect, status: u16, retry_after: Option<u64>) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = if status >= 500 {
+        (
+            code,
+            [(header::CONTENT_TYPE, "text/html")],
+            format!("<html><body><h1>{status}</h1>upstream error</body></html>"),
+        )
+            .into_response()
+    } else {
+        let body = match dialect {
+            SimDialect::OpenAi => json!({"error": {"message": "Too many requests.", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}}),
+            SimDialect::Rfc6749(_) => json!({"error": "slow_down", "error_description": "Too many requests."}),
+        };
+        (code, Json(body)).into_response()
+    };
+    if let Some(secs) = retry_after {
+        if let Ok(value) = header::HeaderValue::from_str(&secs.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+    }
+    response
 }
 
 /// A refused request: the status and JSON body to answer with.

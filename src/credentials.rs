@@ -12,6 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
+/// The earliest `exp` accepted: 2001-09-09 (Unix time 1,000,000,000). An
+/// earlier one is not an expired token but a malformed one.
+pub const MIN_EXPIRY_UNIX: u64 = 1_000_000_000;
+
 /// The latest expiry accepted from a JWT `exp` claim or a stored `expires_at`:
 /// 1 January 3000. Anything later is treated as a malformed value.
 pub const MAX_EXPIRY_UNIX: u64 = 32_503_680_000;
@@ -325,6 +329,12 @@ impl Claims {
             return Err(JwtError::BadTime {
                 claim,
                 why: "after the year 3000",
+            });
+        }
+        if claim == "exp" && secs < MIN_EXPIRY_UNIX as f64 {
+            return Err(JwtError::BadTime {
+                claim,
+                why: "before 2001",
             });
         }
         Ok(Some(UNIX_EPOCH + Duration::from_secs_f64(secs)))

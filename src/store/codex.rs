@@ -101,6 +101,14 @@ fn read_codex(path: &Path, root: &Map<String, Value>) -> Result<TokenSet, StoreE
         Some(_) => return Err(StoreError::invalid(path, "`last_refresh` is not a string")),
     };
     let expiry = expiry_of(access, None).map_err(|e| StoreError::invalid(path, format!("tokens.access_token: {e}")))?;
+    // Codex access tokens are JWTs with `exp`: without one there is no way
+    // to tell a valid token from a dead one.
+    if expiry.is_none() {
+        return Err(StoreError::invalid(
+            path,
+            "tokens.access_token has no expiry (it is not a JWT with an `exp` claim)",
+        ));
+    }
     let account_id = match optional_string(path, tokens, "account_id")? {
         Some(id) => Some(id.to_owned()),
         None => id_token

@@ -37,6 +37,12 @@ pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>, StoreError> {
         cause: describe_io(&e),
     };
     let file = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) => {
+            StoreError::Unreadable {
+                path: path.to_path_buf(),
+                cause: "it is a symbolic link to a file that does not exist".into(),
+            }
+        }
         io::ErrorKind::NotFound => StoreError::NotFound {
             path: path.to_path_buf(),
         },

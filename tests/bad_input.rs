@@ -70,23 +70,67 @@ fn bad_codex_files_are_clear_errors() {
         ("empty", String::new(), "the file is empty"),
         ("whitespace", "  \n".into(), "the file is empty"),
         ("not JSON", "token=abc".into(), "not valid JSON"),
-        ("truncated JSON", r#"{"tokens": {"access_token": "#.into(), "not valid JSON"),
+        (
+            "truncated JSON",
+            r#"{"tokens": {"access_token": "#.into(),
+            "not valid JSON",
+        ),
         ("array", "[1,2,3]".into(), "expected a JSON object"),
-        ("tokens missing", r#"{"OPENAI_API_KEY":"sk-x"}"#.into(), "`tokens` is missing"),
-        ("tokens not an object", r#"{"tokens":"abc"}"#.into(), "`tokens` is not an object"),
+        (
+            "tokens missing",
+            r#"{"OPENAI_API_KEY":"sk-x"}"#.into(),
+            "`tokens` is missing",
+        ),
+        (
+            "tokens not an object",
+            r#"{"tokens":"abc"}"#.into(),
+            "`tokens` is not an object",
+        ),
         (
             "access token missing",
             r#"{"tokens":{"refresh_token":"rt_1234567890"}}"#.into(),
             "`access_token` is missing",
         ),
-        ("access token a number", r#"{"tokens":{"access_token":5}}"#.into(), "`access_token` is not a string"),
-        ("non-JWT access token", codex_with_access("opaque-access-token-text"), "no expiry"),
-        ("JWT with bad base64", codex_with_access("eyJhbGciOiJub25lIn0.!!!not-base64!!!.c2ln"), "base64url"),
-        ("JWT with bad JSON", codex_with_access(&jwt_with_payload("{\"exp\": ")), "not a JSON object"),
-        ("JWT exp not a number", codex_with_access(&jwt_with_payload(r#"{"exp":"tomorrow"}"#)), "`exp`"),
-        ("JWT exp negative", codex_with_access(&jwt_with_payload(r#"{"exp":-5}"#)), "negative"),
-        ("JWT exp absurdly late", codex_with_access(&jwt_with_payload(r#"{"exp":99999999999999}"#)), "3000"),
-        ("JWT exp absurdly early", codex_with_access(&jwt_with_payload(r#"{"exp":1}"#)), "before 2001"),
+        (
+            "access token a number",
+            r#"{"tokens":{"access_token":5}}"#.into(),
+            "`access_token` is not a string",
+        ),
+        (
+            "non-JWT access token",
+            codex_with_access("opaque-access-token-text"),
+            "no expiry",
+        ),
+        (
+            "JWT with bad base64",
+            codex_with_access("eyJhbGciOiJub25lIn0.!!!not-base64!!!.c2ln"),
+            "base64url",
+        ),
+        (
+            "JWT with bad JSON",
+            codex_with_access(&jwt_with_payload("{\"exp\": ")),
+            "not a JSON object",
+        ),
+        (
+            "JWT exp not a number",
+            codex_with_access(&jwt_with_payload(r#"{"exp":"tomorrow"}"#)),
+            "`exp`",
+        ),
+        (
+            "JWT exp negative",
+            codex_with_access(&jwt_with_payload(r#"{"exp":-5}"#)),
+            "negative",
+        ),
+        (
+            "JWT exp absurdly late",
+            codex_with_access(&jwt_with_payload(r#"{"exp":99999999999999}"#)),
+            "3000",
+        ),
+        (
+            "JWT exp absurdly early",
+            codex_with_access(&jwt_with_payload(r#"{"exp":1}"#)),
+            "before 2001",
+        ),
         (
             "last_refresh not a time",
             r#"{"tokens":{"access_token":"x"},"last_refresh":"yesterday"}"#.into(),
@@ -123,7 +167,12 @@ fn bad_paths_are_clear_errors() {
     let fx = Fixture::codex();
     let link = fx.path("auth.json");
     std::os::unix::fs::symlink(fx.path("gone.json"), &link).unwrap();
-    assert_rejected(&fx, &link, "symbolic link to a file that does not exist", "dangling symlink");
+    assert_rejected(
+        &fx,
+        &link,
+        "symbolic link to a file that does not exist",
+        "dangling symlink",
+    );
 
     let fx = Fixture::codex();
     let missing = fx.path("auth.json");
@@ -149,7 +198,10 @@ fn an_unreadable_file_is_a_clear_error() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
         std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let is_root = std::process::Command::new("id").arg("-u").output().map(|o| stdout(&o).trim() == "0");
+    let is_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| stdout(&o).trim() == "0");
     let mut cmd = if is_root.unwrap_or(false) {
         let mut c = std::process::Command::new("setpriv");
         c.args(["--reuid=65534", "--regid=65534", "--clear-groups", CLI]);
@@ -172,8 +224,14 @@ fn bad_oauth2_files_are_clear_errors() {
     let path = fx.path("creds.json");
     for (text, expect) in [
         (r#"{"refresh_token":"r"}"#, "`access_token` is missing"),
-        (r#"{"access_token":"a","expires_at":"soon"}"#, "`expires_at` is not an RFC 3339 timestamp"),
-        (r#"{"access_token":"a","expires_at":"9999-01-01T00:00:00Z"}"#, "`expires_at`"),
+        (
+            r#"{"access_token":"a","expires_at":"soon"}"#,
+            "`expires_at` is not an RFC 3339 timestamp",
+        ),
+        (
+            r#"{"access_token":"a","expires_at":"9999-01-01T00:00:00Z"}"#,
+            "`expires_at`",
+        ),
     ] {
         std::fs::write(&path, text).unwrap();
         let err = token_broker::TokenBroker::oauth2(fx.sim.token_url(), "c")

@@ -115,10 +115,16 @@ async fn rate_limits_honour_retry_after() {
     let err = broker.token().await.unwrap_err();
     assert_eq!(unavailable_kind(&err), &Failure::RateLimited);
     let err = broker.token().await.unwrap_err();
-    let BrokerError::Unavailable { retry_in: Some(wait), .. } = err else {
+    let BrokerError::Unavailable {
+        retry_in: Some(wait), ..
+    } = err
+    else {
         panic!("{err:?}")
     };
-    assert!(wait > Duration::from_millis(1500) && wait <= Duration::from_secs(2), "{wait:?}");
+    assert!(
+        wait > Duration::from_millis(1500) && wait <= Duration::from_secs(2),
+        "{wait:?}"
+    );
     assert_eq!(fx.sim.token_requests(), 1);
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()) + Duration::from_millis(100)).await;
     broker.token().await.unwrap();
@@ -147,23 +153,36 @@ async fn a_valid_token_is_served_through_provider_failures() {
     broker.shutdown().await;
 }
 
+/// A fault, and the kind of failure it must be classified as.
+type FaultCase = (&'static str, Fault, fn(&Failure) -> bool);
+
 /// Faults after the provider spent the token (the answer never arrives or is
 /// unusable): the broker re-reads the file and retries once. Without a reuse
 /// grace period the retry is refused: login-required, saying the refresh was
 /// interrupted, file unchanged. With one, the retry gets the same new tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_outcomes_are_retried_once_under_the_lock() {
-    let faults: Vec<(&str, Fault, fn(&Failure) -> bool)> = vec![
-        ("reset mid-response", Fault::ResetAfterSpend, |k| matches!(k, Failure::Interrupted(_))),
-        ("timeout after spending", Fault::HangAfterSpend(Duration::from_secs(3)), |k| {
-            matches!(k, Failure::Timeout(_))
+    let faults: Vec<FaultCase> = vec![
+        ("reset mid-response", Fault::ResetAfterSpend, |k| {
+            matches!(k, Failure::Interrupted(_))
         }),
-        ("200 with HTML", Fault::Html200, |k| matches!(k, Failure::Malformed { .. })),
-        ("200 with truncated JSON", Fault::Truncated200, |k| matches!(k, Failure::Malformed { .. })),
+        (
+            "timeout after spending",
+            Fault::HangAfterSpend(Duration::from_secs(3)),
+            |k| matches!(k, Failure::Timeout(_)),
+        ),
+        ("200 with HTML", Fault::Html200, |k| {
+            matches!(k, Failure::Malformed { .. })
+        }),
+        ("200 with truncated JSON", Fault::Truncated200, |k| {
+            matches!(k, Failure::Malformed { .. })
+        }),
         ("200 without access_token", Fault::NoAccessToken200, |k| {
             matches!(k, Failure::Malformed { .. })
         }),
-        ("200 with a 10 MB body", Fault::Huge200(10 << 20), |k| matches!(k, Failure::TooLarge { .. })),
+        ("200 with a 10 MB body", Fault::Huge200(10 << 20), |k| {
+            matches!(k, Failure::TooLarge { .. })
+        }),
     ];
     for (name, fault, _) in &faults {
         // No grace: the retry is refused.
@@ -171,7 +190,11 @@ async fn unknown_outcomes_are_retried_once_under_the_lock() {
         let path = fx.write_codex(&fx.sim.sign_in(-1.0));
         let before = std::fs::read(&path).unwrap();
         fx.sim.inject([fault.clone()]);
-        let broker = fx.codex_broker(&path).http_timeout(Duration::from_millis(500)).build().unwrap();
+        let broker = fx
+            .codex_broker(&path)
+            .http_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
         let err = broker.token().await.unwrap_err();
         assert!(matches!(err, BrokerError::LoginRequired { .. }), "{name}: {err}");
         let text = err.to_string();
@@ -192,7 +215,11 @@ async fn unknown_outcomes_are_retried_once_under_the_lock() {
         });
         let path = fx.write_codex(&fx.sim.sign_in(-1.0));
         fx.sim.inject([fault.clone()]);
-        let broker = fx.codex_broker(&path).http_timeout(Duration::from_millis(500)).build().unwrap();
+        let broker = fx
+            .codex_broker(&path)
+            .http_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
         let token = broker.token().await.unwrap_or_else(|e| panic!("{name}: {e}"));
         broker.shutdown().await;
         assert!(fx.sim.is_live(token.expose()), "{name}");
@@ -200,7 +227,10 @@ async fn unknown_outcomes_are_retried_once_under_the_lock() {
         assert_eq!(fx.sim.token_requests(), 2, "{name}");
         let file = read_json(&path);
         assert_eq!(file["tokens"]["access_token"], token.expose(), "{name}");
-        assert!(fx.sim.is_unspent(file["tokens"]["refresh_token"].as_str().unwrap()), "{name}");
+        assert!(
+            fx.sim.is_unspent(file["tokens"]["refresh_token"].as_str().unwrap()),
+            "{name}"
+        );
         assert!(no_marker(&fx), "{name}");
     }
     // Each fault is classified as its own kind when the retry fails the same
@@ -212,7 +242,11 @@ async fn unknown_outcomes_are_retried_once_under_the_lock() {
         });
         let path = fx.write_codex(&fx.sim.sign_in(-1.0));
         fx.sim.inject([fault.clone(), fault]);
-        let broker = fx.codex_broker(&path).http_timeout(Duration::from_millis(500)).build().unwrap();
+        let broker = fx
+            .codex_broker(&path)
+            .http_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
         let err = broker.token().await.unwrap_err();
         assert!(is_kind(unavailable_kind(&err)), "{name}: {err}");
         assert_eq!(fx.sim.token_requests(), 2, "{name}");
@@ -227,7 +261,11 @@ async fn a_timeout_before_the_provider_decided_recovers_on_the_retry() {
     let fx = Fixture::codex();
     let path = fx.write_codex(&fx.sim.sign_in(-1.0));
     fx.sim.inject([Fault::HangBeforeSpend(Duration::from_secs(3))]);
-    let broker = fx.codex_broker(&path).http_timeout(Duration::from_millis(300)).build().unwrap();
+    let broker = fx
+        .codex_broker(&path)
+        .http_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
     let token = broker.token().await.unwrap();
     broker.shutdown().await;
     assert!(fx.sim.is_live(token.expose()));

@@ -12,8 +12,8 @@ use base64::Engine as _;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use token_broker::credentials::{
-    decode_claims, expiry_of, format_rfc3339, parse_rfc3339, AccessToken, Expiry, ExpirySource, IdToken,
-    RefreshToken, TokenSet,
+    decode_claims, expiry_of, format_rfc3339, parse_rfc3339, AccessToken, Expiry, ExpirySource, IdToken, RefreshToken,
+    TokenSet,
 };
 use token_broker::provider::{parse_error_body, parse_success_body};
 use token_broker::store::{CodexAuthFile, CodexFormat, FileFormat, OAuth2File, OAuth2Format};
@@ -34,8 +34,22 @@ fn json_value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(3, 32, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::vec((prop_oneof![Just("tokens".to_owned()), Just("access_token".to_owned()), Just("refresh_token".to_owned()), Just("exp".to_owned()), Just("expires_at".to_owned()), Just("error".to_owned()), ".{0,8}".prop_map(String::from)], inner), 0..6)
-                .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>())),
+            prop::collection::vec(
+                (
+                    prop_oneof![
+                        Just("tokens".to_owned()),
+                        Just("access_token".to_owned()),
+                        Just("refresh_token".to_owned()),
+                        Just("exp".to_owned()),
+                        Just("expires_at".to_owned()),
+                        Just("error".to_owned()),
+                        ".{0,8}".prop_map(String::from)
+                    ],
+                    inner
+                ),
+                0..6
+            )
+            .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>())),
         ]
     })
 }
@@ -59,7 +73,12 @@ fn secs(t: SystemTime) -> f64 {
 }
 
 fn jwt(claims: &Value) -> String {
-    format!("{}.{}.{}", b64(br#"{"alg":"none"}"#), b64(claims.to_string().as_bytes()), b64(b"sig"))
+    format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"none"}"#),
+        b64(claims.to_string().as_bytes()),
+        b64(b"sig")
+    )
 }
 
 proptest! {

@@ -147,7 +147,8 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     let marked = refresh_token.clone();
     blocking(move || store.mark_refreshing(&marked)).await?;
     // Why an earlier attempt may have spent this refresh token unheard.
-    let mut interrupted_by: Option<String> = interrupted.then(|| "an earlier attempt ended before its result was saved".to_owned());
+    let mut interrupted_by: Option<String> =
+        interrupted.then(|| "an earlier attempt ended before its result was saved".to_owned());
     let mut attempt = 1;
     loop {
         requests.fetch_add(1, Ordering::Relaxed);

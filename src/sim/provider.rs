@@ -126,6 +126,8 @@ struct Ledger {
     access: HashMap<String, SystemTime>,
     /// Access token -> the refresh token issued with it.
     pairs: HashMap<String, String>,
+    /// Every token issued, for leak checks.
+    issued: Vec<String>,
     serial: u64,
 }
 
@@ -261,9 +263,17 @@ impl ProviderServer {
         self.shared.ledger.lock().pairs.get(access_token).map(String::as_str) == Some(refresh_token)
     }
 
+    /// Every access, refresh and id token issued so far (for leak checks).
+    pub fn issued_secrets(&self) -> Vec<String> {
+        self.shared.ledger.lock().issued.clone()
+    }
+
     /// Whether `refresh_token` was issued here and is still unspent.
     pub fn is_unspent(&self, refresh_token: &str) -> bool {
-        matches!(self.shared.ledger.lock().refresh.get(refresh_token), Some(RefreshState { spent: None }))
+        matches!(
+            self.shared.ledger.lock().refresh.get(refresh_token),
+            Some(RefreshState { spent: None })
+        )
     }
 
     /// The counts so far.
@@ -362,6 +372,9 @@ impl Shared {
         ledger.refresh.insert(refresh.clone(), RefreshState::default());
         ledger.access.insert(access.clone(), exp);
         ledger.pairs.insert(access.clone(), refresh.clone());
+        ledger
+            .issued
+            .extend([access.clone(), refresh.clone(), id_token.clone()]);
         Issued {
             access_token: access,
             refresh_token: refresh,
@@ -514,8 +527,13 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
         }
         Some(Fault::ResetAfterSpend) => {
             let head = Bytes::from(text[..text.len() / 2].to_owned());
-            let chunks: Vec<Result<Bytes, std::io::Error>> =
-                vec![Ok(head), Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset"))];
+            let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+                Ok(head),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "injected reset",
+                )),
+            ];
             let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
             (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
@@ -531,9 +549,11 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
             text[..text.len() / 2].to_owned(),
         )
             .into_response(),
-        Some(Fault::NoAccessToken200) => {
-            (StatusCode::OK, Json(json!({"token_type": "Bearer", "expires_in": 3600}))).into_response()
-        }
+        Some(Fault::NoAccessToken200) => (
+            StatusCode::OK,
+            Json(json!({"token_type": "Bearer", "expires_in": 3600})),
+        )
+            .into_response(),
         Some(Fault::Huge200(n)) => {
             let mut huge = String::with_capacity(n + 32);
             huge.push_str("{\"padding\":\"");
@@ -558,7 +578,9 @@ fn status_fault(dialect: &SimDialect, status: u16, retry_after: Option<u64>) -> 
             .into_response()
     } else {
         let body = match dialect {
-            SimDialect::OpenAi => json!({"error": {"message": "Too many requests.", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}}),
+            SimDialect::OpenAi => {
+                json!({"error": {"message": "Too many requests.", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}})
+            }
             SimDialect::Rfc6749(_) => json!({"error": "slow_down", "error_description": "Too many requests."}),
         };
         (code, Json(body)).into_response()

@@ -12,10 +12,9 @@ use std::time::{Duration, SystemTime};
 use tracing::{debug, info, warn};
 
 use super::Config;
-use crate::credentials::{decode_claims, expiry_of, AccessToken, Expiry, ExpirySource, RefreshToken, TokenSet};
+use crate::credentials::{AccessToken, RefreshToken, TokenSet};
 use crate::error::BrokerError;
 use crate::policy::{freshness, Freshness};
-use crate::provider::Refreshed;
 use crate::store::{StoreError, StoreVersion};
 
 /// What the actor knows when it starts a cycle.
@@ -154,7 +153,7 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
         requests.fetch_add(1, Ordering::Relaxed);
         info!(refresh = %refresh_token.fingerprint(), ?state, rejected, attempt, "spending the refresh token");
         let error = match cfg.provider.refresh(&refresh_token).await {
-            Ok(refreshed) => return save(cfg, merge(&on_disk, refreshed, SystemTime::now()), on_disk).await,
+            Ok(refreshed) => return save(cfg, refreshed.into_token_set(&on_disk, SystemTime::now()), on_disk).await,
             Err(e) => e,
         };
         if error.is_permanent() {
@@ -247,44 +246,6 @@ async fn save(cfg: &Arc<Config>, tokens: TokenSet, replaces: TokenSet) -> Result
             warn!(error = %e, "could not write the new tokens; keeping them in memory and retrying");
             Ok(CycleOutcome::Unsaved(tokens, e))
         }
-    }
-}
-
-/// The token set after a refresh: what the provider returned, keeping the
-/// old refresh and id tokens where it sent none.
-pub(crate) fn merge(old: &TokenSet, new: Refreshed, now: SystemTime) -> TokenSet {
-    let id_token = new.id_token.or_else(|| old.id_token.clone());
-    let account_id = id_token
-        .as_ref()
-        .and_then(|t| decode_claims(t.expose()).ok())
-        .and_then(|c| c.chatgpt_account_id())
-        .or_else(|| old.account_id.clone());
-    let from_expires_in = new.expires_in.map(|life| Expiry {
-        at: now + life,
-        lifetime: Some(life),
-        source: ExpirySource::Stored,
-    });
-    let expiry = match expiry_of(new.access_token.expose(), None) {
-        // A JWT already expired on arrival while the server says it lives on:
-        // the clocks disagree, so trust the server's relative lifetime.
-        Ok(Some(jwt)) if jwt.at <= now && from_expires_in.is_some_and(|e| e.at > now) => {
-            warn!("the new access token's `exp` is already past by the local clock; using expires_in (clock skew?)");
-            from_expires_in
-        }
-        Ok(Some(jwt)) => Some(jwt),
-        Ok(None) => from_expires_in,
-        Err(e) => {
-            warn!(error = %e, "the new access token's claims are unreadable; using expires_in");
-            from_expires_in
-        }
-    };
-    TokenSet {
-        access_token: new.access_token,
-        refresh_token: new.refresh_token.or_else(|| old.refresh_token.clone()),
-        id_token,
-        account_id,
-        expiry,
-        last_refresh: Some(now),
     }
 }
 

@@ -15,13 +15,16 @@
 mod response;
 
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use tracing::warn;
 
 pub use response::{parse_error_body, parse_success_body, ErrorBody};
 
-use crate::credentials::{AccessToken, IdToken, RefreshToken, Secret};
+use crate::credentials::{
+    decode_claims, expiry_of, AccessToken, Expiry, ExpirySource, IdToken, RefreshToken, Secret, TokenSet,
+};
 
 /// The Codex CLI's token endpoint.
 pub const CODEX_TOKEN_URL: &str = "https://auth.openai.com/oauth/token";
@@ -66,6 +69,53 @@ pub struct Refreshed {
     pub id_token: Option<IdToken>,
     /// The access token's lifetime, when the server said (`expires_in`).
     pub expires_in: Option<Duration>,
+}
+
+impl Refreshed {
+    /// The token set after this refresh of `old`, received at `now`: the
+    /// new tokens, keeping the old refresh and id tokens where none came.
+    ///
+    /// Expiry comes from the new access token's JWT `exp`, else from
+    /// `expires_in`; when the JWT says it is already expired while
+    /// `expires_in` says otherwise, the clocks disagree and `expires_in` wins.
+    pub fn into_token_set(self, old: &TokenSet, now: SystemTime) -> TokenSet {
+        let new = self;
+        let id_token = new.id_token.or_else(|| old.id_token.clone());
+        let account_id = id_token
+            .as_ref()
+            .and_then(|t| decode_claims(t.expose()).ok())
+            .and_then(|c| c.chatgpt_account_id())
+            .or_else(|| old.account_id.clone());
+        let from_expires_in = new.expires_in.map(|life| Expiry {
+            at: now + life,
+            lifetime: Some(life),
+            source: ExpirySource::Stored,
+        });
+        let expiry = match expiry_of(new.access_token.expose(), None) {
+            // A JWT already expired on arrival while the server says it lives on:
+            // the clocks disagree, so trust the server's relative lifetime.
+            Ok(Some(jwt)) if jwt.at <= now && from_expires_in.is_some_and(|e| e.at > now) => {
+                warn!(
+                    "the new access token's `exp` is already past by the local clock; using expires_in (clock skew?)"
+                );
+                from_expires_in
+            }
+            Ok(Some(jwt)) => Some(jwt),
+            Ok(None) => from_expires_in,
+            Err(e) => {
+                warn!(error = %e, "the new access token's claims are unreadable; using expires_in");
+                from_expires_in
+            }
+        };
+        TokenSet {
+            access_token: new.access_token,
+            refresh_token: new.refresh_token.or_else(|| old.refresh_token.clone()),
+            id_token,
+            account_id,
+            expiry,
+            last_refresh: Some(now),
+        }
+    }
 }
 
 /// Why a refresh failed, classified. Never carries token text.
@@ -401,6 +451,48 @@ mod tests {
             .decode(header.trim_start_matches("Basic "))
             .unwrap();
         assert_eq!(decoded, b"a+b:c%2Fd");
+    }
+
+    fn jwt(payload: &str) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.c2ln", b64(r#"{"alg":"none"}"#), b64(payload))
+    }
+
+    #[test]
+    fn a_refresh_keeps_what_the_provider_left_out() {
+        let mut old = TokenSet::new("old-access", Some("old-refresh")).unwrap();
+        old.id_token = Some(IdToken::new("old-id"));
+        old.account_id = Some("acct".into());
+        let now = SystemTime::now();
+        let new = Refreshed {
+            access_token: AccessToken::new("new-access"),
+            refresh_token: None,
+            id_token: None,
+            expires_in: Some(Duration::from_secs(60)),
+        }
+        .into_token_set(&old, now);
+        assert_eq!(new.refresh_token, old.refresh_token);
+        assert_eq!(new.id_token, old.id_token);
+        assert_eq!(new.account_id, old.account_id);
+        assert_eq!(new.expiry.unwrap().at, now + Duration::from_secs(60));
+        assert_eq!(new.last_refresh, Some(now));
+    }
+
+    #[test]
+    fn a_jwt_expired_on_arrival_defers_to_expires_in() {
+        let old = TokenSet::new("old", Some("r")).unwrap();
+        let now = SystemTime::now();
+        let past = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 10;
+        let refreshed = |expires_in| Refreshed {
+            access_token: AccessToken::new(jwt(&format!(r#"{{"exp":{past}}}"#))),
+            refresh_token: Some(RefreshToken::new("r2")),
+            id_token: None,
+            expires_in,
+        };
+        let skewed = refreshed(Some(Duration::from_secs(3600))).into_token_set(&old, now);
+        assert_eq!(skewed.expiry.unwrap().at, now + Duration::from_secs(3600));
+        let expired = refreshed(None).into_token_set(&old, now);
+        assert!(expired.expiry.unwrap().at < now);
     }
 
     #[test]

@@ -326,8 +326,9 @@ impl BrokerBuilder {
             login_hint,
         });
         let published: Published = Arc::new(ArcSwapOption::empty());
-        let actor = TokenActor::new(cfg, tokens, version, published.clone());
-        let (addr, done) = spawn_actor(actor).map_err(BrokerError::Config)?;
+        let actor_published = published.clone();
+        let (addr, done) =
+            spawn_actor(move || TokenActor::new(cfg, tokens, version, actor_published)).map_err(BrokerError::Config)?;
         Ok(TokenBroker {
             inner: Arc::new(Inner {
                 addr,
@@ -341,7 +342,9 @@ impl BrokerBuilder {
 
 /// Runs `actor` on a dedicated thread with its own actix System, so that
 /// the handle works whether or not the caller runs one.
-fn spawn_actor(mut actor: TokenActor) -> Result<(Addr<TokenActor>, watch::Receiver<bool>), String> {
+fn spawn_actor(
+    make: impl FnOnce() -> TokenActor + Send + 'static,
+) -> Result<(Addr<TokenActor>, watch::Receiver<bool>), String> {
     let (addr_tx, addr_rx) = std::sync::mpsc::sync_channel(1);
     let (done_tx, done_rx) = watch::channel(false);
     std::thread::Builder::new()
@@ -350,6 +353,7 @@ fn spawn_actor(mut actor: TokenActor) -> Result<(Addr<TokenActor>, watch::Receiv
             let system = actix_rt::System::new();
             system.block_on(async move {
                 let (stopped_tx, stopped_rx) = oneshot::channel();
+                let mut actor = make();
                 actor.notify_on_stop(stopped_tx);
                 let addr = actor.start();
                 let _ = addr_tx.send(addr.clone());

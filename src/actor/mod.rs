@@ -12,10 +12,13 @@
 
 mod cycle;
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use actix::dev::MessageResponse;
 use actix::prelude::*;
 use arc_swap::ArcSwapOption;
 use tokio::sync::oneshot;
@@ -83,7 +86,45 @@ pub struct GetStatus;
 #[rtype(result = "()")]
 pub struct Shutdown;
 
+/// The reply channel of a message waiting for a token.
 type Waiter = oneshot::Sender<Result<AccessToken, BrokerError>>;
+
+/// The waiting callers. Shared with the [`TokenReply`]s that add to it; the
+/// actor and its replies live on one thread.
+type Waiters = Rc<RefCell<Vec<Waiter>>>;
+
+/// The actor's answer to [`GetToken`] or [`Reject`]: a result now, or a place
+/// in the line for the refresh in flight.
+pub enum TokenReply {
+    /// Answered at once.
+    Ready(Result<AccessToken, BrokerError>),
+    /// Answered when the refresh in flight ends.
+    Wait(Waiters),
+}
+
+impl std::fmt::Debug for TokenReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenReply::Ready(result) => f.debug_tuple("Ready").field(result).finish(),
+            TokenReply::Wait(_) => f.write_str("Wait"),
+        }
+    }
+}
+
+impl<M> MessageResponse<TokenActor, M> for TokenReply
+where
+    M: Message<Result = Result<AccessToken, BrokerError>>,
+{
+    fn handle(self, _ctx: &mut Context<TokenActor>, tx: Option<Waiter>) {
+        let Some(tx) = tx else { return };
+        match self {
+            TokenReply::Ready(result) => {
+                let _ = tx.send(result);
+            }
+            TokenReply::Wait(waiters) => waiters.borrow_mut().push(tx),
+        }
+    }
+}
 
 /// The most refresh cycles one group of waiting callers may cause.
 const MAX_CYCLES_PER_WAIT: u32 = 3;
@@ -123,7 +164,9 @@ pub struct TokenActor {
     waiter_cycles: u32,
     /// The store now holds another account's tokens: serve nothing.
     account_changed: bool,
-    waiters: Vec<Waiter>,
+    /// Callers waiting for the refresh in flight: the reply channels of
+    /// their messages, answered directly (no task or channel of our own).
+    waiters: Waiters,
     published: Published,
     fresh_timer: Option<SpawnHandle>,
     requests: Arc<AtomicU64>,
@@ -139,7 +182,7 @@ impl std::fmt::Debug for TokenActor {
             .field("location", &self.cfg.location)
             .field("access", &self.tokens.access_token)
             .field("in_flight", &self.in_flight)
-            .field("waiters", &self.waiters.len())
+            .field("waiters", &self.waiters.borrow().len())
             .finish_non_exhaustive()
     }
 }
@@ -168,7 +211,7 @@ impl TokenActor {
             reloading: false,
             waiter_cycles: 0,
             account_changed: false,
-            waiters: Vec::new(),
+            waiters: Waiters::default(),
             published,
             fresh_timer: None,
             requests: Arc::new(AtomicU64::new(0)),
@@ -260,23 +303,20 @@ impl TokenActor {
         }
     }
 
-    fn answer(&mut self, ctx: &mut Context<Self>) -> ResponseFuture<Result<AccessToken, BrokerError>> {
+    fn answer(&mut self, ctx: &mut Context<Self>) -> TokenReply {
         self.counters.actor_requests += 1;
         match self.decide() {
-            Decision::Serve(token) => Box::pin(std::future::ready(Ok(token))),
+            Decision::Serve(token) => TokenReply::Ready(Ok(token)),
             Decision::ServeAndRefresh(token) => {
                 self.start_cycle(ctx);
-                Box::pin(std::future::ready(Ok(token)))
+                TokenReply::Ready(Ok(token))
             }
-            Decision::Fail(err) => Box::pin(std::future::ready(Err(err))),
+            Decision::Fail(err) => TokenReply::Ready(Err(err)),
             Decision::Wait | Decision::StartAndWait => {
                 if !self.in_flight {
                     self.start_cycle(ctx);
                 }
-                let (tx, rx) = oneshot::channel();
-                self.waiters.push(tx);
-                let location = self.cfg.location.clone();
-                Box::pin(async move { rx.await.unwrap_or(Err(BrokerError::Stopped { location })) })
+                TokenReply::Wait(self.waiters.clone())
             }
         }
     }
@@ -416,7 +456,7 @@ impl TokenActor {
 
     /// Answers everyone waiting for the cycle that just ended.
     fn settle_waiters(&mut self, answer: Option<Result<AccessToken, BrokerError>>, ctx: &mut Context<Self>) {
-        if self.waiters.is_empty() {
+        if self.waiters.borrow().is_empty() {
             return;
         }
         let usable = !self.account_changed && self.freshness(SystemTime::now()).is_usable();
@@ -444,8 +484,9 @@ impl TokenActor {
             }),
         };
         self.waiter_cycles = 0;
-        debug!(parent: &self.span, waiters = self.waiters.len(), ok = result.is_ok(), "answering waiters");
-        for waiter in self.waiters.drain(..) {
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        debug!(parent: &self.span, waiters = waiters.len(), ok = result.is_ok(), "answering waiters");
+        for waiter in waiters {
             let _ = waiter.send(result.clone());
         }
     }
@@ -512,7 +553,7 @@ impl Actor for TokenActor {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.published.store(None);
         let location = self.cfg.location.clone();
-        for waiter in self.waiters.drain(..) {
+        for waiter in std::mem::take(&mut *self.waiters.borrow_mut()) {
             let _ = waiter.send(Err(BrokerError::Stopped {
                 location: location.clone(),
             }));
@@ -525,7 +566,7 @@ impl Actor for TokenActor {
 }
 
 impl Handler<GetToken> for TokenActor {
-    type Result = ResponseFuture<Result<AccessToken, BrokerError>>;
+    type Result = TokenReply;
 
     fn handle(&mut self, _msg: GetToken, ctx: &mut Self::Context) -> Self::Result {
         self.answer(ctx)
@@ -533,7 +574,7 @@ impl Handler<GetToken> for TokenActor {
 }
 
 impl Handler<Reject> for TokenActor {
-    type Result = ResponseFuture<Result<AccessToken, BrokerError>>;
+    type Result = TokenReply;
 
     fn handle(&mut self, msg: Reject, ctx: &mut Self::Context) -> Self::Result {
         if msg.token == self.tokens.access_token && !self.rejected {

@@ -28,6 +28,9 @@ enum Command {
     Token,
     /// Show the credential's state without secrets.
     Status,
+    /// Run the demonstration: a simulated provider on loopback and a
+    /// scheduler of cron jobs and request actors sharing one credential.
+    Simulate(SimulateArgs),
     /// Keep a broker running and print a line (a fingerprint, never the
     /// token) whenever the access token changes.
     Watch {
@@ -38,6 +41,38 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
     },
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// Use the design the broker replaces: every job refreshes on its own.
+    #[arg(long)]
+    naive: bool,
+    /// Cron-job actors (each fires every 100 to 500 ms).
+    #[arg(long, default_value_t = 16)]
+    jobs: usize,
+    /// Concurrent request actors.
+    #[arg(long, default_value_t = 1000)]
+    concurrency: usize,
+    /// The provider's access-token lifetime.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2s")]
+    token_lifetime: Duration,
+    /// How long the load runs.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// The provider's latency per token request.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "50ms")]
+    latency: Duration,
+    /// The fraction of token requests the provider fails with 503 (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    fault_rate: f64,
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{text:?} is not a number from 0 to 1")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +128,7 @@ enum ClientAuthKind {
 enum CliError {
     Broker(BrokerError),
     Output(std::io::Error),
+    Simulation(std::io::Error),
 }
 
 impl From<BrokerError> for CliError {
@@ -105,9 +141,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let json = cli.creds.json;
+    if let Command::Simulate(args) = &cli.command {
+        // The job actors run on an actix System of their own.
+        return match actix_rt::System::new().block_on(simulate(args, json)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(json, &e),
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => return fail(json, &CliError::Output(e)),
+        Err(e) => return fail(json, &CliError::Simulation(e)),
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,6 +174,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Token => print_token(&broker).await,
         Command::Status => print_status(&broker, cli.creds.json).await,
         Command::Watch { interval, duration } => watch(&broker, interval, duration, cli.creds.json).await,
+        Command::Simulate(_) => unreachable!("handled in main"),
     };
     // Let a refresh in flight write its tokens before the process exits.
     broker.shutdown().await;
@@ -285,6 +329,61 @@ async fn watch(
     }
 }
 
+/// `simulate`: runs the load and prints the summary, with a live progress
+/// line on a terminal.
+async fn simulate(args: &SimulateArgs, json: bool) -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    use std::sync::atomic::Ordering;
+    use token_broker::sim::scheduler::{self, Mode, Progress, SimulationConfig};
+
+    // Many concurrent connections on loopback: lift the soft descriptor limit.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let config = SimulationConfig {
+        mode: if args.naive { Mode::Naive } else { Mode::Broker },
+        jobs: args.jobs,
+        concurrency: args.concurrency,
+        token_lifetime: args.token_lifetime,
+        duration: args.duration,
+        latency: args.latency,
+        fault_rate: args.fault_rate,
+        ..SimulationConfig::default()
+    };
+    let progress = std::sync::Arc::new(Progress::default());
+    let live = !json && std::io::stderr().is_terminal();
+    let ticker = live.then(|| {
+        let progress = progress.clone();
+        let total = args.duration;
+        actix_rt::spawn(async move {
+            let started = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let _ = write!(
+                    std::io::stderr(),
+                    "\r  {:>5.1}/{:.0} s  calls {:>9}  failed {:>7}",
+                    started.elapsed().as_secs_f64().min(total.as_secs_f64()),
+                    total.as_secs_f64(),
+                    progress.calls.load(Ordering::Relaxed),
+                    progress.failed.load(Ordering::Relaxed),
+                );
+            }
+        })
+    });
+    let summary = scheduler::run(config, progress).await.map_err(CliError::Simulation)?;
+    if let Some(ticker) = ticker {
+        ticker.abort();
+        let _ = write!(std::io::stderr(), "\r{:60}\r", "");
+    }
+    let text = if json {
+        format!("{}\n", serde_json::to_string(&summary).unwrap_or_default())
+    } else {
+        summary.to_string()
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(CliError::Output)
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 async fn interrupted() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -305,6 +404,7 @@ fn fail(json: bool, e: &CliError) -> ExitCode {
     let (code, kind, message) = match e {
         CliError::Broker(e) => (e.exit_code(), e.kind(), e.to_string()),
         CliError::Output(e) => (1, "io", format!("could not write the output: {e}")),
+        CliError::Simulation(e) => (1, "simulation", format!("the simulation failed: {e}")),
     };
     let line = if json {
         serde_json::json!({"error": {"kind": kind, "message": message, "exit_code": code}}).to_string()

@@ -1,10 +1,11 @@
-//! The simulated provider (and, later, job scheduler) used by the
-//! `simulate` command, the tests and the benches.
+//! The simulated provider and job scheduler used by the `simulate`
+//! command, the tests and the benches.
 //!
 //! Nothing here is needed to use the broker; it is public so that tests,
 //! benches and the binary share one implementation.
 
 mod provider;
+pub mod scheduler;
 
 pub use provider::{Fault, Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SimDialect};
 

@@ -5,12 +5,14 @@
 //! System, or code already inside one. Each broker runs its
 //! [`TokenActor`] on a small dedicated thread with its own actix System.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix::prelude::*;
-use arc_swap::ArcSwapOption;
 use tokio::sync::{oneshot, watch};
 
 use crate::actor::{
@@ -95,18 +97,21 @@ impl TokenBroker {
     /// actor, which may wait for the one refresh in flight.
     ///
     /// Fails only when no valid access token is left and the refresh failed.
-    pub async fn token(&self) -> Result<AccessToken, BrokerError> {
-        if let Some(token) = self.fresh_token() {
-            return Ok(token);
+    pub fn token(&self) -> TokenFuture {
+        match self.fresh_token() {
+            Some(token) => TokenFuture::ready(token),
+            None => {
+                let broker = self.clone();
+                TokenFuture(Pending::Ask(Box::pin(async move { broker.ask(GetToken).await })))
+            }
         }
-        self.ask(GetToken).await
     }
 
     /// The published token if it is fresh, without waiting or messaging.
     /// `None` means "call [`token`](Self::token)".
     #[inline]
     pub fn fresh_token(&self) -> Option<AccessToken> {
-        self.inner.published.load().as_deref().cloned()
+        self.inner.published.read()
     }
 
     /// Reports that the upstream API answered 401 for `token`, and returns a
@@ -158,6 +163,47 @@ impl TokenBroker {
     fn stopped(&self) -> BrokerError {
         BrokerError::Stopped {
             location: self.inner.location.clone(),
+        }
+    }
+}
+
+/// The future returned by [`TokenBroker::token`]: already complete when the
+/// token is fresh (no allocation, no message), otherwise a message to the
+/// actor.
+#[must_use = "futures do nothing unless awaited"]
+pub struct TokenFuture(Pending);
+
+enum Pending {
+    Ready(Option<AccessToken>),
+    Ask(Pin<Box<dyn Future<Output = Result<AccessToken, BrokerError>> + Send>>),
+}
+
+impl TokenFuture {
+    fn ready(token: AccessToken) -> Self {
+        TokenFuture(Pending::Ready(Some(token)))
+    }
+}
+
+impl std::fmt::Debug for TokenFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Pending::Ready(_) => "TokenFuture::Ready",
+            Pending::Ask(_) => "TokenFuture::Ask",
+        })
+    }
+}
+
+impl Future for TokenFuture {
+    type Output = Result<AccessToken, BrokerError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            Pending::Ready(token) => match token.take() {
+                Some(token) => Poll::Ready(Ok(token)),
+                None => panic!("TokenFuture polled after completion"),
+            },
+            Pending::Ask(ask) => ask.as_mut().poll(cx),
         }
     }
 }
@@ -325,7 +371,7 @@ impl BrokerBuilder {
             location: location.clone(),
             login_hint,
         });
-        let published: Published = Arc::new(ArcSwapOption::empty());
+        let published: Published = crate::snapshot::Snapshot::new();
         let actor_published = published.clone();
         let (addr, done) =
             spawn_actor(move || TokenActor::new(cfg, tokens, version, actor_published)).map_err(BrokerError::Config)?;

@@ -41,6 +41,7 @@ mod handle;
 pub mod policy;
 pub mod provider;
 pub mod sim;
+mod snapshot;
 pub mod status;
 pub mod store;
 
@@ -51,7 +52,7 @@ pub use credentials::{AccessToken, TokenSet};
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 pub use error::BrokerError;
-pub use handle::{BrokerBuilder, TokenBroker};
+pub use handle::{BrokerBuilder, TokenBroker, TokenFuture};
 pub use status::{State, Status};
 
 #[cfg(test)]

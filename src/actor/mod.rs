@@ -20,7 +20,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use actix::dev::MessageResponse;
 use actix::prelude::*;
-use arc_swap::ArcSwapOption;
 use tokio::sync::oneshot;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -35,7 +34,7 @@ use crate::store::{Store, StoreVersion};
 use cycle::{CycleInput, CycleOutcome};
 
 /// The token handed to callers, as published for the handle's fast path.
-pub(crate) type Published = Arc<ArcSwapOption<AccessToken>>;
+pub(crate) type Published = Arc<crate::snapshot::Snapshot>;
 
 /// Everything a [`TokenActor`] needs that does not change.
 #[derive(Debug)]
@@ -242,20 +241,20 @@ impl TokenActor {
         }
         let now = SystemTime::now();
         if self.account_changed {
-            self.published.store(None);
+            self.published.publish(None);
             return;
         }
         match self.freshness(now) {
             Freshness::Fresh { refresh_at } => {
-                self.published.store(Some(Arc::new(self.tokens.access_token.clone())));
+                self.published.publish(Some(&self.tokens.access_token));
                 let wait = refresh_at.duration_since(now).unwrap_or_default();
                 self.fresh_timer = Some(ctx.run_later(wait, |act, ctx| {
                     act.fresh_timer = None;
                     act.publish(ctx);
                 }));
             }
-            Freshness::Unknown => self.published.store(Some(Arc::new(self.tokens.access_token.clone()))),
-            Freshness::Due { .. } | Freshness::Expired => self.published.store(None),
+            Freshness::Unknown => self.published.publish(Some(&self.tokens.access_token)),
+            Freshness::Due { .. } | Freshness::Expired => self.published.publish(None),
         }
     }
 
@@ -551,7 +550,7 @@ impl Actor for TokenActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.published.store(None);
+        self.published.publish(None);
         let location = self.cfg.location.clone();
         for waiter in std::mem::take(&mut *self.waiters.borrow_mut()) {
             let _ = waiter.send(Err(BrokerError::Stopped {

@@ -152,6 +152,8 @@ pub struct TokenActor {
     version: Option<StoreVersion>,
     /// The current access token was rejected by the upstream API.
     rejected: bool,
+    /// The current token is published as fresh (see [`Self::publish`]).
+    fresh: bool,
     login: Option<LoginRequired>,
     failure: Failure,
     /// Tokens a refresh returned that are not on disk yet.
@@ -203,6 +205,7 @@ impl TokenActor {
             tokens,
             version,
             rejected: false,
+            fresh: false,
             login: None,
             failure: Failure::default(),
             unsaved: None,
@@ -240,12 +243,14 @@ impl TokenActor {
             ctx.cancel_future(timer);
         }
         let now = SystemTime::now();
+        self.fresh = false;
         if self.account_changed {
             self.published.publish(None);
             return;
         }
         match self.freshness(now) {
             Freshness::Fresh { refresh_at } => {
+                self.fresh = true;
                 self.published.publish(Some(&self.tokens.access_token));
                 let wait = refresh_at.duration_since(now).unwrap_or_default();
                 self.fresh_timer = Some(ctx.run_later(wait, |act, ctx| {
@@ -253,7 +258,10 @@ impl TokenActor {
                     act.publish(ctx);
                 }));
             }
-            Freshness::Unknown => self.published.publish(Some(&self.tokens.access_token)),
+            Freshness::Unknown => {
+                self.fresh = true;
+                self.published.publish(Some(&self.tokens.access_token));
+            }
             Freshness::Due { .. } | Freshness::Expired => self.published.publish(None),
         }
     }
@@ -270,6 +278,11 @@ impl TokenActor {
     }
 
     fn decide(&self) -> Decision {
+        if self.fresh {
+            // Published as fresh: the withdrawal timer has not fired, so no
+            // clock read is needed (the same rule as the handle's fast path).
+            return Decision::Serve(self.tokens.access_token.clone());
+        }
         if self.account_changed {
             return Decision::Fail(self.account_error());
         }

@@ -370,10 +370,7 @@ pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
 mod tests {
     use super::*;
 
-    fn jwt(payload: &str) -> String {
-        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        format!("{}.{}.c2ln", b64(r#"{"alg":"none"}"#), b64(payload))
-    }
+    use crate::sim::unsigned_jwt as jwt;
 
     #[test]
     fn secrets_redact_in_debug_and_display() {

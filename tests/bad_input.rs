@@ -6,19 +6,10 @@ mod common;
 
 use std::path::Path;
 
-use base64::Engine as _;
 use common::*;
-use token_broker::sim::codex_auth_json;
+use token_broker::sim::{codex_auth_json, unsigned_jwt};
 use token_broker::store::StoreError;
 use token_broker::BrokerError;
-
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
-}
-
-fn jwt_with_payload(payload: &str) -> String {
-    format!("{}.{}.c2ln", b64(r#"{"alg":"none"}"#), b64(payload))
-}
 
 /// A Codex file whose access token is `access`.
 fn codex_with_access(access: &str) -> String {
@@ -108,27 +99,27 @@ fn bad_codex_files_are_clear_errors() {
         ),
         (
             "JWT with bad JSON",
-            codex_with_access(&jwt_with_payload("{\"exp\": ")),
+            codex_with_access(&unsigned_jwt("{\"exp\": ")),
             "not a JSON object",
         ),
         (
             "JWT exp not a number",
-            codex_with_access(&jwt_with_payload(r#"{"exp":"tomorrow"}"#)),
+            codex_with_access(&unsigned_jwt(r#"{"exp":"tomorrow"}"#)),
             "`exp`",
         ),
         (
             "JWT exp negative",
-            codex_with_access(&jwt_with_payload(r#"{"exp":-5}"#)),
+            codex_with_access(&unsigned_jwt(r#"{"exp":-5}"#)),
             "negative",
         ),
         (
             "JWT exp absurdly late",
-            codex_with_access(&jwt_with_payload(r#"{"exp":99999999999999}"#)),
+            codex_with_access(&unsigned_jwt(r#"{"exp":99999999999999}"#)),
             "3000",
         ),
         (
             "JWT exp absurdly early",
-            codex_with_access(&jwt_with_payload(r#"{"exp":1}"#)),
+            codex_with_access(&unsigned_jwt(r#"{"exp":1}"#)),
             "before 2001",
         ),
         (

@@ -98,6 +98,34 @@ async fn wrong_secret_is_rejected_and_changes_nothing() {
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 
+/// Runs `token` with the oauth2 provider, `--client-auth auth` and the
+/// secret in the environment variable `var` (unset when `secret` is None).
+fn oauth2_cli(
+    fx: &Fixture,
+    path: &std::path::Path,
+    auth: &str,
+    var: &str,
+    secret: Option<&str>,
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(CLI);
+    cmd.args([
+        "token",
+        "--provider",
+        "oauth2",
+        "--token-url",
+        &fx.sim.token_url(),
+        "--client-id",
+        CLIENT_ID,
+    ])
+    .args(["--client-auth", auth, "--client-secret-env", var, "--auth-file"])
+    .arg(path);
+    match secret {
+        Some(value) => cmd.env(var, value),
+        None => cmd.env_remove(var),
+    };
+    cmd.output().unwrap()
+}
+
 /// A spent refresh token gets `invalid_grant`: CLI exit 4, file unchanged.
 #[test]
 fn spent_refresh_token_is_invalid_grant_exit_4() {
@@ -107,23 +135,7 @@ fn spent_refresh_token_is_invalid_grant_exit_4() {
     let path = fx.path("credentials.json");
     std::fs::write(&path, oauth2_credentials_json(&issued)).unwrap();
     let before = std::fs::read(&path).unwrap();
-    let url = fx.sim.token_url();
-    let out = std::process::Command::new(CLI)
-        .args([
-            "token",
-            "--provider",
-            "oauth2",
-            "--token-url",
-            &url,
-            "--client-id",
-            CLIENT_ID,
-        ])
-        .args(["--client-auth", "post", "--client-secret-env", "TB_TEST_SECRET"])
-        .arg("--auth-file")
-        .arg(&path)
-        .env("TB_TEST_SECRET", SECRET)
-        .output()
-        .unwrap();
+    let out = oauth2_cli(&fx, &path, "post", "TB_TEST_SECRET", Some(SECRET));
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("invalid_grant"), "{}", stderr(&out));
     assert!(!stderr(&out).contains(SECRET));
@@ -138,25 +150,7 @@ fn cli_with_basic_auth_from_env() {
     let issued = fx.sim.sign_in(-5.0);
     let path = fx.path("credentials.json");
     std::fs::write(&path, oauth2_credentials_json(&issued)).unwrap();
-    let url = fx.sim.token_url();
-    let run = || {
-        std::process::Command::new(CLI)
-            .args([
-                "token",
-                "--provider",
-                "oauth2",
-                "--token-url",
-                &url,
-                "--client-id",
-                CLIENT_ID,
-            ])
-            .args(["--client-auth", "basic", "--client-secret-env", "TB_TEST_SECRET"])
-            .arg("--auth-file")
-            .arg(&path)
-            .env("TB_TEST_SECRET", SECRET)
-            .output()
-            .unwrap()
-    };
+    let run = || oauth2_cli(&fx, &path, "basic", "TB_TEST_SECRET", Some(SECRET));
     let first = run();
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
     let second = run();
@@ -168,22 +162,7 @@ fn cli_with_basic_auth_from_env() {
     assert_eq!(fx.sim.token_requests(), 1);
 
     // A missing secret variable is a usage error naming the variable.
-    let out = std::process::Command::new(CLI)
-        .args([
-            "token",
-            "--provider",
-            "oauth2",
-            "--token-url",
-            &url,
-            "--client-id",
-            CLIENT_ID,
-        ])
-        .args(["--client-auth", "basic", "--client-secret-env", "TB_TEST_UNSET_VAR"])
-        .arg("--auth-file")
-        .arg(&path)
-        .env_remove("TB_TEST_UNSET_VAR")
-        .output()
-        .unwrap();
+    let out = oauth2_cli(&fx, &path, "basic", "TB_TEST_UNSET_VAR", None);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("TB_TEST_UNSET_VAR"));
 }

@@ -378,7 +378,6 @@ impl TokenActor {
 
     fn finish_cycle(&mut self, outcome: CycleOutcome, ctx: &mut Context<Self>) {
         self.in_flight = false;
-        self.counters.token_requests = self.requests.load(Ordering::Relaxed);
         // What the callers waiting for this cycle get: `None` means "the
         // current token if it is usable, else one more cycle".
         let answer = match outcome {

@@ -9,7 +9,28 @@ pub mod scheduler;
 
 pub use provider::{Fault, Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SimDialect};
 
+use base64::Engine as _;
+
 use crate::credentials::format_rfc3339;
+
+/// An unsigned JWT (`"alg":"none"`) whose claims are `payload`, taken as
+/// is: it need not be valid JSON, so tests can build malformed tokens too.
+///
+/// ```
+/// use token_broker::sim::unsigned_jwt;
+/// use token_broker::credentials::decode_claims;
+/// let token = unsigned_jwt(r#"{"exp":2000000000}"#);
+/// assert!(decode_claims(&token).unwrap().exp().unwrap().is_some());
+/// ```
+pub fn unsigned_jwt(payload: &str) -> String {
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(payload.as_bytes()),
+        b64(b"simulated-signature")
+    )
+}
 
 /// The text of a Codex `auth.json` holding `issued`, as the Codex CLI
 /// writes it (with `OPENAI_API_KEY: null` and `auth_mode`).

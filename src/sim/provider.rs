@@ -18,7 +18,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -316,10 +315,6 @@ impl Drop for ProviderServer {
     }
 }
 
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
 fn unix(t: SystemTime) -> f64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs_f64(),
@@ -328,12 +323,7 @@ fn unix(t: SystemTime) -> f64 {
 }
 
 fn jwt(claims: &Value) -> String {
-    format!(
-        "{}.{}.{}",
-        b64(br#"{"alg":"none","typ":"JWT"}"#),
-        b64(claims.to_string().as_bytes()),
-        b64(b"simulated-signature")
-    )
+    super::unsigned_jwt(&claims.to_string())
 }
 
 impl Shared {

@@ -133,11 +133,7 @@ mod tests {
     use crate::store::Store;
 
     fn issued() -> Issued {
-        let b64 = |s: &str| {
-            use base64::Engine as _;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
-        };
-        let jwt = |payload: &str| format!("{}.{}.c2ln", b64(r#"{"alg":"none"}"#), b64(payload));
+        let jwt = crate::sim::unsigned_jwt;
         Issued {
             access_token: jwt(r#"{"exp":4000000000,"iat":3999996400}"#),
             refresh_token: "rt_1234567890".into(),

@@ -2,11 +2,11 @@
 //! refresh and the only code that spends the credential's refresh token.
 //!
 //! Callers reach it through [`TokenBroker`](crate::TokenBroker) or by
-//! sending the messages below to its [`Addr`](actix::Addr). A still-valid
+//! sending the messages below to its [`Addr`]. A still-valid
 //! token is published into a shared snapshot so that the handle can serve it
 //! without a round trip; everything else comes here.
 //!
-//! At most one [refresh cycle](cycle) runs at a time. Callers that need a
+//! At most one refresh cycle (`cycle.rs`: lock, re-read, spend, write) runs at a time. Callers that need a
 //! new token while one runs wait for its outcome; callers that arrive while
 //! the current token is still usable get it at once.
 
@@ -192,8 +192,8 @@ impl std::fmt::Debug for TokenActor {
 enum Decision {
     Serve(AccessToken),
     ServeAndRefresh(AccessToken),
+    /// Wait for the refresh in flight, starting one if none is.
     Wait,
-    StartAndWait,
     Fail(BrokerError),
 }
 
@@ -307,11 +307,11 @@ impl TokenActor {
             }
             // The file changed since the provider refused us: a cycle will
             // re-read it, adopting new tokens or confirming the sign-in.
-            return Decision::StartAndWait;
+            return Decision::Wait;
         }
         match (&self.failure.last, self.failure.retry_at) {
             (Some(err), Some(at)) if Instant::now() < at => Decision::Fail(with_retry_in(err.clone(), at)),
-            _ => Decision::StartAndWait,
+            _ => Decision::Wait,
         }
     }
 
@@ -324,7 +324,7 @@ impl TokenActor {
                 TokenReply::Ready(Ok(token))
             }
             Decision::Fail(err) => TokenReply::Ready(Err(err)),
-            Decision::Wait | Decision::StartAndWait => {
+            Decision::Wait => {
                 if !self.in_flight {
                     self.start_cycle(ctx);
                 }

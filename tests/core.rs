@@ -326,3 +326,38 @@ async fn tokens_expired_on_arrival_never_cause_a_refresh_loop() {
     assert_eq!(read_json(&path)["tokens"]["access_token"], token.expose());
     broker.shutdown().await;
 }
+
+/// `status` shows the state without secrets, as text and as JSON, and
+/// never makes a request.
+#[test]
+fn status_shows_the_state_without_secrets() {
+    let fx = Fixture::codex();
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sample-auth.json");
+    let out = fx.cli(&["status", "--auth-file", sample.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    for expected in [
+        "state:          valid",
+        "acct-sample-0001",
+        "expires 2100-01-01T00:00:00",
+        "(in ",
+        "present",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+    }
+    let file = read_json(&sample);
+    for secret in ["access_token", "refresh_token", "id_token"] {
+        let value = file["tokens"][secret].as_str().unwrap();
+        assert!(!text.contains(&value[value.len() - 20..]), "{secret} leaked");
+    }
+
+    let expired = fx.write_codex(&fx.sim.sign_in(-90.0));
+    let out = fx.cli(&["status", "--json", "--auth-file", expired.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(status["state"], "expired");
+    assert_eq!(status["has_refresh_token"], true);
+    assert!(status["expires_in_seconds"].as_i64().unwrap() <= -89);
+    assert_eq!(status["counters"]["token_requests"], 0);
+    assert_eq!(fx.sim.token_requests(), 0);
+}

@@ -83,6 +83,8 @@ async fn server_errors_back_off_and_change_nothing() {
             );
         }
         assert_eq!(fx.sim.token_requests(), 1, "HTTP {status}: one attempt in flight");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "HTTP {status}: nothing written");
+        assert!(no_marker(&fx), "HTTP {status}: the provider spent nothing");
         // Inside the backoff: fail fast, no request, and say when.
         let err = broker.token().await.unwrap_err();
         assert!(
@@ -106,6 +108,7 @@ async fn server_errors_back_off_and_change_nothing() {
 async fn rate_limits_honour_retry_after() {
     let fx = Fixture::codex();
     let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+    let before = std::fs::read(&path).unwrap();
     fx.sim.inject([Fault::Status {
         status: 429,
         retry_after: Some(2),

@@ -125,10 +125,11 @@ async fn rate_limits_honour_retry_after() {
         panic!("{err:?}")
     };
     assert!(
-        wait > Duration::from_millis(1500) && wait <= Duration::from_secs(2),
+        wait > Duration::from_millis(1000) && wait <= Duration::from_secs(2),
         "{wait:?}"
     );
     assert_eq!(fx.sim.token_requests(), 1);
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()) + Duration::from_millis(100)).await;
     broker.token().await.unwrap();
     assert_eq!(fx.sim.token_requests(), 2);

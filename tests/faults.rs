@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -296,5 +297,80 @@ async fn a_caller_that_gives_up_does_not_cancel_the_refresh() {
     assert!(fx.sim.is_unspent(file["tokens"]["refresh_token"].as_str().unwrap()));
     assert_eq!(broker.token().await.unwrap().expose(), stored);
     assert_eq!(fx.sim.token_requests(), 1);
+    broker.shutdown().await;
+}
+
+/// A store that fails its next `save` calls, as a full disk would.
+#[derive(Debug)]
+struct FailingSaves {
+    inner: token_broker::store::MemoryStore,
+    failures_left: std::sync::atomic::AtomicU32,
+}
+
+impl token_broker::store::Store for FailingSaves {
+    fn location(&self) -> &str {
+        "failing-store"
+    }
+    fn load(&self) -> Result<token_broker::TokenSet, token_broker::store::StoreError> {
+        self.inner.load()
+    }
+    fn save(
+        &self,
+        tokens: &token_broker::TokenSet,
+        replaces: &token_broker::TokenSet,
+    ) -> Result<(), token_broker::store::StoreError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(token_broker::store::StoreError::Write {
+                path: "failing-store".into(),
+                cause: "no space left on device".into(),
+            });
+        }
+        self.inner.save(tokens, replaces)
+    }
+    fn version(&self) -> Option<token_broker::store::StoreVersion> {
+        self.inner.version()
+    }
+    fn lock(&self, timeout: Duration) -> Result<token_broker::store::StoreLock, token_broker::store::StoreError> {
+        self.inner.lock(timeout)
+    }
+}
+
+/// New tokens that cannot be written are never handed out and never lost:
+/// callers get the write error, and the next attempt writes the tokens it
+/// already has instead of spending the (now rotated) refresh token again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_that_cannot_be_written_are_kept_and_written_later() {
+    use token_broker::store::Store;
+    let fx = Fixture::codex();
+    let issued = fx.sim.sign_in(-1.0);
+    let mut tokens = token_broker::TokenSet::new(&issued.access_token, Some(&issued.refresh_token)).unwrap();
+    tokens.account_id = Some(issued.account_id.clone());
+    let store = Arc::new(FailingSaves {
+        inner: token_broker::store::MemoryStore::new(tokens),
+        failures_left: std::sync::atomic::AtomicU32::new(1),
+    });
+    let broker = token_broker::TokenBroker::codex()
+        .store(store.clone())
+        .token_url(fx.sim.token_url())
+        .build()
+        .unwrap();
+    let err = broker.token().await.unwrap_err();
+    assert!(err.to_string().contains("no space left on device"), "{err}");
+    assert_eq!(fx.sim.token_requests(), 1);
+    assert_eq!(store.load().unwrap().access_token.expose(), issued.access_token, "nothing written yet");
+
+    // After the backoff, the kept tokens are written; no second request.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let token = broker.token().await.unwrap();
+    assert_eq!(fx.sim.token_requests(), 1, "the rotated refresh token was not spent again");
+    assert!(fx.sim.is_live(token.expose()));
+    let stored = store.load().unwrap();
+    assert_eq!(stored.access_token, token);
+    assert!(fx.sim.is_unspent(stored.refresh_token.unwrap().expose()));
     broker.shutdown().await;
 }

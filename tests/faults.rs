@@ -362,12 +362,20 @@ async fn tokens_that_cannot_be_written_are_kept_and_written_later() {
     let err = broker.token().await.unwrap_err();
     assert!(err.to_string().contains("no space left on device"), "{err}");
     assert_eq!(fx.sim.token_requests(), 1);
-    assert_eq!(store.load().unwrap().access_token.expose(), issued.access_token, "nothing written yet");
+    assert_eq!(
+        store.load().unwrap().access_token.expose(),
+        issued.access_token,
+        "nothing written yet"
+    );
 
     // After the backoff, the kept tokens are written; no second request.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let token = broker.token().await.unwrap();
-    assert_eq!(fx.sim.token_requests(), 1, "the rotated refresh token was not spent again");
+    assert_eq!(
+        fx.sim.token_requests(),
+        1,
+        "the rotated refresh token was not spent again"
+    );
     assert!(fx.sim.is_live(token.expose()));
     let stored = store.load().unwrap();
     assert_eq!(stored.access_token, token);

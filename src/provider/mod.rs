@@ -405,8 +405,20 @@ pub fn basic_authorization(client_id: &str, secret: &str) -> String {
 }
 
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    parse_retry_after(
+        headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?,
+        SystemTime::now(),
+    )
+}
+
+/// A `Retry-After` value: delay seconds, or an HTTP date (RFC 9110 10.2.3).
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
 /// The causes of a client error, innermost last, without the URL (which
@@ -490,6 +502,23 @@ mod tests {
         assert_eq!(skewed.expiry.unwrap().at, now + Duration::from_secs(3600));
         let expired = refreshed(None).into_token_set(&old, now);
         assert!(expired.expiry.unwrap().at < now);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        let earlier = now - Duration::from_secs(30);
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", earlier),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
     }
 
     #[test]

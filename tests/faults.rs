@@ -382,3 +382,44 @@ async fn tokens_that_cannot_be_written_are_kept_and_written_later() {
     assert!(fx.sim.is_unspent(stored.refresh_token.unwrap().expose()));
     broker.shutdown().await;
 }
+
+/// Tokens that could not be written become stale when someone else writes
+/// newer ones meanwhile: theirs are adopted, ours are never written over
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritten_tokens_never_overwrite_newer_ones() {
+    use token_broker::store::Store;
+    let fx = Fixture::codex();
+    let issued = fx.sim.sign_in(-1.0);
+    let set = |i: &token_broker::sim::Issued| {
+        let mut t = token_broker::TokenSet::new(&i.access_token, Some(&i.refresh_token)).unwrap();
+        t.account_id = Some(i.account_id.clone());
+        t
+    };
+    let store = Arc::new(FailingSaves {
+        inner: token_broker::store::MemoryStore::new(set(&issued)),
+        failures_left: std::sync::atomic::AtomicU32::new(1),
+    });
+    let broker = token_broker::TokenBroker::codex()
+        .store(store.clone())
+        .token_url(fx.sim.token_url())
+        .watch_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    assert!(broker.token().await.is_err());
+    // Someone signs in again meanwhile.
+    let theirs = fx.sim.sign_in(3600.0);
+    store.inner.set(set(&theirs));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(broker.token().await.unwrap().expose(), theirs.access_token);
+    broker.reload().await.unwrap();
+    assert_eq!(store.load().unwrap().access_token.expose(), theirs.access_token);
+    // The next refresh spends *their* refresh token; it does not write ours.
+    let next = broker.reject(&broker.token().await.unwrap()).await.unwrap();
+    broker.shutdown().await;
+    assert_eq!(fx.sim.token_requests(), 2);
+    assert!(!fx.sim.is_unspent(&theirs.refresh_token));
+    let stored = store.load().unwrap();
+    assert_eq!(stored.access_token, next);
+    assert!(fx.sim.is_unspent(stored.refresh_token.unwrap().expose()));
+}

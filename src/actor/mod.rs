@@ -388,7 +388,6 @@ impl TokenActor {
             }
             CycleOutcome::Refreshed(tokens, version) => {
                 self.counters.refreshes += 1;
-                self.unsaved = None;
                 let token = tokens.access_token.clone();
                 self.install(tokens, version);
                 // The waiters asked for the result of this refresh: they get
@@ -460,6 +459,9 @@ impl TokenActor {
         info!(parent: &self.span, access = %tokens.access_token.fingerprint(), "new access token installed");
         self.tokens = tokens;
         self.version = version;
+        // Tokens we failed to write are either these (now written) or stale:
+        // writing them later would overwrite newer ones.
+        self.unsaved = None;
         self.login = None;
         self.account_changed = false;
         self.failure = Failure::default();

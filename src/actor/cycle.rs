@@ -91,6 +91,15 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     }
     let changed = on_disk.differs_from(&input.held);
 
+    // Our own earlier refresh whose tokens could not be written: write them
+    // now (this also clears its record), unless the store has moved on.
+    if let Some(unsaved) = input.unsaved {
+        if !changed {
+            return save(cfg, unsaved, on_disk).await;
+        }
+        warn!("tokens from an earlier refresh were never written, and someone else has since changed the store; adopting theirs");
+    }
+
     // A refresh-in-progress record found while we hold the lock was left by
     // a holder that died. It matters only if it names the refresh token on
     // disk: that token may already be spent.
@@ -106,13 +115,6 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
         }
         None => false,
     };
-
-    if let Some(unsaved) = input.unsaved {
-        if !changed {
-            return save(cfg, unsaved, on_disk).await;
-        }
-        warn!("tokens from an earlier refresh were never written, and someone else has since changed the store; adopting theirs");
-    }
 
     let now = SystemTime::now();
     let rejected = input.rejected.as_ref() == Some(&on_disk.access_token);

@@ -32,17 +32,51 @@ use crate::store::{CodexAuthFile, OAuth2File, Store};
 
 /// A cloneable handle to one credential's [`TokenActor`].
 ///
+/// With the Codex CLI's credentials (`$CODEX_HOME/auth.json`):
+///
 /// ```no_run
 /// # async fn demo() -> Result<(), token_broker::BrokerError> {
 /// use token_broker::TokenBroker;
 ///
-/// // $CODEX_HOME/auth.json, else ~/.codex/auth.json
 /// let broker = TokenBroker::codex().build()?;
 /// let token = broker.token().await?;
 /// // ... send `Authorization: Bearer {token.expose()}` ...
 /// // on a 401 from the API:
 /// let retry_with = broker.reject(&token).await?;
 /// # let _ = retry_with;
+/// broker.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// A complete run against the simulated provider on 127.0.0.1: an expired
+/// token, a thousand concurrent callers, one refresh.
+///
+/// ```
+/// use token_broker::sim::{codex_auth_json, ProviderServer, SimConfig};
+/// use token_broker::TokenBroker;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let provider = ProviderServer::start(SimConfig::default())?;
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("auth.json");
+/// std::fs::write(&path, codex_auth_json(&provider.sign_in(-1.0)))?; // expired
+///
+/// let broker = TokenBroker::codex()
+///     .credentials_path(&path)
+///     .token_url(provider.token_url())
+///     .build()?;
+/// let callers: Vec<_> = (0..1000)
+///     .map(|_| {
+///         let broker = broker.clone();
+///         tokio::spawn(async move { broker.token().await })
+///     })
+///     .collect();
+/// for caller in callers {
+///     assert!(provider.is_live(caller.await??.expose()));
+/// }
+/// assert_eq!(provider.token_requests(), 1);
 /// broker.shutdown().await;
 /// # Ok(())
 /// # }

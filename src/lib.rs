@@ -29,6 +29,9 @@
 //! }
 //! ```
 //!
+//! [`TokenBroker`] has a complete example that runs against the simulated
+//! provider in [`sim`].
+//!
 //! Data flows one way: caller → [`TokenBroker`] → [`TokenActor`](actor::TokenActor)
 //! → [`store`] / [`provider`] → actor → published snapshot → caller.
 

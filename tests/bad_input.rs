@@ -246,8 +246,13 @@ async fn an_opaque_oauth2_token_without_expiry_is_used_until_rejected() {
         .credentials_path(&path)
         .build()
         .unwrap();
-    assert_eq!(broker.token().await.unwrap().expose(), "opaque-access");
+    let token = broker.token().await.unwrap();
+    assert_eq!(token.expose(), "opaque-access");
     assert_eq!(broker.status().await.unwrap().state, token_broker::State::Valid);
-    broker.shutdown().await;
     assert_eq!(fx.sim.token_requests(), 0);
+    // The upstream API refuses it: now, and only now, it is refreshed.
+    let err = broker.reject(&token).await.unwrap_err();
+    assert!(matches!(err, BrokerError::LoginRequired { .. }), "{err}");
+    broker.shutdown().await;
+    assert_eq!(fx.sim.token_requests(), 1, "one refresh attempt for the rejected token");
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use token_broker::provider::{Failure, RefreshError};
 use token_broker::sim::{Fault, SimConfig};
-use token_broker::BrokerError;
+use token_broker::{BrokerError, TokenBroker};
 
 fn unavailable_kind(err: &BrokerError) -> &Failure {
     match err {
@@ -158,6 +158,23 @@ async fn a_valid_token_is_served_through_provider_failures() {
     broker.shutdown().await;
 }
 
+/// A provider with `reuse_grace` that will misbehave with `faults`, a Codex
+/// file holding an expired token, and a broker with a 500 ms HTTP timeout.
+fn expired_with_faults(reuse_grace: Duration, faults: Vec<Fault>) -> (Fixture, std::path::PathBuf, TokenBroker) {
+    let fx = Fixture::new(SimConfig {
+        reuse_grace,
+        ..SimConfig::default()
+    });
+    let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+    fx.sim.inject(faults);
+    let broker = fx
+        .codex_broker(&path)
+        .http_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    (fx, path, broker)
+}
+
 /// A fault, and the kind of failure it must be classified as.
 type FaultCase = (&'static str, Fault, fn(&Failure) -> bool);
 
@@ -191,15 +208,8 @@ async fn unknown_outcomes_are_retried_once_under_the_lock() {
     ];
     for (name, fault, _) in &faults {
         // No grace: the retry is refused.
-        let fx = Fixture::codex();
-        let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+        let (fx, path, broker) = expired_with_faults(Duration::ZERO, vec![fault.clone()]);
         let before = std::fs::read(&path).unwrap();
-        fx.sim.inject([fault.clone()]);
-        let broker = fx
-            .codex_broker(&path)
-            .http_timeout(Duration::from_millis(500))
-            .build()
-            .unwrap();
         let err = broker.token().await.unwrap_err();
         assert!(matches!(err, BrokerError::LoginRequired { .. }), "{name}: {err}");
         let text = err.to_string();
@@ -214,17 +224,7 @@ async fn unknown_outcomes_are_retried_once_under_the_lock() {
         assert!(no_marker(&fx), "{name}");
 
         // A provider with a reuse grace period: the retry recovers.
-        let fx = Fixture::new(SimConfig {
-            reuse_grace: Duration::from_secs(10),
-            ..SimConfig::default()
-        });
-        let path = fx.write_codex(&fx.sim.sign_in(-1.0));
-        fx.sim.inject([fault.clone()]);
-        let broker = fx
-            .codex_broker(&path)
-            .http_timeout(Duration::from_millis(500))
-            .build()
-            .unwrap();
+        let (fx, path, broker) = expired_with_faults(Duration::from_secs(10), vec![fault.clone()]);
         let token = broker.token().await.unwrap_or_else(|e| panic!("{name}: {e}"));
         broker.shutdown().await;
         assert!(fx.sim.is_live(token.expose()), "{name}");
@@ -241,17 +241,7 @@ async fn unknown_outcomes_are_retried_once_under_the_lock() {
     // Each fault is classified as its own kind when the retry fails the same
     // way (the grace period lets the retry reach the fault again).
     for (name, fault, is_kind) in faults {
-        let fx = Fixture::new(SimConfig {
-            reuse_grace: Duration::from_secs(10),
-            ..SimConfig::default()
-        });
-        let path = fx.write_codex(&fx.sim.sign_in(-1.0));
-        fx.sim.inject([fault.clone(), fault]);
-        let broker = fx
-            .codex_broker(&path)
-            .http_timeout(Duration::from_millis(500))
-            .build()
-            .unwrap();
+        let (fx, _path, broker) = expired_with_faults(Duration::from_secs(10), vec![fault.clone(), fault]);
         let err = broker.token().await.unwrap_err();
         assert!(is_kind(unavailable_kind(&err)), "{name}: {err}");
         assert_eq!(fx.sim.token_requests(), 2, "{name}");

@@ -66,6 +66,9 @@ struct SimulateArgs {
     /// The fraction of token requests the provider fails with 503 (0 to 1).
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     fault_rate: f64,
+    /// The provider revokes the whole token family when a refresh token is reused.
+    #[arg(long)]
+    revoke_on_reuse: bool,
 }
 
 fn parse_fraction(text: &str) -> Result<f64, String> {
@@ -346,6 +349,7 @@ async fn simulate(args: &SimulateArgs, json: bool) -> Result<(), CliError> {
         duration: args.duration,
         latency: args.latency,
         fault_rate: args.fault_rate,
+        revoke_family_on_reuse: args.revoke_on_reuse,
         ..SimulationConfig::default()
     };
     let progress = std::sync::Arc::new(Progress::default());

@@ -23,6 +23,8 @@ fn eight_processes_share_one_refresh_per_expiry() {
     let fx = Fixture::new(SimConfig {
         access_lifetime: Duration::from_secs(2),
         latency: Duration::from_millis(20),
+        // One reuse anywhere would lock every process out.
+        revoke_family_on_reuse: true,
         ..SimConfig::default()
     });
     let path = fx.write_codex(&fx.sim.sign_in(2.0));

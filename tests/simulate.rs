@@ -49,6 +49,26 @@ fn the_broker_makes_one_request_per_expiry_and_fails_no_call() {
 }
 
 #[test]
+fn the_broker_never_triggers_family_revocation() {
+    let s = simulate(&["--revoke-on-reuse"]);
+    assert_eq!(s["revoke_family_on_reuse"], true);
+    assert_eq!(s["reused_token_errors"], 0, "{s}");
+    assert_eq!(s["refused_token_requests"], 0, "{s}");
+    assert_eq!(s["failed"], 0, "{s}");
+    assert_eq!(s["requests_per_expiry"], 1.0, "{s}");
+}
+
+#[test]
+fn with_family_revocation_the_naive_design_loses_the_account() {
+    let s = simulate(&["--naive", "--revoke-on-reuse"]);
+    assert!(s["reused_token_errors"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["refused_token_requests"].as_u64().unwrap() > 50, "{s}");
+    // The first reuse revokes the family: even the job that won the first
+    // refresh is locked out, so no second refresh ever succeeds.
+    assert_eq!(s["refreshes"], 1, "{s}");
+}
+
+#[test]
 fn the_naive_design_spends_dead_refresh_tokens() {
     let s = simulate(&["--naive"]);
     assert_eq!(s["mode"], "naive");

@@ -62,6 +62,10 @@ pub struct SimConfig {
     /// How long a spent refresh token is accepted again, answered with the
     /// same new tokens (zero: never, every reuse is `refresh_token_reused`).
     pub reuse_grace: Duration,
+    /// Revoke the whole token family (every refresh and access token since
+    /// the sign-in) when a spent refresh token is reused, as some providers
+    /// do.
+    pub revoke_family_on_reuse: bool,
 }
 
 impl Default for SimConfig {
@@ -75,6 +79,7 @@ impl Default for SimConfig {
             account_id: "acct-sim-0001".to_owned(),
             fault_rate: 0.0,
             reuse_grace: Duration::ZERO,
+            revoke_family_on_reuse: false,
         }
     }
 }
@@ -127,6 +132,10 @@ struct Ledger {
     pairs: HashMap<String, String>,
     /// Every token issued, for leak checks.
     issued: Vec<String>,
+    /// Access or refresh token -> its family (one sign-in and its rotations).
+    family: HashMap<String, u64>,
+    /// Families revoked because one of their refresh tokens was reused.
+    revoked: std::collections::HashSet<u64>,
     serial: u64,
 }
 
@@ -232,13 +241,13 @@ impl ProviderServer {
     pub fn sign_in(&self, expires_in: f64) -> Issued {
         let config = self.shared.config.lock().clone();
         self.shared
-            .issue(&config.account_id, expires_in, config.access_lifetime)
+            .issue(&config.account_id, expires_in, config.access_lifetime, None)
     }
 
     /// Like [`sign_in`](Self::sign_in) for another account.
     pub fn sign_in_as(&self, account_id: &str, expires_in: f64) -> Issued {
         let lifetime = self.shared.config.lock().access_lifetime;
-        self.shared.issue(account_id, expires_in, lifetime)
+        self.shared.issue(account_id, expires_in, lifetime, None)
     }
 
     /// Marks a refresh token spent, as if another process had refreshed.
@@ -329,7 +338,7 @@ fn jwt(claims: &Value) -> String {
 impl Shared {
     /// Issues a token family whose access token expires `expires_in`
     /// seconds from now and was issued `lifetime` before that (or now).
-    fn issue(&self, account: &str, expires_in: f64, lifetime: Duration) -> Issued {
+    fn issue(&self, account: &str, expires_in: f64, lifetime: Duration, family: Option<u64>) -> Issued {
         let now = SystemTime::now();
         let exp = if expires_in >= 0.0 {
             now + Duration::from_secs_f64(expires_in)
@@ -362,6 +371,9 @@ impl Shared {
         ledger.refresh.insert(refresh.clone(), RefreshState::default());
         ledger.access.insert(access.clone(), exp);
         ledger.pairs.insert(access.clone(), refresh.clone());
+        let family = family.unwrap_or(serial);
+        ledger.family.insert(access.clone(), family);
+        ledger.family.insert(refresh.clone(), family);
         ledger
             .issued
             .extend([access.clone(), refresh.clone(), id_token.clone()]);
@@ -374,7 +386,9 @@ impl Shared {
     }
 
     fn is_live(&self, access: &str) -> bool {
-        matches!(self.ledger.lock().access.get(access), Some(exp) if SystemTime::now() < *exp)
+        let ledger = self.ledger.lock();
+        let revoked = ledger.family.get(access).is_some_and(|f| ledger.revoked.contains(f));
+        !revoked && matches!(ledger.access.get(access), Some(exp) if SystemTime::now() < *exp)
     }
 }
 
@@ -386,14 +400,20 @@ enum Spend {
     Replay(Value),
     /// Spent before.
     Reused,
+    /// Its family was revoked after a reuse.
+    Revoked,
     /// Never issued here.
     Unknown,
 }
 
 impl Shared {
-    fn spend(&self, refresh: &str, grace: Duration) -> Spend {
+    fn spend(&self, refresh: &str, grace: Duration, revoke_on_reuse: bool) -> Spend {
         let mut ledger = self.ledger.lock();
-        match ledger.refresh.get_mut(refresh) {
+        let family = ledger.family.get(refresh).copied();
+        if family.is_some_and(|f| ledger.revoked.contains(&f)) {
+            return Spend::Revoked;
+        }
+        let outcome = match ledger.refresh.get_mut(refresh) {
             Some(state @ RefreshState { spent: None }) => {
                 // Spent now, atomically; `rotate` records the answer.
                 state.spent = Some((std::time::Instant::now(), Value::Null));
@@ -404,13 +424,19 @@ impl Shared {
             }) if at.elapsed() < grace && !answer.is_null() => Spend::Replay(answer.clone()),
             Some(_) => Spend::Reused,
             None => Spend::Unknown,
+        };
+        if let (Spend::Reused, true, Some(family)) = (&outcome, revoke_on_reuse, family) {
+            // Some providers treat a reuse as theft and revoke the family.
+            ledger.revoked.insert(family);
         }
+        outcome
     }
 
     /// Issues the next token set for `refresh` and records it as spent.
     fn rotate(&self, refresh: &str, config: &SimConfig) -> Value {
         let lifetime = config.access_lifetime;
-        let issued = self.issue(&config.account_id, lifetime.as_secs_f64(), lifetime);
+        let family = self.ledger.lock().family.get(refresh).copied();
+        let issued = self.issue(&config.account_id, lifetime.as_secs_f64(), lifetime, family);
         let mut answer = json!({
             "access_token": issued.access_token,
             "refresh_token": issued.refresh_token,
@@ -491,7 +517,7 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
             return (status, Json(body)).into_response();
         }
     };
-    let answer = match shared.spend(&refresh, config.reuse_grace) {
+    let answer = match shared.spend(&refresh, config.reuse_grace, config.revoke_family_on_reuse) {
         Spend::Fresh => shared.rotate(&refresh, &config),
         Spend::Replay(answer) => {
             shared.replayed.fetch_add(1, Ordering::SeqCst);
@@ -501,7 +527,7 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
             shared.reused.fetch_add(1, Ordering::SeqCst);
             return rejection(&config.dialect, Rejection::Reused);
         }
-        Spend::Unknown => {
+        Spend::Unknown | Spend::Revoked => {
             shared.invalid.fetch_add(1, Ordering::SeqCst);
             return rejection(&config.dialect, Rejection::Unknown);
         }

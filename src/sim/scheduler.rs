@@ -54,6 +54,9 @@ pub struct SimulationConfig {
     pub latency: Duration,
     /// The fraction of token requests the provider answers with 503.
     pub fault_rate: f64,
+    /// The provider revokes a whole token family when a refresh token is
+    /// reused, as some providers do.
+    pub revoke_family_on_reuse: bool,
     /// How long the load runs.
     pub duration: Duration,
 }
@@ -69,6 +72,7 @@ impl Default for SimulationConfig {
             token_lifetime: Duration::from_secs(2),
             latency: Duration::from_millis(50),
             fault_rate: 0.0,
+            revoke_family_on_reuse: false,
             duration: Duration::from_secs(10),
         }
     }
@@ -98,6 +102,8 @@ pub struct Summary {
     pub provider_latency_ms: f64,
     /// Injected fault rate.
     pub fault_rate: f64,
+    /// Whether the provider revoked token families on reuse.
+    pub revoke_family_on_reuse: bool,
     /// How long the load ran, seconds.
     pub elapsed_s: f64,
     /// Token asks made by the jobs.
@@ -115,6 +121,9 @@ pub struct Summary {
     pub requests_per_expiry: f64,
     /// Requests that spent an already-spent refresh token.
     pub reused_token_errors: u64,
+    /// Token requests the provider refused: reused, or invalidated with a
+    /// revoked family.
+    pub refused_token_requests: u64,
     /// Token requests the provider failed on purpose (`fault_rate`).
     pub provider_faults: u64,
     /// Median time to get a token, microseconds.
@@ -132,6 +141,7 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
         access_lifetime: config.token_lifetime,
         latency: config.latency,
         fault_rate: config.fault_rate,
+        revoke_family_on_reuse: config.revoke_family_on_reuse,
         ..SimConfig::default()
     })?);
     let dir = tempfile::tempdir()?;
@@ -209,6 +219,7 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
         token_lifetime_s: config.token_lifetime.as_secs_f64(),
         provider_latency_ms: config.latency.as_secs_f64() * 1000.0,
         fault_rate: config.fault_rate,
+        revoke_family_on_reuse: config.revoke_family_on_reuse,
         elapsed_s: elapsed.as_secs_f64(),
         calls: progress.calls.load(Ordering::Relaxed),
         served,
@@ -217,6 +228,7 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
         refreshes: counts.refreshed,
         requests_per_expiry: counts.token_requests as f64 / counts.refreshed.max(1) as f64,
         reused_token_errors: counts.reused,
+        refused_token_requests: counts.reused + counts.invalid,
         provider_faults: counts.faults,
         latency_p50_us: pct(0.50),
         latency_p99_us: pct(0.99),
@@ -238,10 +250,15 @@ impl fmt::Display for Summary {
         )?;
         writeln!(
             f,
-            "provider:             {} s access tokens, {} ms latency, {:.0}% faults",
+            "provider:             {} s access tokens, {} ms latency, {:.0}% faults{}",
             self.token_lifetime_s,
             self.provider_latency_ms,
-            self.fault_rate * 100.0
+            self.fault_rate * 100.0,
+            if self.revoke_family_on_reuse {
+                ", revokes token families on reuse"
+            } else {
+                ""
+            }
         )?;
         writeln!(f, "calls served:         {}", self.served)?;
         writeln!(f, "failed calls:         {}", self.failed)?;
@@ -249,6 +266,13 @@ impl fmt::Display for Summary {
         writeln!(f, "refreshes:            {}", self.refreshes)?;
         writeln!(f, "requests per expiry:  {:.2}", self.requests_per_expiry)?;
         writeln!(f, "reused-token errors:  {}", self.reused_token_errors)?;
+        if self.refused_token_requests != self.reused_token_errors {
+            writeln!(
+                f,
+                "refused requests:     {} (refresh tokens of a revoked family)",
+                self.refused_token_requests
+            )?;
+        }
         if self.fault_rate > 0.0 {
             writeln!(f, "provider faults:      {}", self.provider_faults)?;
         }

@@ -5,6 +5,7 @@
 //!
 //! Goal: at most 1.2x the bare actor.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,29 +74,22 @@ fn message_path(c: &mut Criterion) {
         .build()
         .unwrap();
 
+    let token_actor = move || {
+        let addr = addr.clone();
+        async move { std::hint::black_box(addr.send(GetToken).await.unwrap().unwrap()) }
+    };
+    let bare_actor = move || {
+        let bare = bare.clone();
+        async move { std::hint::black_box(bare.send(GetConst).await.unwrap().unwrap()) }
+    };
+
     let mut group = c.benchmark_group("message_path/sequential");
     group.throughput(Throughput::Elements(1));
     group.bench_function("TokenActor GetToken", |b| {
-        b.iter_custom(|n| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..n {
-                    std::hint::black_box(addr.send(GetToken).await.unwrap().unwrap());
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|n| sequential(&rt, n, &token_actor))
     });
     group.bench_function("bare actor constant", |b| {
-        b.iter_custom(|n| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..n {
-                    std::hint::black_box(bare.send(GetConst).await.unwrap().unwrap());
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|n| sequential(&rt, n, &bare_actor))
     });
     group.finish();
 
@@ -103,48 +97,52 @@ fn message_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("message_path/1000_concurrent");
     group.throughput(Throughput::Elements(CALLERS));
     group.bench_function("TokenActor GetToken", |b| {
-        b.iter_custom(|n| {
-            rt.block_on(async {
-                let start = Instant::now();
-                let tasks: Vec<_> = (0..CALLERS)
-                    .map(|_| {
-                        let addr = addr.clone();
-                        tokio::spawn(async move {
-                            for _ in 0..n {
-                                std::hint::black_box(addr.send(GetToken).await.unwrap().unwrap());
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|n| concurrent(&rt, n, &token_actor))
     });
     group.bench_function("bare actor constant", |b| {
-        b.iter_custom(|n| {
-            rt.block_on(async {
-                let start = Instant::now();
-                let tasks: Vec<_> = (0..CALLERS)
-                    .map(|_| {
-                        let bare = bare.clone();
-                        tokio::spawn(async move {
-                            for _ in 0..n {
-                                std::hint::black_box(bare.send(GetConst).await.unwrap().unwrap());
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|n| concurrent(&rt, n, &bare_actor))
     });
     group.finish();
+}
+
+/// `n` round trips, one after another.
+fn sequential<F, Fut>(rt: &tokio::runtime::Runtime, n: u64, call: &F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: Future,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..n {
+            call().await;
+        }
+        start.elapsed()
+    })
+}
+
+/// [`CALLERS`] tasks each making `n` round trips at once.
+fn concurrent<F, Fut>(rt: &tokio::runtime::Runtime, n: u64, call: &F) -> Duration
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future + Send,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let call = call.clone();
+                tokio::spawn(async move {
+                    for _ in 0..n {
+                        call().await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start.elapsed()
+    })
 }
 
 criterion_group!(benches, message_path);

@@ -17,10 +17,11 @@ use tokio::sync::{oneshot, watch};
 
 use crate::actor::{
     Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_LOCK_TIMEOUT,
+    DEFAULT_WINNER_WAIT,
 };
 use crate::credentials::AccessToken;
 use crate::error::BrokerError;
-use crate::policy::DEFAULT_REFRESH_AHEAD;
+use crate::policy::{RefreshPolicy, CODEX_REFRESH_MARK, DEFAULT_REFRESH_AHEAD};
 use crate::provider::{
     ClientAuth, Dialect, Provider, CODEX_CLIENT_ID, CODEX_TOKEN_URL, CODEX_TOKEN_URL_ENV, DEFAULT_HTTP_TIMEOUT,
 };
@@ -261,6 +262,8 @@ pub struct BrokerBuilder {
     http_timeout: Duration,
     lock_timeout: Duration,
     watch_interval: Duration,
+    winner_wait: Duration,
+    keep_fresh: Option<bool>,
 }
 
 impl BrokerBuilder {
@@ -276,6 +279,8 @@ impl BrokerBuilder {
             http_timeout: DEFAULT_HTTP_TIMEOUT,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             watch_interval: DEFAULT_WATCH_INTERVAL,
+            winner_wait: DEFAULT_WINNER_WAIT,
+            keep_fresh: None,
         }
     }
 
@@ -313,7 +318,9 @@ impl BrokerBuilder {
     }
 
     /// How long before expiry a token is refreshed (default 10 minutes; at
-    /// half-life for tokens that live less than twice this).
+    /// half-life for tokens that live less than twice this). On a Codex file
+    /// the refresh always comes before the Codex CLI's own 5-minute mark
+    /// when the token lives long enough, whatever this says.
     pub fn refresh_ahead(mut self, window: Duration) -> Self {
         self.refresh_ahead = window;
         self
@@ -336,6 +343,26 @@ impl BrokerBuilder {
     /// (default 1 s; zero turns the check off). A check is one `stat` call.
     pub fn watch_interval(mut self, interval: Duration) -> Self {
         self.watch_interval = interval;
+        self
+    }
+
+    /// How long a broker whose refresh token the provider refused (spent by
+    /// another program, such as the Codex CLI, a moment earlier) watches the
+    /// store for the winner's tokens before it reports that a sign-in is
+    /// needed (default 8 s, longer than the Codex CLI's 5 s commit budget).
+    /// No lock is held meanwhile.
+    pub fn winner_wait(mut self, wait: Duration) -> Self {
+        self.winner_wait = wait;
+        self
+    }
+
+    /// Refresh as soon as the refresh-ahead window opens, even when nobody
+    /// asks for a token, so that another program on the same credentials
+    /// (the Codex CLI) always finds a fresh token and never spends the
+    /// refresh token itself. Default: on for Codex files, off otherwise.
+    /// Turn it off for one-shot uses (printing a status).
+    pub fn keep_fresh(mut self, on: bool) -> Self {
+        self.keep_fresh = Some(on);
         self
     }
 
@@ -396,10 +423,24 @@ impl BrokerBuilder {
         };
         let tokens = store.load()?;
         let version = store.version();
+        let codex = matches!(self.flavor, Flavor::Codex);
+        let mut policy = RefreshPolicy::new(self.refresh_ahead);
+        if codex {
+            policy = policy.before_neighbour(CODEX_REFRESH_MARK);
+            if policy.window_after_mark() {
+                tracing::warn!(
+                    refresh_ahead = ?self.refresh_ahead,
+                    "the refresh-ahead window is shorter than the Codex CLI's 5-minute mark; \
+                     refreshing 5m30s before expiry instead, so the Codex CLI never has to refresh"
+                );
+            }
+        }
         let cfg = Arc::new(Config {
             store,
             provider: Arc::new(Provider::new(token_url, client_id, dialect).with_timeout(self.http_timeout)),
-            refresh_ahead: self.refresh_ahead,
+            policy,
+            winner_wait: self.winner_wait,
+            keep_fresh: self.keep_fresh.unwrap_or(codex),
             lock_timeout: self.lock_timeout,
             watch_interval: self.watch_interval,
             location: location.clone(),

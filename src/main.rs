@@ -101,6 +101,11 @@ struct CredentialArgs {
     /// Refresh this long before expiry (e.g. 90s, 10m).
     #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10m")]
     refresh_ahead: Duration,
+    /// After the provider refuses the refresh token (spent by another
+    /// program a moment earlier), watch the file this long for the winner's
+    /// tokens before reporting that a sign-in is needed.
+    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "8s", env = "TOKEN_BROKER_WINNER_WAIT")]
+    winner_wait: Duration,
     /// The timeout of one token request (e.g. 30s).
     #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
     timeout: Duration,
@@ -172,7 +177,10 @@ fn init_logging() {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    let broker = build(&cli.creds)?;
+    // Only a long-running broker keeps the file fresh unasked: a one-shot
+    // `status` must never spend a refresh token.
+    let keep_fresh = matches!(cli.command, Command::Watch { .. });
+    let broker = build(&cli.creds, keep_fresh)?;
     let result: Result<(), CliError> = match cli.command {
         Command::Token => print_token(&broker).await,
         Command::Status => print_status(&broker, cli.creds.json).await,
@@ -184,7 +192,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     result
 }
 
-fn build(args: &CredentialArgs) -> Result<TokenBroker, BrokerError> {
+fn build(args: &CredentialArgs, keep_fresh: bool) -> Result<TokenBroker, BrokerError> {
     let usage = |m: &str| BrokerError::Config(m.to_owned());
     let mut builder = match args.provider {
         ProviderKind::Codex => TokenBroker::codex(),
@@ -212,9 +220,19 @@ fn build(args: &CredentialArgs) -> Result<TokenBroker, BrokerError> {
     if let Some(id) = &args.client_id {
         builder = builder.client_id(id);
     }
+    if args.provider == ProviderKind::Codex && args.refresh_ahead <= token_broker::policy::CODEX_REFRESH_MARK {
+        let _ = writeln!(
+            std::io::stderr(),
+            "token-broker: warning: --refresh-ahead {} is not before the Codex CLI's own 5-minute mark; \
+             refreshing 5m30s before expiry instead (when the token lives long enough) so the Codex CLI never has to refresh",
+            humantime::format_duration(args.refresh_ahead)
+        );
+    }
     builder
         .refresh_ahead(args.refresh_ahead)
         .http_timeout(args.timeout)
+        .winner_wait(args.winner_wait)
+        .keep_fresh(keep_fresh)
         .build()
 }
 

@@ -9,10 +9,87 @@ use crate::credentials::TokenSet;
 /// so that a Codex process sharing the file usually finds tokens the broker
 /// already refreshed instead of spending its own refresh token.
 pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(600);
+/// The Codex CLI refreshes on its own when less than this is left (and
+/// after a second 401). A broker on a Codex file refreshes before that mark
+/// whenever the token lives long enough, so the Codex CLI never has to.
+pub const CODEX_REFRESH_MARK: Duration = Duration::from_secs(300);
+/// How far before a neighbour's mark the refresh point is placed.
+pub const NEIGHBOUR_MARGIN: Duration = Duration::from_secs(30);
 /// The shortest wait after a failed refresh.
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest wait after a failed refresh.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// When to refresh: the refresh-ahead window, and the mark at which another
+/// program sharing the credential refreshes on its own, if any.
+///
+/// ```
+/// use std::time::Duration;
+/// use token_broker::policy::{RefreshPolicy, CODEX_REFRESH_MARK};
+/// let policy = RefreshPolicy::new(Duration::from_secs(600)).before_neighbour(CODEX_REFRESH_MARK);
+/// // 8-minute tokens: the window opens 5.5 minutes before expiry, not at half-life.
+/// let eight = Duration::from_secs(480);
+/// assert_eq!(policy.ahead(Some(eight)), Duration::from_secs(330));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefreshPolicy {
+    /// How long before expiry the window opens (at half-life for tokens
+    /// that live less than twice this).
+    pub window: Duration,
+    /// Another program refreshes the same credential on its own when this
+    /// much is left (the Codex CLI: 5 minutes).
+    pub neighbour_mark: Option<Duration>,
+}
+
+impl RefreshPolicy {
+    /// A policy with refresh-ahead `window` and no neighbour.
+    pub const fn new(window: Duration) -> Self {
+        RefreshPolicy {
+            window,
+            neighbour_mark: None,
+        }
+    }
+
+    /// Opens the window before `mark` (plus [`NEIGHBOUR_MARGIN`]) whenever
+    /// the token's lifetime allows it, overriding the half-life rule.
+    pub const fn before_neighbour(mut self, mark: Duration) -> Self {
+        self.neighbour_mark = Some(mark);
+        self
+    }
+
+    /// How long before expiry to refresh a token of `lifetime` (`None`:
+    /// unknown).
+    pub fn ahead(&self, lifetime: Option<Duration>) -> Duration {
+        let mut ahead = match lifetime {
+            Some(life) if life < self.window.saturating_mul(2) => life / 2,
+            _ => self.window,
+        };
+        if let Some(mark) = self.neighbour_mark {
+            let want = mark.saturating_add(NEIGHBOUR_MARGIN);
+            match lifetime {
+                // Keep at least a tenth of the lifetime fresh, so a refresh
+                // never triggers the next one at once; below that the
+                // neighbour's mark cannot be beaten.
+                Some(life) if life > want => ahead = ahead.max(want.min(life - life / 10)),
+                Some(_) => {}
+                None => ahead = ahead.max(want),
+            }
+        }
+        ahead
+    }
+
+    /// Whether the configured window falls after the neighbour's mark, so
+    /// that the neighbour could refresh first without the override.
+    pub fn window_after_mark(&self) -> bool {
+        self.neighbour_mark.is_some_and(|mark| self.window <= mark)
+    }
+}
+
+impl From<Duration> for RefreshPolicy {
+    fn from(window: Duration) -> Self {
+        RefreshPolicy::new(window)
+    }
+}
 
 /// How usable an access token is at a given instant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,10 +118,12 @@ impl Freshness {
     }
 }
 
-/// The freshness of `tokens` at `now` with a refresh-ahead `window`.
+/// The freshness of `tokens` at `now` under `policy` (a [`RefreshPolicy`]
+/// or just a refresh-ahead window).
 ///
 /// The window opens `window` before expiry; for a token whose whole
-/// lifetime is shorter than twice the window, it opens at half-life.
+/// lifetime is shorter than twice the window, it opens at half-life; with a
+/// neighbour's mark, before that mark when the lifetime allows.
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
@@ -55,7 +134,8 @@ impl Freshness {
 /// set.expiry = Some(Expiry { at: now + Duration::from_secs(3 * 86400), lifetime: None, source: ExpirySource::Stored });
 /// assert!(matches!(freshness(&set, now, Duration::from_secs(600)), Freshness::Fresh { .. }));
 /// ```
-pub fn freshness(tokens: &TokenSet, now: SystemTime, window: Duration) -> Freshness {
+pub fn freshness(tokens: &TokenSet, now: SystemTime, policy: impl Into<RefreshPolicy>) -> Freshness {
+    let policy = policy.into();
     let Some(expiry) = tokens.expiry else {
         return Freshness::Unknown;
     };
@@ -65,10 +145,7 @@ pub fn freshness(tokens: &TokenSet, now: SystemTime, window: Duration) -> Freshn
     let lifetime = expiry
         .lifetime
         .or_else(|| tokens.last_refresh.and_then(|at| expiry.at.duration_since(at).ok()));
-    let ahead = match lifetime {
-        Some(life) if life < window * 2 => life / 2,
-        _ => window,
-    };
+    let ahead = policy.ahead(lifetime);
     let refresh_at = expiry.at.checked_sub(ahead).unwrap_or(SystemTime::UNIX_EPOCH);
     if now < refresh_at {
         Freshness::Fresh { refresh_at }
@@ -133,6 +210,29 @@ mod tests {
             freshness(&TokenSet::new("t", None).unwrap(), now, w),
             Freshness::Unknown
         );
+    }
+
+    #[test]
+    fn a_codex_neighbour_is_beaten_whenever_the_lifetime_allows() {
+        let p = RefreshPolicy::new(Duration::from_secs(600)).before_neighbour(CODEX_REFRESH_MARK);
+        let m = |mins: u64| Duration::from_secs(mins * 60);
+        // Long tokens: the configured window (10 min) is already earlier.
+        assert_eq!(p.ahead(Some(m(60))), m(10));
+        // 8-minute tokens: 5.5 min ahead instead of half-life (4 min).
+        assert_eq!(p.ahead(Some(m(8))), Duration::from_secs(330));
+        // 5.6-minute tokens: as early as a tenth of the lifetime allows.
+        let life = Duration::from_secs(336);
+        assert_eq!(p.ahead(Some(life)), life - life / 10);
+        assert!(p.ahead(Some(life)) > CODEX_REFRESH_MARK);
+        // Shorter than the mark: it cannot be beaten; half-life as before.
+        assert_eq!(p.ahead(Some(Duration::from_secs(2))), Duration::from_secs(1));
+        // Unknown lifetime: before the mark.
+        assert_eq!(p.ahead(None), Duration::from_secs(600));
+        let short = RefreshPolicy::new(m(2)).before_neighbour(CODEX_REFRESH_MARK);
+        assert!(short.window_after_mark());
+        assert_eq!(short.ahead(None), Duration::from_secs(330));
+        assert_eq!(short.ahead(Some(m(60))), Duration::from_secs(330));
+        assert!(!p.window_after_mark());
     }
 
     #[test]

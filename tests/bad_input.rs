@@ -198,7 +198,7 @@ fn an_unreadable_file_is_a_clear_error() {
         c.args(["--reuid=65534", "--regid=65534", "--clear-groups", CLI]);
         c
     } else {
-        std::process::Command::new(CLI)
+        cli_command()
     };
     let before = std::fs::metadata(&path).unwrap().modified().unwrap();
     let out = cmd.args(["token", "--auth-file"]).arg(&path).output().unwrap();

@@ -44,7 +44,7 @@ async fn connection_refused_is_transient_and_spends_nothing() {
     assert_eq!(std::fs::read(&path).unwrap(), before);
     assert!(no_marker(&fx), "a request that never left leaves no record");
 
-    let out = std::process::Command::new(CLI)
+    let out = cli_command()
         .args(["token", "--auth-file"])
         .arg(&path)
         .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", &url)

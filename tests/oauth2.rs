@@ -107,7 +107,7 @@ fn oauth2_cli(
     var: &str,
     secret: Option<&str>,
 ) -> std::process::Output {
-    let mut cmd = std::process::Command::new(CLI);
+    let mut cmd = cli_command();
     cmd.args([
         "token",
         "--provider",

@@ -198,7 +198,7 @@ fn no_token_ever_reaches_logs_errors_or_stderr() {
     // The CLI, at TRACE, on every error path and on a refresh.
     let mut stderrs = Vec::new();
     let cli = |path: &std::path::Path, url: &str| {
-        std::process::Command::new(CLI)
+        cli_command()
             .args(["token", "--auth-file"])
             .arg(path)
             .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", url)
@@ -235,7 +235,7 @@ fn no_token_ever_reaches_logs_errors_or_stderr() {
     let out = cli(&path, &fx.sim.token_url());
     assert_eq!(out.status.code(), Some(3));
     stderrs.push(out.stderr);
-    let out = std::process::Command::new(CLI)
+    let out = cli_command()
         .args([
             "token",
             "--provider",

@@ -39,7 +39,7 @@ fn eight_processes_share_one_refresh_per_expiry() {
             std::thread::spawn(move || {
                 let mut printed = Vec::new();
                 while started.elapsed() < run_for {
-                    let out = Command::new(CLI)
+                    let out = cli_command()
                         .arg("token")
                         .arg("--auth-file")
                         .arg(&path)
@@ -117,7 +117,7 @@ fn long_running_brokers_adopt_an_outside_login() {
     let first = fx.sim.sign_in(3600.0);
     let path = fx.write_codex(&first);
     let spawn = || {
-        Command::new(CLI)
+        cli_command()
             .args([
                 "watch",
                 "--json",
@@ -202,7 +202,7 @@ fn sigkill_at_any_instant_never_tears_the_file_or_loses_a_rotation_silently() {
     let (mut rotated, mut untouched, mut interrupted) = (0, 0, 0);
     for round in 0..200 {
         let before = CodexAuthFile::new(&path).load().unwrap();
-        let mut child = Command::new(CLI)
+        let mut child = cli_command()
             .arg("token")
             .arg("--auth-file")
             .arg(&path)
@@ -298,7 +298,7 @@ fn a_lock_left_by_a_killed_process_does_not_block() {
     // A "provider" that accepts connections and never answers.
     let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hole_url = format!("http://{}/oauth/token", black_hole.local_addr().unwrap());
-    let mut holder = Command::new(CLI)
+    let mut holder = cli_command()
         .arg("token")
         .arg("--auth-file")
         .arg(&path)
@@ -309,8 +309,20 @@ fn a_lock_left_by_a_killed_process_does_not_block() {
         .unwrap();
     // Wait until it holds the lock and has sent its request.
     let (_conn, _) = black_hole.accept().unwrap();
-    let lock = std::fs::File::open(path.with_file_name("auth.json.lock")).unwrap();
+    let lock = std::fs::File::open(path.with_file_name("auth.json.broker.lock")).unwrap();
     assert!(matches!(lock.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
+    // The Codex CLI's own locks are free during the request: it can commit
+    // a refresh of its own meanwhile.
+    for codex_lock in ["auth.lock", "auth.json.lock"] {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.with_file_name(codex_lock))
+            .unwrap();
+        file.try_lock()
+            .unwrap_or_else(|e| panic!("{codex_lock} is held across the request: {e:?}"));
+    }
     holder.kill().unwrap();
     holder.wait().unwrap();
 
@@ -342,7 +354,7 @@ async fn a_held_lock_times_out_cleanly_and_never_blocks_a_valid_token() {
         .create(true)
         .truncate(false)
         .write(true)
-        .open(path.with_file_name("auth.json.lock"))
+        .open(path.with_file_name("auth.json.broker.lock"))
         .unwrap();
     lock.lock().unwrap();
 

@@ -24,7 +24,7 @@ fn simulate(extra: &[&str]) -> serde_json::Value {
 }
 
 fn simulate_with(base: &[&str], extra: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(CLI)
+    let out = cli_command()
         .args(["simulate", "--json"])
         .args(base)
         .args(extra)

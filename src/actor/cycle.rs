@@ -74,7 +74,7 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     let lock_timeout = cfg.lock_timeout;
     // The lock covers re-read, refresh and write; it is released when
     // `_lock` drops at the end of this function, on every path.
-    let (_lock, on_disk, version, marker) = blocking(move || {
+    let (lock, on_disk, version, marker) = blocking(move || {
         let lock = store.lock(lock_timeout)?;
         let tokens = store.load()?;
         Ok((lock, tokens, store.version(), store.interrupted_refresh()))
@@ -118,7 +118,7 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
 
     let now = SystemTime::now();
     let rejected = input.rejected.as_ref() == Some(&on_disk.access_token);
-    let state = freshness(&on_disk, now, cfg.refresh_ahead);
+    let state = freshness(&on_disk, now, cfg.policy);
     if !rejected && matches!(state, Freshness::Fresh { .. } | Freshness::Unknown) {
         return Ok(if changed {
             info!(access = %on_disk.access_token.fingerprint(), "adopting tokens written by someone else");
@@ -141,6 +141,19 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
             version,
         });
     }
+    // Another broker on this store saw the provider refuse this very token:
+    // never send it again. Whoever won may still be writing their tokens.
+    let store = cfg.store.clone();
+    let checked = refresh_token.clone();
+    if let Some(refused) = blocking(move || Ok(store.refused_at(&checked))).await? {
+        drop(lock);
+        info!(refresh = %refresh_token.fingerprint(), "another broker saw the provider refuse this refresh token; waiting for the winner's tokens");
+        let deadline = refused + cfg.winner_wait;
+        let reason = "the provider refused this refresh token (seen by another broker on this file), \
+                      and no newer tokens arrived"
+            .to_owned();
+        return wait_for_winner(cfg, &on_disk, deadline, reason, refresh_token).await;
+    }
 
     // Record the attempt before the token leaves the process: if we are
     // killed before saving the result, the next holder of the lock knows.
@@ -158,8 +171,31 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
             Ok(refreshed) => return save(cfg, refreshed.into_token_set(&on_disk, SystemTime::now()), on_disk).await,
             Err(e) => e,
         };
+        if error.refuses_refresh_token() {
+            // The refresh token was spent elsewhere (or revoked). The winner
+            // may be committing its tokens right now: release everything and
+            // give it time before declaring a sign-in necessary.
+            warn!(%error, "the provider refused the refresh token; waiting for the winner's tokens");
+            let store = cfg.store.clone();
+            let refused = refresh_token.clone();
+            blocking(move || {
+                store.record_refused(&refused)?;
+                store.clear_refreshing()
+            })
+            .await?;
+            drop(lock);
+            let reason = match &interrupted_by {
+                Some(how) => format!(
+                    "an earlier refresh was interrupted ({how}) before its new tokens were saved, \
+                     and the provider now refuses the old refresh token: {error}"
+                ),
+                None => error.to_string(),
+            };
+            let deadline = SystemTime::now() + cfg.winner_wait;
+            return wait_for_winner(cfg, &on_disk, deadline, reason, refresh_token).await;
+        }
         if error.is_permanent() {
-            warn!(%error, "the provider rejected the refresh token; re-reading the store once");
+            warn!(%error, "the provider rejected the refresh request; re-reading the store once");
             let store = cfg.store.clone();
             let (again, version) = blocking(move || {
                 // The outcome is known: the record has done its job.
@@ -215,6 +251,64 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
         });
     }
 }
+
+/// After the provider refused `refused` (spent by someone else, the winner),
+/// watches the store until `deadline` for the winner's tokens and adopts
+/// them; holds no lock meanwhile, so the winner can write. Only when nothing
+/// arrives is a sign-in required.
+async fn wait_for_winner(
+    cfg: &Arc<Config>,
+    on_disk: &TokenSet,
+    deadline: SystemTime,
+    reason: String,
+    refused: RefreshToken,
+) -> Result<CycleOutcome, BrokerError> {
+    let mut seen = cfg.store.version();
+    let mut first = true;
+    loop {
+        let version = cfg.store.version();
+        if first || version != seen {
+            first = false;
+            seen = version;
+            let store = cfg.store.clone();
+            // A file caught mid-write, or briefly unreadable, is looked at
+            // again on the next change; only usable tokens end the wait.
+            if let Ok((again, version)) = blocking(move || Ok((store.load()?, store.version()))).await {
+                if again.differs_from(on_disk) {
+                    if let (Some(held), Some(now)) = (&on_disk.account_id, &again.account_id) {
+                        if held != now {
+                            warn!("the credentials now belong to another account; spending nothing");
+                            return Err(BrokerError::AccountChanged {
+                                location: cfg.location.clone(),
+                            });
+                        }
+                    }
+                    info!(access = %again.access_token.fingerprint(), "the winner's tokens arrived; adopting them");
+                    return Ok(CycleOutcome::Adopted(again, version));
+                }
+            }
+        }
+        let now = SystemTime::now();
+        if now >= deadline {
+            return Ok(CycleOutcome::LoginRequired {
+                reason,
+                dead_refresh: Some(refused),
+                version: seen,
+            });
+        }
+        let left = deadline.duration_since(now).unwrap_or_default();
+        tokio::time::sleep(WINNER_POLL.min(left)).await;
+    }
+}
+
+/// How often the store is checked while waiting for a winner's tokens (one
+/// `stat` each).
+const WINNER_POLL: Duration = Duration::from_millis(20);
+
+/// The default time a broker whose refresh token was refused waits for the
+/// winner's tokens before it reports that a sign-in is needed: longer than
+/// the Codex CLI's 5 s commit budget.
+pub const DEFAULT_WINNER_WAIT: Duration = Duration::from_secs(8);
 
 /// Writes freshly refreshed tokens over `replaces`; only once this succeeds
 /// may anyone see them.

@@ -23,11 +23,11 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-pub use cycle::DEFAULT_LOCK_TIMEOUT;
+pub use cycle::{DEFAULT_LOCK_TIMEOUT, DEFAULT_WINNER_WAIT};
 
 use crate::credentials::{AccessToken, RefreshToken, TokenSet};
 use crate::error::BrokerError;
-use crate::policy::{backoff, freshness, Freshness};
+use crate::policy::{backoff, freshness, Freshness, RefreshPolicy};
 use crate::provider::Provider;
 use crate::status::{Counters, State, Status};
 use crate::store::{Store, StoreVersion};
@@ -41,8 +41,13 @@ pub(crate) type Published = Arc<crate::snapshot::Snapshot>;
 pub(crate) struct Config {
     pub store: Arc<dyn Store>,
     pub provider: Arc<Provider>,
-    pub refresh_ahead: Duration,
+    pub policy: RefreshPolicy,
     pub lock_timeout: Duration,
+    /// How long a broker whose refresh token was refused waits for the
+    /// winner's tokens before it reports that a sign-in is needed.
+    pub winner_wait: Duration,
+    /// Refresh when the refresh-ahead window opens even when nobody asks.
+    pub keep_fresh: bool,
     /// How often to check the store for outside changes (zero: never).
     pub watch_interval: Duration,
     pub location: String,
@@ -84,6 +89,10 @@ pub struct GetStatus;
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
+
+/// A refreshed access token with less than this left on arrival counts as
+/// a provider fault (with backoff) rather than a success to build on.
+const MIN_USEFUL_LIFETIME: Duration = Duration::from_millis(100);
 
 /// The reply channel of a message waiting for a token.
 type Waiter = oneshot::Sender<Result<AccessToken, BrokerError>>;
@@ -170,6 +179,8 @@ pub struct TokenActor {
     waiters: Waiters,
     published: Published,
     fresh_timer: Option<SpawnHandle>,
+    /// With `keep_fresh`: the next attempt after a failed one.
+    retry_timer: Option<SpawnHandle>,
     requests: Arc<AtomicU64>,
     counters: Counters,
     shutting_down: bool,
@@ -216,6 +227,7 @@ impl TokenActor {
             waiters: Waiters::default(),
             published,
             fresh_timer: None,
+            retry_timer: None,
             requests: Arc::new(AtomicU64::new(0)),
             counters: Counters::default(),
             shutting_down: false,
@@ -233,7 +245,7 @@ impl TokenActor {
         if self.rejected {
             return Freshness::Expired;
         }
-        freshness(&self.tokens, now, self.cfg.refresh_ahead)
+        freshness(&self.tokens, now, self.cfg.policy)
     }
 
     /// Publishes the current token for the fast path while it is fresh, and
@@ -256,6 +268,7 @@ impl TokenActor {
                 self.fresh_timer = Some(ctx.run_later(wait, |act, ctx| {
                     act.fresh_timer = None;
                     act.publish(ctx);
+                    act.keep_fresh(ctx);
                 }));
             }
             Freshness::Unknown => {
@@ -263,6 +276,39 @@ impl TokenActor {
                 self.published.publish(Some(&self.tokens.access_token));
             }
             Freshness::Due { .. } | Freshness::Expired => self.published.publish(None),
+        }
+    }
+
+    /// With `keep_fresh`, starts a refresh once the refresh-ahead window is
+    /// open although nobody asked, so that another program sharing the
+    /// credential (the Codex CLI) always finds a fresh token and never
+    /// refreshes on its own. After a failure, tries again when the backoff
+    /// ends; after a refusal, only once the store changes.
+    fn keep_fresh(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.retry_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        if !self.cfg.keep_fresh || self.in_flight || self.shutting_down || self.account_changed {
+            return;
+        }
+        if !matches!(
+            self.freshness(SystemTime::now()),
+            Freshness::Due { .. } | Freshness::Expired
+        ) {
+            return;
+        }
+        if !self.store_changed_since_login_required() {
+            return;
+        }
+        if self.may_attempt() {
+            debug!(parent: &self.span, "the refresh-ahead window is open; refreshing to keep the credential fresh");
+            self.start_cycle(ctx);
+        } else if let Some(at) = self.failure.retry_at {
+            let wait = at.saturating_duration_since(Instant::now());
+            self.retry_timer = Some(ctx.run_later(wait, |act, ctx| {
+                act.retry_timer = None;
+                act.keep_fresh(ctx);
+            }));
         }
     }
 
@@ -389,7 +435,26 @@ impl TokenActor {
             CycleOutcome::Refreshed(tokens, version) => {
                 self.counters.refreshes += 1;
                 let token = tokens.access_token.clone();
+                let short_lived = tokens
+                    .expiry
+                    .is_some_and(|e| e.at <= SystemTime::now() + MIN_USEFUL_LIFETIME);
                 self.install(tokens, version);
+                if short_lived {
+                    // Refreshing again at once would get the same: back off
+                    // as after any provider fault, or a keep-fresh broker
+                    // would refresh in a loop.
+                    warn!(parent: &self.span, "the new access token was already expired on arrival; backing off");
+                    let fault = BrokerError::Unavailable {
+                        location: self.cfg.location.clone(),
+                        cause: crate::provider::RefreshError::Transient {
+                            endpoint: self.cfg.provider.token_url().to_owned(),
+                            kind: crate::provider::Failure::ExpiredOnArrival,
+                            retry_after: None,
+                        },
+                        retry_in: None,
+                    };
+                    self.record_failure(fault, None);
+                }
                 // The waiters asked for the result of this refresh: they get
                 // it even if the local clock already calls it expired (clock
                 // skew, absurdly short lifetimes), and the actor never loops.
@@ -437,7 +502,9 @@ impl TokenActor {
         self.settle_waiters(answer, ctx);
         if self.shutting_down && !self.in_flight {
             ctx.stop();
+            return;
         }
+        self.keep_fresh(ctx);
     }
 
     fn record_failure(&mut self, err: BrokerError, retry_after: Option<Duration>) -> BrokerError {
@@ -557,6 +624,7 @@ impl Actor for TokenActor {
         // bounce between the mailbox and their executors.
         ctx.set_mailbox_capacity(1 << 20);
         self.publish(ctx);
+        self.keep_fresh(ctx);
         if !self.cfg.watch_interval.is_zero() {
             ctx.run_interval(self.cfg.watch_interval, |act, ctx| act.poll_store(ctx));
         }
@@ -648,6 +716,7 @@ impl Handler<Reload> for TokenActor {
                 act.account_changed = false;
             }
             act.publish(ctx);
+            act.keep_fresh(ctx);
             Ok(())
         }))
     }

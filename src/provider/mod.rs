@@ -187,6 +187,11 @@ pub enum Failure {
     /// Refresh cycles kept ending without a usable token.
     #[error("no usable token after {0} refresh cycles")]
     NoUsableToken(u32),
+    /// A refresh succeeded, but its access token was already expired (or
+    /// about to expire) on arrival: a provider or clock fault. The tokens
+    /// are kept; the next refresh waits for the backoff.
+    #[error("the provider's new access token was already expired on arrival (clock skew or a broken provider)")]
+    ExpiredOnArrival,
     /// A body larger than [`MAX_RESPONSE_BYTES`].
     #[error("HTTP {status} with a body over {MAX_RESPONSE_BYTES} bytes")]
     TooLarge {
@@ -207,7 +212,8 @@ impl Failure {
             | Failure::Client(_)
             | Failure::Status { .. }
             | Failure::RateLimited
-            | Failure::NoUsableToken(_) => false,
+            | Failure::NoUsableToken(_)
+            | Failure::ExpiredOnArrival => false,
         }
     }
 }
@@ -216,6 +222,22 @@ impl RefreshError {
     /// Whether the failure is permanent for this refresh token.
     pub fn is_permanent(&self) -> bool {
         matches!(self, RefreshError::Rejected { .. })
+    }
+
+    /// Whether the provider refused the refresh token itself (spent,
+    /// expired, revoked): someone else may have spent it and be about to
+    /// write newer tokens. A rejected client or request is not this.
+    pub fn refuses_refresh_token(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(
+                "refresh_token_reused"
+                    | "invalid_grant"
+                    | "refresh_token_expired"
+                    | "refresh_token_invalidated"
+                    | "token_expired"
+            )
+        )
     }
 
     /// Whether the provider may have spent the refresh token without our

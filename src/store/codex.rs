@@ -58,6 +58,18 @@ impl FileFormat for CodexFormat {
         read_codex(path, root)
     }
 
+    /// The Codex CLI commits a refresh under `flock($CODEX_HOME/auth.lock)`
+    /// (blocking), then `flock(auth.json.lock)` (polled for up to 5 s), and
+    /// throws its new tokens away if it cannot get the second in time.
+    fn commit_lock_paths(path: &Path) -> Vec<PathBuf> {
+        let target = super::file::sibling(path, "");
+        let dir = match target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        vec![dir.join("auth.lock"), super::file::sibling(path, ".lock")]
+    }
+
     fn patch(path: &Path, root: &mut Map<String, Value>, tokens: &TokenSet) -> Result<(), StoreError> {
         let Some(Value::Object(tokens_obj)) = root.get_mut("tokens") else {
             return Err(StoreError::invalid(path, "`tokens` is not an object"));

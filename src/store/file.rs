@@ -174,60 +174,99 @@ pub(crate) fn version_of(path: &Path) -> Option<StoreVersion> {
     }))
 }
 
-/// The lock file that guards `path`: `path` with `.lock` appended.
-pub(crate) fn lock_path(path: &Path) -> PathBuf {
+/// The brokers' own lock file: `path` with `.broker.lock` appended.
+///
+/// Only token-broker processes take it, and they hold it across the whole
+/// refresh (re-read, request, write): single flight between brokers. No
+/// other program waits for it, so holding it during network I/O blocks no
+/// neighbour.
+pub(crate) fn broker_lock_path(path: &Path) -> PathBuf {
+    sibling(path, ".broker.lock")
+}
+
+/// `path` (through a symlink, to the file it names) with `suffix` appended
+/// to its file name.
+pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let target = resolve_link(path);
     let mut name = target.file_name().unwrap_or_default().to_os_string();
-    name.push(".lock");
+    name.push(suffix);
     target.with_file_name(name)
 }
 
-/// Takes the exclusive lock on `path`'s lock file, polling until `timeout`.
+/// Takes the brokers' exclusive lock on `path`, polling until `timeout`.
 pub(crate) fn lock(path: &Path, timeout: Duration) -> Result<StoreLock, StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let lock_path = lock_path(path);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|e| StoreError::Write {
-            path: lock_path.clone(),
-            cause: describe_io(&e),
-        })?;
-    let started = Instant::now();
+    let file = lock_file(&broker_lock_path(path), Instant::now() + timeout, timeout)?;
+    Ok(StoreLock::File(FileLock { _file: file }))
+}
+
+/// Takes the commit locks of another program that writes the same file, in
+/// the order that program takes them, polling each until `timeout` (shared).
+/// Held only around a re-read, a compare and a rename: milliseconds.
+pub(crate) fn commit_locks(paths: &[PathBuf], timeout: Duration) -> Result<Vec<FileLock>, StoreError> {
+    let deadline = Instant::now() + timeout;
+    paths
+        .iter()
+        .map(|p| lock_file(p, deadline, timeout).map(|file| FileLock { _file: file }))
+        .collect()
+}
+
+/// Opens (creating it, mode 0600) and exclusively locks the lock file at
+/// `lock_path`, polling until `deadline`.
+///
+/// A lock file deleted or replaced while we waited (someone ran `rm` on it)
+/// would give us a lock nobody else sees: after each successful `flock` the
+/// open file must still be the one at the path, else we start again.
+fn lock_file(lock_path: &Path, deadline: Instant, timeout: Duration) -> Result<File, StoreError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let open_err = |e: io::Error| StoreError::Write {
+        path: lock_path.to_path_buf(),
+        cause: describe_io(&e),
+    };
     let mut pause = Duration::from_millis(1);
     loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(StoreLock::File(FileLock { _file: file })),
-            Err(fs::TryLockError::WouldBlock) => {}
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(StoreError::Write {
-                    path: lock_path,
-                    cause: describe_io(&e),
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(lock_path)
+            .map_err(open_err)?;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) => {}
+                Err(fs::TryLockError::Error(e)) => return Err(open_err(e)),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(StoreError::LockTimeout {
+                    path: lock_path.to_path_buf(),
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+        let held = file.metadata().map_err(open_err)?;
+        match fs::symlink_metadata(lock_path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(file),
+            // Deleted or replaced while we waited: lock the file that is there now.
+            _ if Instant::now() < deadline => continue,
+            _ => {
+                return Err(StoreError::LockTimeout {
+                    path: lock_path.to_path_buf(),
+                    waited: timeout,
                 })
             }
         }
-        let waited = started.elapsed();
-        if waited >= timeout {
-            return Err(StoreError::LockTimeout {
-                path: lock_path,
-                waited,
-            });
-        }
-        std::thread::sleep(pause.min(timeout - waited));
-        pause = (pause * 2).min(Duration::from_millis(25));
     }
 }
 
 /// The sidecar that records a refresh in progress: `path` + `.refreshing`.
 fn marker_path(path: &Path) -> PathBuf {
-    let target = resolve_link(path);
-    let mut name = target.file_name().unwrap_or_default().to_os_string();
-    name.push(".refreshing");
-    target.with_file_name(name)
+    sibling(path, ".refreshing")
 }
 
 /// Durably records that `refresh_token` is about to be spent (its hash, the
@@ -259,6 +298,69 @@ pub(crate) fn remove_marker(path: &Path) -> Result<(), StoreError> {
             cause: describe_io(&e),
         }),
     }
+}
+
+/// The record of refresh tokens the provider refused: `path` + `.refused`.
+fn refused_path(path: &Path) -> PathBuf {
+    sibling(path, ".refused")
+}
+
+/// How many refused refresh tokens the record remembers.
+const REFUSED_KEPT: usize = 32;
+
+/// The refused-token record: `(sha256 hex, when)`, newest last.
+fn read_refused(path: &Path) -> Vec<(String, SystemTime)> {
+    let Ok(bytes) = read_bounded(&refused_path(path)) else {
+        return Vec::new();
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Vec::new();
+    };
+    value
+        .get("refused")
+        .and_then(|v| v.as_array())
+        .map(|entries| {
+            entries
+                .iter()
+                .filter_map(|e| {
+                    let hash = e.get("refresh_token_sha256")?.as_str()?.to_owned();
+                    let at = crate::credentials::parse_rfc3339(e.get("refused_at")?.as_str()?)?;
+                    Some((hash, at))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Durably records that the provider refused `refresh_token` (its hash and
+/// the time; never the token), so that no broker on this file sends it again.
+pub(crate) fn record_refused(path: &Path, refresh_token: &RefreshToken) -> Result<(), StoreError> {
+    let hash = refresh_token.sha256_hex();
+    let mut entries = read_refused(path);
+    entries.retain(|(h, _)| *h != hash);
+    entries.push((hash, SystemTime::now()));
+    let skip = entries.len().saturating_sub(REFUSED_KEPT);
+    let list: Vec<serde_json::Value> = entries
+        .iter()
+        .skip(skip)
+        .map(|(h, at)| {
+            serde_json::json!({
+                "refresh_token_sha256": h,
+                "refused_at": crate::credentials::format_rfc3339(*at),
+            })
+        })
+        .collect();
+    let record = serde_json::json!({ "refused": list });
+    write_atomic(&refused_path(path), format!("{record}\n").as_bytes())
+}
+
+/// When the provider refused `refresh_token`, if a broker recorded that.
+pub(crate) fn refused_at(path: &Path, refresh_token: &RefreshToken) -> Option<SystemTime> {
+    let hash = refresh_token.sha256_hex();
+    read_refused(path)
+        .into_iter()
+        .find(|(h, _)| *h == hash)
+        .map(|(_, at)| at)
 }
 
 /// Follows a symlink so that an atomic rename replaces the file it points

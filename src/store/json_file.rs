@@ -35,7 +35,20 @@ pub trait FileFormat: Send + Sync + 'static {
     /// Writes the owned fields of `tokens` into `root`, leaving every other
     /// key as it was.
     fn patch(path: &Path, root: &mut Map<String, Value>, tokens: &TokenSet) -> Result<(), StoreError>;
+
+    /// The lock files that other writers of a file at `path` take around
+    /// their own writes, in the order they take them. A save holds them only
+    /// around its re-read, compare and rename. The default is the common
+    /// `<file>.lock` convention.
+    fn commit_lock_paths(path: &Path) -> Vec<PathBuf> {
+        vec![file::sibling(path, ".lock")]
+    }
 }
+
+/// How long a save waits for the commit locks of another writer. The Codex
+/// CLI holds them for milliseconds; a longer wait means a stuck writer, and
+/// the refreshed tokens are then kept and written on the next attempt.
+const COMMIT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A credentials store over one JSON file in format `F`.
 pub struct JsonFileStore<F> {
@@ -77,6 +90,26 @@ impl<F: FileFormat> JsonFileStore<F> {
         &self.path
     }
 
+    /// Reads and parses the file, retrying briefly when it does not parse
+    /// (possibly caught mid-write by a writer that truncates in place).
+    fn read_settled(&self) -> Result<(Map<String, Value>, TokenSet), StoreError> {
+        let mut attempt = 1;
+        loop {
+            let result = read_bounded(&self.path).and_then(|bytes| {
+                let root = parse_object(&self.path, &bytes)?;
+                let tokens = F::read(&self.path, &root)?;
+                Ok((root, tokens))
+            });
+            match result {
+                Err(StoreError::Invalid { .. }) if attempt < SETTLE_ATTEMPTS => {
+                    attempt += 1;
+                    std::thread::sleep(SETTLE_PAUSE);
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Parses file contents in this format (no retries).
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<TokenSet, StoreError> {
         F::read(path, &parse_object(path, bytes)?)
@@ -89,27 +122,16 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
     }
 
     fn load(&self) -> Result<TokenSet, StoreError> {
-        let mut attempt = 1;
-        loop {
-            let result = read_bounded(&self.path).and_then(|bytes| Self::parse(&self.path, &bytes));
-            match result {
-                Err(StoreError::Invalid { .. }) if attempt < SETTLE_ATTEMPTS => {
-                    // Possibly caught mid-write by a writer that truncates in place.
-                    attempt += 1;
-                    std::thread::sleep(SETTLE_PAUSE);
-                }
-                other => return other,
-            }
-        }
+        self.read_settled().map(|(_, tokens)| tokens)
     }
 
     fn save(&self, tokens: &TokenSet, replaces: &TokenSet) -> Result<(), StoreError> {
+        // Other writers' commit locks, in their order, for milliseconds.
+        let _commit = file::commit_locks(&F::commit_lock_paths(&self.path), COMMIT_LOCK_TIMEOUT)?;
         // Patch the file as it is now, so keys we do not own survive even if
         // someone added them since we loaded it. A file we cannot parse is
         // never overwritten.
-        let bytes = read_bounded(&self.path)?;
-        let mut root = parse_object(&self.path, &bytes)?;
-        let stored = F::read(&self.path, &root)?;
+        let (mut root, stored) = self.read_settled()?;
         if stored.differs_from(replaces) {
             return Err(StoreError::Conflict {
                 path: self.path.clone(),
@@ -128,6 +150,14 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
 
     fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError> {
         file::lock(&self.path, timeout)
+    }
+
+    fn record_refused(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {
+        file::record_refused(&self.path, refresh_token)
+    }
+
+    fn refused_at(&self, refresh_token: &RefreshToken) -> Option<std::time::SystemTime> {
+        file::refused_at(&self.path, refresh_token)
     }
 
     fn mark_refreshing(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {

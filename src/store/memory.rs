@@ -2,12 +2,12 @@
 //! keeps credentials itself.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 
 use super::{Store, StoreError, StoreLock, StoreVersion};
-use crate::credentials::TokenSet;
+use crate::credentials::{RefreshToken, TokenSet};
 
 /// Credentials kept in memory. Clones share the same credentials.
 ///
@@ -21,6 +21,8 @@ use crate::credentials::TokenSet;
 pub struct MemoryStore {
     inner: Arc<Mutex<(TokenSet, u64)>>,
     lock: Arc<Mutex<()>>,
+    /// Refused refresh tokens: SHA-256 hex and when.
+    refused: Arc<Mutex<Vec<(String, SystemTime)>>>,
 }
 
 impl MemoryStore {
@@ -29,6 +31,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::new(Mutex::new((tokens, 0))),
             lock: Arc::new(Mutex::new(())),
+            refused: Arc::default(),
         }
     }
 
@@ -61,6 +64,21 @@ impl Store for MemoryStore {
 
     fn version(&self) -> Option<StoreVersion> {
         Some(StoreVersion::Memory(self.inner.lock().1))
+    }
+
+    fn record_refused(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {
+        let hash = refresh_token.sha256_hex();
+        let mut refused = self.refused.lock();
+        refused.retain(|(h, _)| *h != hash);
+        refused.push((hash, SystemTime::now()));
+        let excess = refused.len().saturating_sub(32);
+        refused.drain(..excess);
+        Ok(())
+    }
+
+    fn refused_at(&self, refresh_token: &RefreshToken) -> Option<SystemTime> {
+        let hash = refresh_token.sha256_hex();
+        self.refused.lock().iter().find(|(h, _)| *h == hash).map(|(_, at)| *at)
     }
 
     fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError> {

@@ -51,9 +51,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// modification time) used to notice changes made by someone else.
     fn version(&self) -> Option<StoreVersion>;
 
-    /// Takes the store's exclusive cross-process lock, waiting at most
+    /// Takes the brokers' exclusive cross-process lock, waiting at most
     /// `timeout`. Held while the store is re-read, a refresh token is spent
     /// and the result is written; dropped to release.
+    ///
+    /// Only brokers take this lock. Locks that other writers of the same
+    /// store wait for (the Codex CLI's) are taken by [`save`](Self::save)
+    /// alone, for the few milliseconds of a re-read, compare and rename,
+    /// never across a network request.
     fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError>;
 
     /// Durably records that `refresh_token` is about to be spent, so that a
@@ -67,6 +72,21 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Removes the record written by [`mark_refreshing`](Self::mark_refreshing).
     fn clear_refreshing(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Durably records that the provider refused `refresh_token` (a hash,
+    /// never the token), where every broker on this store sees it: no broker
+    /// sends a refused refresh token again.
+    fn record_refused(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {
+        let _ = refresh_token;
+        Ok(())
+    }
+
+    /// When the provider refused `refresh_token`, if any broker on this
+    /// store recorded it with [`record_refused`](Self::record_refused).
+    fn refused_at(&self, refresh_token: &RefreshToken) -> Option<std::time::SystemTime> {
+        let _ = refresh_token;
+        None
     }
 
     /// The SHA-256 (hex) of the refresh token whose refresh was interrupted,

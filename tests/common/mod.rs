@@ -11,6 +11,17 @@ use token_broker::sim::{codex_auth_json, Issued, ProviderServer, SimConfig};
 
 pub const CLI: &str = env!("CARGO_BIN_EXE_token-broker");
 
+/// How long brokers in tests that are not about it wait for a winner's
+/// tokens after a refusal (the default, 8 s, is tested on its own).
+pub const TEST_WINNER_WAIT: Duration = Duration::from_millis(300);
+
+/// The CLI binary, with the short test winner wait.
+pub fn cli_command() -> Command {
+    let mut cmd = Command::new(CLI);
+    cmd.env("TOKEN_BROKER_WINNER_WAIT", "300ms");
+    cmd
+}
+
 /// A simulated provider and a folder for credentials files.
 pub struct Fixture {
     pub sim: ProviderServer,
@@ -46,11 +57,12 @@ impl Fixture {
             .credentials_path(path)
             .token_url(self.sim.token_url())
             .http_timeout(Duration::from_secs(10))
+            .winner_wait(TEST_WINNER_WAIT)
     }
 
     /// Runs the CLI against the simulated provider.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(CLI)
+        cli_command()
             .args(args)
             .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", self.sim.token_url())
             .env_remove("RUST_LOG")

@@ -66,6 +66,10 @@ pub struct SimConfig {
     /// the sign-in) when a spent refresh token is reused, as some providers
     /// do.
     pub revoke_family_on_reuse: bool,
+    /// Issue access tokens whose `exp` and `iat` claims are whole seconds,
+    /// as real providers' are. By default they carry milliseconds, which
+    /// some clients (the Codex CLI reads `exp` as an integer) cannot parse.
+    pub whole_second_exp: bool,
 }
 
 impl Default for SimConfig {
@@ -80,6 +84,7 @@ impl Default for SimConfig {
             fault_rate: 0.0,
             reuse_grace: Duration::ZERO,
             revoke_family_on_reuse: false,
+            whole_second_exp: false,
         }
     }
 }
@@ -346,6 +351,14 @@ impl Shared {
             now - Duration::from_secs_f64(-expires_in)
         };
         let iat = exp.checked_sub(lifetime).unwrap_or(UNIX_EPOCH).min(now);
+        let whole_seconds = self.config.lock().whole_second_exp;
+        let (exp, iat_claim, exp_claim) = if whole_seconds {
+            let exp = UNIX_EPOCH + Duration::from_secs(unix(exp).max(0.0).floor() as u64);
+            (exp, json!(unix(iat).max(0.0).floor() as u64), json!(unix(exp) as u64))
+        } else {
+            let millis = |t: SystemTime| json!((unix(t) * 1000.0).round() / 1000.0);
+            (exp, millis(iat), millis(exp))
+        };
         let mut ledger = self.ledger.lock();
         ledger.serial += 1;
         let serial = ledger.serial;
@@ -354,8 +367,8 @@ impl Shared {
         let access = jwt(&json!({
             "iss": "https://token-broker.sim",
             "sub": account,
-            "iat": (unix(iat) * 1000.0).round() / 1000.0,
-            "exp": (unix(exp) * 1000.0).round() / 1000.0,
+            "iat": iat_claim,
+            "exp": exp_claim,
             "jti": format!("{serial}-{nonce:016x}"),
             "https://api.openai.com/auth": auth_claim,
         }));

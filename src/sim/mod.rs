@@ -7,7 +7,7 @@
 mod provider;
 pub mod scheduler;
 
-pub use provider::{Fault, Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SimDialect};
+pub use provider::{Fault, Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SimDialect, SpendRecord};
 
 use base64::Engine as _;
 

@@ -154,6 +154,19 @@ struct Shared {
     faults_served: AtomicU64,
     replayed: AtomicU64,
     faults: Mutex<std::collections::VecDeque<Fault>>,
+    /// Who asked (the `User-Agent`) and how each spend ended.
+    spends: Mutex<Vec<SpendRecord>>,
+}
+
+/// One token request that reached the ledger: who sent it and what became
+/// of the refresh token it carried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpendRecord {
+    /// The request's `User-Agent` (empty when it sent none).
+    pub user_agent: String,
+    /// `refreshed`, `replayed`, `reused` or `unknown` (a revoked or unknown
+    /// refresh token).
+    pub outcome: &'static str,
 }
 
 /// A running simulated provider; stops when dropped.
@@ -189,6 +202,7 @@ impl ProviderServer {
             faults_served: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             faults: Mutex::new(Default::default()),
+            spends: Mutex::new(Vec::new()),
         });
         let (tx, rx) = oneshot::channel::<()>();
         let app = Router::new()
@@ -300,6 +314,12 @@ impl ProviderServer {
             faults: s.faults_served.load(Ordering::SeqCst),
             replayed: s.replayed.load(Ordering::SeqCst),
         }
+    }
+
+    /// Every token request that reached the ledger, in order: who sent it
+    /// and how it ended.
+    pub fn spends(&self) -> Vec<SpendRecord> {
+        self.shared.spends.lock().clone()
     }
 
     /// Requests made to the token endpoint so far.
@@ -530,7 +550,21 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
             return (status, Json(body)).into_response();
         }
     };
-    let answer = match shared.spend(&refresh, config.reuse_grace, config.revoke_family_on_reuse) {
+    let spend = shared.spend(&refresh, config.reuse_grace, config.revoke_family_on_reuse);
+    shared.spends.lock().push(SpendRecord {
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+        outcome: match spend {
+            Spend::Fresh => "refreshed",
+            Spend::Replay(_) => "replayed",
+            Spend::Reused => "reused",
+            Spend::Unknown | Spend::Revoked => "unknown",
+        },
+    });
+    let answer = match spend {
         Spend::Fresh => shared.rotate(&refresh, &config),
         Spend::Replay(answer) => {
             shared.replayed.fetch_add(1, Ordering::SeqCst);

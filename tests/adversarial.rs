@@ -1,0 +1,18 @@
+//! Adversarial cases: what a hostile user, an unlucky operator or a broken
+//! provider does to a credential. Each test reproduces one finding of the
+//! adversarial review and failed on the code before its fix.
+//!
+//! - `provider`: the token endpoint misbehaves (redirects, echoed secrets,
+//!   answers stuck in a stopped process).
+//! - `files`: the credentials file and its neighbours are tampered with
+//!   (deleted lock files, symlinks, FIFOs, bind mounts, foreign owners).
+//! - `process`: the broker process is signalled, stopped or starved.
+
+mod common;
+
+#[path = "adversarial/files.rs"]
+mod files;
+#[path = "adversarial/process.rs"]
+mod process;
+#[path = "adversarial/provider.rs"]
+mod provider;

@@ -179,11 +179,22 @@ impl TokenBroker {
     }
 
     /// Stops the actor once any refresh in flight has written its tokens,
-    /// and waits for it. Call before a process exits.
+    /// and waits for it. Call before a process exits. Use
+    /// [`finish`](Self::finish) to learn whether every rotated token reached
+    /// the store.
     pub async fn shutdown(&self) {
-        let _ = self.inner.addr.send(Shutdown).await;
+        let _ = self.finish().await;
+    }
+
+    /// Like [`shutdown`](Self::shutdown), and reports whether every token a
+    /// refresh returned reached the store: `Err` when new tokens could not
+    /// be written even on a last attempt, so the rotated refresh token dies
+    /// with this process. A command line must not exit 0 then.
+    pub async fn finish(&self) -> Result<(), BrokerError> {
+        let outcome = self.inner.addr.send(Shutdown).await.unwrap_or(Ok(()));
         let mut done = self.inner.done.clone();
         let _ = done.wait_for(|d| *d).await;
+        outcome
     }
 
     async fn ask<M, T>(&self, msg: M) -> Result<T, BrokerError>

@@ -137,6 +137,10 @@ enum CliError {
     Broker(BrokerError),
     Output(std::io::Error),
     Simulation(std::io::Error),
+    /// Stopped by this signal (after any refresh in flight was written).
+    Interrupted(i32),
+    /// A refresh in flight did not end within this bound.
+    Unfinished(Duration),
 }
 
 impl From<BrokerError> for CliError {
@@ -177,19 +181,79 @@ fn init_logging() {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
+    // Before anything can spend a refresh token: a signal must never cut a
+    // refresh between spending the old token and writing the new ones.
+    let mut signals = Signals::install().map_err(CliError::Output)?;
     // Only a long-running broker keeps the file fresh unasked: a one-shot
     // `status` must never spend a refresh token.
     let keep_fresh = matches!(cli.command, Command::Watch { .. });
     let broker = build(&cli.creds, keep_fresh)?;
     let result: Result<(), CliError> = match cli.command {
-        Command::Token => print_token(&broker).await,
-        Command::Status => print_status(&broker, cli.creds.json).await,
-        Command::Watch { interval, duration } => watch(&broker, interval, duration, cli.creds.json).await,
+        Command::Token => tokio::select! {
+            result = print_token(&broker) => result,
+            signal = signals.recv() => Err(CliError::Interrupted(signal)),
+        },
+        Command::Status => tokio::select! {
+            result = print_status(&broker, cli.creds.json) => result,
+            signal = signals.recv() => Err(CliError::Interrupted(signal)),
+        },
+        Command::Watch { interval, duration } => watch(&broker, interval, duration, cli.creds.json, &mut signals).await,
         Command::Simulate(_) => unreachable!("handled in main"),
     };
-    // Let a refresh in flight write its tokens before the process exits.
-    broker.shutdown().await;
-    result
+    // Let a refresh in flight write its tokens before the process exits,
+    // whatever signals arrive meanwhile (they stay caught): at most two
+    // requests (an unknown outcome is retried once), the wait for a winner
+    // and the write.
+    let bound = cli
+        .creds
+        .timeout
+        .saturating_mul(2)
+        .saturating_add(cli.creds.winner_wait)
+        .saturating_add(Duration::from_secs(5));
+    match tokio::time::timeout(bound, broker.finish()).await {
+        Ok(Ok(())) => result,
+        // Rotated tokens that could not be written outrank everything, even
+        // a token already printed: the credential may be lost.
+        Ok(Err(lost)) => Err(lost.into()),
+        Err(_) => Err(CliError::Unfinished(bound)),
+    }
+}
+
+/// The signals that end a command: caught, so that the broker can finish a
+/// refresh in flight first.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next signal's number.
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => libc::SIGINT,
+            _ = self.terminate.recv() => libc::SIGTERM,
+            _ = self.hangup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    }
 }
 
 fn build(args: &CredentialArgs, keep_fresh: bool) -> Result<TokenBroker, BrokerError> {
@@ -285,16 +349,16 @@ async fn watch(
     interval: Duration,
     duration: Option<Duration>,
     json: bool,
+    signals: &mut Signals,
 ) -> Result<(), CliError> {
     let deadline = duration.map(|d| tokio::time::Instant::now() + d);
-    let mut stop = Box::pin(interrupted());
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
     let mut last: Option<String> = None;
     let mut last_error: Option<BrokerError> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = &mut stop => break,
+            _ = signals.recv() => break,
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             break;
@@ -406,27 +470,24 @@ async fn simulate(args: &SimulateArgs, json: bool) -> Result<(), CliError> {
         .map_err(CliError::Output)
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn interrupted() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn fail(json: bool, e: &CliError) -> ExitCode {
     let (code, kind, message) = match e {
         CliError::Broker(e) => (e.exit_code(), e.kind(), e.to_string()),
         CliError::Output(e) => (1, "io", format!("could not write the output: {e}")),
         CliError::Simulation(e) => (1, "simulation", format!("the simulation failed: {e}")),
+        CliError::Interrupted(signal) => (
+            128 + signal,
+            "interrupted",
+            format!("interrupted by {}; no refresh was cut short", signal_name(*signal)),
+        ),
+        CliError::Unfinished(bound) => (
+            1,
+            "unfinished",
+            format!(
+                "a refresh was still in flight after {}; its rotated tokens may be lost",
+                humantime::format_duration(*bound)
+            ),
+        ),
     };
     let line = if json {
         serde_json::json!({"error": {"kind": kind, "message": message, "exit_code": code}}).to_string()

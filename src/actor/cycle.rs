@@ -101,12 +101,20 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     }
 
     // A refresh-in-progress record found while we hold the lock was left by
-    // a holder that died. It matters only if it names the refresh token on
-    // disk: that token may already be spent.
+    // a holder that died, or by a live one that spent the token and could
+    // not write the result yet. It matters only if it names the refresh
+    // token on disk: that token may already be spent.
+    let on_disk_hash = on_disk.refresh_token.as_ref().map(|t| t.sha256_hex());
+    let mut live_holder = None;
     let interrupted = match marker {
-        Some(hash) if on_disk.refresh_token.as_ref().map(|t| t.sha256_hex()).as_ref() == Some(&hash) => {
-            warn!("an earlier refresh of this refresh token was interrupted before its result was saved");
-            true
+        Some(record) if Some(&record.refresh_token_sha256) == on_disk_hash.as_ref() => {
+            if record.holder_alive && record.holder_pid != std::process::id() {
+                live_holder = Some(record.holder_pid);
+                false
+            } else {
+                warn!("an earlier refresh of this refresh token was interrupted before its result was saved");
+                true
+            }
         }
         Some(_) => {
             let store = cfg.store.clone();
@@ -140,6 +148,29 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
             dead_refresh: Some(refresh_token),
             version,
         });
+    }
+    // A running broker spent this token and holds the new tokens, unwritten
+    // so far: spending it again would burn the credential. Wait for its
+    // write; if it does not come, try again later.
+    if let Some(pid) = live_holder {
+        drop(lock);
+        info!(
+            pid,
+            "a running broker spent this refresh token and has not written the result yet; waiting"
+        );
+        let deadline = SystemTime::now() + cfg.winner_wait;
+        return match wait_for_winner(cfg, &on_disk, deadline, String::new(), refresh_token).await? {
+            CycleOutcome::LoginRequired { .. } => Err(BrokerError::Unavailable {
+                location: cfg.location.clone(),
+                cause: crate::provider::RefreshError::Transient {
+                    endpoint: cfg.provider.token_url().to_owned(),
+                    kind: crate::provider::Failure::UnsavedElsewhere(pid),
+                    retry_after: None,
+                },
+                retry_in: None,
+            }),
+            other => Ok(other),
+        };
     }
     // Another broker on this store saw the provider refuse this very token:
     // never send it again. Whoever won may still be writing their tokens.
@@ -313,16 +344,33 @@ pub const DEFAULT_WINNER_WAIT: Duration = Duration::from_secs(8);
 /// Writes freshly refreshed tokens over `replaces`; only once this succeeds
 /// may anyone see them.
 async fn save(cfg: &Arc<Config>, tokens: TokenSet, replaces: TokenSet) -> Result<CycleOutcome, BrokerError> {
-    let store = cfg.store.clone();
-    let to_write = tokens.clone();
-    let written = blocking(move || {
-        store.save(&to_write, &replaces)?;
-        if let Err(e) = store.clear_refreshing() {
-            warn!(error = %e, "could not remove the refresh-in-progress record");
+    let mut attempt = 0;
+    let written = loop {
+        let store = cfg.store.clone();
+        let to_write = tokens.clone();
+        let replaced = replaces.clone();
+        let written = blocking(move || {
+            store.save(&to_write, &replaced)?;
+            if let Err(e) = store.clear_refreshing() {
+                warn!(error = %e, "could not remove the refresh-in-progress record");
+            }
+            Ok(store.version())
+        })
+        .await;
+        match written {
+            // A full disk or a passing I/O error: try again while still
+            // holding the lock, before anyone else can mistake our record
+            // for a crash.
+            Err(BrokerError::Store(ref e))
+                if !matches!(e, StoreError::Conflict { .. }) && attempt < SAVE_RETRIES.len() =>
+            {
+                warn!(error = %e, attempt = attempt + 1, "could not write the new tokens; trying again");
+                tokio::time::sleep(SAVE_RETRIES[attempt]).await;
+                attempt += 1;
+            }
+            other => break other,
         }
-        Ok(store.version())
-    })
-    .await;
+    };
     match written {
         Ok(version) => {
             debug!(access = %tokens.access_token.fingerprint(), "new tokens are on disk");
@@ -340,8 +388,35 @@ async fn save(cfg: &Arc<Config>, tokens: TokenSet, replaces: TokenSet) -> Result
         }
         Err(e) => {
             warn!(error = %e, "could not write the new tokens; keeping them in memory and retrying");
-            Ok(CycleOutcome::Unsaved(tokens, e))
+            Ok(CycleOutcome::Unsaved(tokens, after_spend(e)))
         }
+    }
+}
+
+/// Pauses between the attempts to write new tokens, lock held.
+const SAVE_RETRIES: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+];
+
+/// A store error met after the refresh token was spent is a failure to
+/// write (exit 1), whatever its cause: "the file is invalid" (exit 3)
+/// promises that nothing happened, which is no longer true.
+fn after_spend(e: BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Store(
+            StoreError::Invalid { path, .. }
+            | StoreError::NotFound { path }
+            | StoreError::Unreadable { path, .. }
+            | StoreError::TooLarge { path, .. },
+        ) => BrokerError::Store(StoreError::Write {
+            cause: "the file could no longer be read as credentials (someone changed it while the refresh \
+                    was under way); the new tokens are kept in memory and written once it can be read again"
+                .to_owned(),
+            path,
+        }),
+        other => other,
     }
 }
 

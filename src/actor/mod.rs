@@ -83,11 +83,13 @@ pub struct Reload;
 #[rtype(result = "Status")]
 pub struct GetStatus;
 
-/// Stop once no refresh is in flight. Answers when the actor has stopped, so
-/// that a process can exit without cutting a refresh between spending the
-/// old refresh token and writing the new one.
+/// Stop once no refresh is in flight, after one last attempt to write
+/// refreshed tokens that could not be written before. Answers when the
+/// actor has stopped, so that a process can exit without cutting a refresh
+/// between spending the old refresh token and writing the new one; `Err`
+/// when rotated tokens are lost because they still could not be written.
 #[derive(Debug, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), BrokerError>")]
 pub struct Shutdown;
 
 /// A refreshed access token with less than this left on arrival counts as
@@ -184,7 +186,7 @@ pub struct TokenActor {
     requests: Arc<AtomicU64>,
     counters: Counters,
     shutting_down: bool,
-    stop_waiters: Vec<oneshot::Sender<()>>,
+    stop_waiters: Vec<oneshot::Sender<Result<(), BrokerError>>>,
     span: tracing::Span,
 }
 
@@ -237,7 +239,7 @@ impl TokenActor {
     }
 
     /// Also tells `tx` when the actor has stopped.
-    pub(crate) fn notify_on_stop(&mut self, tx: oneshot::Sender<()>) {
+    pub(crate) fn notify_on_stop(&mut self, tx: oneshot::Sender<Result<(), BrokerError>>) {
         self.stop_waiters.push(tx);
     }
 
@@ -639,8 +641,23 @@ impl Actor for TokenActor {
                 location: location.clone(),
             }));
         }
+        // Rotated tokens that never reached the store die with the actor:
+        // whoever stopped it must hear so (a CLI must not exit 0).
+        let outcome = match &self.unsaved {
+            None => Ok(()),
+            Some(_) => Err(match &self.failure.last {
+                Some(err @ BrokerError::Store(_)) => err.clone(),
+                _ => BrokerError::Store(crate::store::StoreError::Write {
+                    path: self.cfg.location.clone().into(),
+                    cause: "the new tokens of a refresh could not be written before the broker stopped".into(),
+                }),
+            }),
+        };
+        if outcome.is_err() {
+            tracing::error!(parent: &self.span, "stopping with refreshed tokens that could not be written: the rotated refresh token is lost");
+        }
         for stop in self.stop_waiters.drain(..) {
-            let _ = stop.send(());
+            let _ = stop.send(outcome.clone());
         }
         debug!(parent: &self.span, "token actor stopped");
     }
@@ -731,17 +748,21 @@ impl Handler<GetStatus> for TokenActor {
 }
 
 impl Handler<Shutdown> for TokenActor {
-    type Result = ResponseFuture<()>;
+    type Result = ResponseFuture<Result<(), BrokerError>>;
 
     fn handle(&mut self, _msg: Shutdown, ctx: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
         let (tx, rx) = oneshot::channel();
         self.stop_waiters.push(tx);
         if !self.in_flight {
-            ctx.stop();
+            if self.unsaved.is_some() {
+                // One last attempt to write refreshed tokens we still hold,
+                // whatever the backoff says: after this they are lost.
+                self.start_cycle(ctx);
+            } else {
+                ctx.stop();
+            }
         }
-        Box::pin(async move {
-            let _ = rx.await;
-        })
+        Box::pin(async move { rx.await.unwrap_or(Ok(())) })
     }
 }

@@ -192,6 +192,11 @@ pub enum Failure {
     /// are kept; the next refresh waits for the backoff.
     #[error("the provider's new access token was already expired on arrival (clock skew or a broken provider)")]
     ExpiredOnArrival,
+    /// Another running broker (this process id) spent the refresh token and
+    /// has not written the new tokens yet; spending it again would burn the
+    /// credential.
+    #[error("another running token-broker (pid {0}) refreshed this credential and has not written the new tokens yet")]
+    UnsavedElsewhere(u32),
     /// A body larger than [`MAX_RESPONSE_BYTES`].
     #[error("HTTP {status} with a body over {MAX_RESPONSE_BYTES} bytes")]
     TooLarge {
@@ -213,7 +218,8 @@ impl Failure {
             | Failure::Status { .. }
             | Failure::RateLimited
             | Failure::NoUsableToken(_)
-            | Failure::ExpiredOnArrival => false,
+            | Failure::ExpiredOnArrival
+            | Failure::UnsavedElsewhere(_) => false,
         }
     }
 }

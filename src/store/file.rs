@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{StoreError, StoreLock, StoreVersion, MAX_FILE_BYTES};
+use super::{RefreshRecord, StoreError, StoreLock, StoreVersion, MAX_FILE_BYTES};
 use crate::credentials::RefreshToken;
 
 /// The identity of a file's contents: if none of these changed, nobody
@@ -269,22 +269,88 @@ fn marker_path(path: &Path) -> PathBuf {
     sibling(path, ".refreshing")
 }
 
-/// Durably records that `refresh_token` is about to be spent (its hash, the
-/// process id and the time; never the token).
+/// Durably records that `refresh_token` is about to be spent: its hash and
+/// who spends it (host, boot, process id and start time), never the token.
 pub(crate) fn write_marker(path: &Path, refresh_token: &RefreshToken) -> Result<(), StoreError> {
+    let me = Holder::current();
     let record = serde_json::json!({
-        "pid": std::process::id(),
+        "pid": me.pid,
+        "pid_start": me.pid_start,
+        "host": me.host,
+        "boot_id": me.boot_id,
         "started_at": crate::credentials::format_rfc3339(SystemTime::now()),
         "refresh_token_sha256": refresh_token.sha256_hex(),
     });
     write_atomic(&marker_path(path), format!("{record}\n").as_bytes())
 }
 
-/// The refresh-token hash in a marker left behind, if any.
-pub(crate) fn read_marker(path: &Path) -> Option<String> {
-    let bytes = fs::read(marker_path(path)).ok()?;
+/// The record left behind, if any.
+pub(crate) fn read_marker(path: &Path) -> Option<RefreshRecord> {
+    let bytes = read_bounded(&marker_path(path)).ok()?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    value.get("refresh_token_sha256")?.as_str().map(str::to_owned)
+    let hash = value.get("refresh_token_sha256")?.as_str()?.to_owned();
+    let holder = Holder {
+        pid: value.get("pid").and_then(|v| v.as_u64()).unwrap_or(0) as u32,
+        pid_start: value.get("pid_start").and_then(|v| v.as_u64()),
+        host: value.get("host").and_then(|v| v.as_str()).map(str::to_owned),
+        boot_id: value.get("boot_id").and_then(|v| v.as_str()).map(str::to_owned),
+    };
+    Some(RefreshRecord {
+        refresh_token_sha256: hash,
+        holder_alive: holder.is_alive(),
+        holder_pid: holder.pid,
+    })
+}
+
+/// Who wrote a refresh-in-progress record.
+struct Holder {
+    pid: u32,
+    /// The process's start time in clock ticks since boot (`/proc/PID/stat`
+    /// field 22): tells a live holder from a new process that reuses its id.
+    pid_start: Option<u64>,
+    host: Option<String>,
+    /// `/proc/sys/kernel/random/boot_id`: a reboot ends every holder.
+    boot_id: Option<String>,
+}
+
+impl Holder {
+    fn current() -> Self {
+        let pid = std::process::id();
+        Holder {
+            pid,
+            pid_start: process_start(pid),
+            host: read_trimmed("/proc/sys/kernel/hostname"),
+            boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
+        }
+    }
+
+    /// Whether the holder is provably still running: same host, same boot,
+    /// and a process with its id that started when it did. A record that
+    /// cannot be checked (another host, an older record) counts as left by
+    /// a holder that died.
+    fn is_alive(&self) -> bool {
+        let me = Holder::current();
+        let (Some(start), Some(host), Some(boot)) = (self.pid_start, &self.host, &self.boot_id) else {
+            return false;
+        };
+        me.host.as_ref() == Some(host) && me.boot_id.as_ref() == Some(boot) && process_start(self.pid) == Some(start)
+    }
+}
+
+fn read_trimmed(path: &str) -> Option<String> {
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// The start time of process `pid` (clock ticks since boot), if it runs.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After it come field 3 (state) onwards; the start time is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Removes the marker; a missing one is fine.

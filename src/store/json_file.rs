@@ -168,7 +168,7 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
         file::remove_marker(&self.path)
     }
 
-    fn interrupted_refresh(&self) -> Option<String> {
+    fn interrupted_refresh(&self) -> Option<super::RefreshRecord> {
         file::read_marker(&self.path)
     }
 }

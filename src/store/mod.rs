@@ -89,12 +89,27 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         None
     }
 
-    /// The SHA-256 (hex) of the refresh token whose refresh was interrupted,
-    /// if a record was left behind. Read under the lock: a record found then
-    /// was left by a holder that died.
-    fn interrupted_refresh(&self) -> Option<String> {
+    /// The refresh-in-progress record left behind, if any. Read under the
+    /// lock: a record found then was left by a holder that died, unless the
+    /// record shows its holder still running (a broker that refreshed, could
+    /// not write the new tokens, and keeps them to write later).
+    fn interrupted_refresh(&self) -> Option<RefreshRecord> {
         None
     }
+}
+
+/// A refresh-in-progress record found in a store (see
+/// [`Store::mark_refreshing`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefreshRecord {
+    /// The SHA-256 (hex) of the refresh token being spent.
+    pub refresh_token_sha256: String,
+    /// Whether the process that wrote it is provably still running (same
+    /// host and boot, same process start time). A live holder has spent the
+    /// token and holds the new tokens in memory: never spend it again.
+    pub holder_alive: bool,
+    /// The holder's process id, for messages.
+    pub holder_pid: u32,
 }
 
 /// A cheap identity of a store's contents; equal versions mean "unchanged".

@@ -342,7 +342,8 @@ async fn tokens_that_cannot_be_written_are_kept_and_written_later() {
     tokens.account_id = Some(issued.account_id.clone());
     let store = Arc::new(FailingSaves {
         inner: token_broker::store::MemoryStore::new(tokens),
-        failures_left: std::sync::atomic::AtomicU32::new(1),
+        // One more failure than the broker's retries under the lock.
+        failures_left: std::sync::atomic::AtomicU32::new(4),
     });
     let broker = token_broker::TokenBroker::codex()
         .store(store.clone())
@@ -388,7 +389,8 @@ async fn unwritten_tokens_never_overwrite_newer_ones() {
     };
     let store = Arc::new(FailingSaves {
         inner: token_broker::store::MemoryStore::new(set(&issued)),
-        failures_left: std::sync::atomic::AtomicU32::new(1),
+        // One more failure than the broker's retries under the lock.
+        failures_left: std::sync::atomic::AtomicU32::new(4),
     });
     let broker = token_broker::TokenBroker::codex()
         .store(store.clone())

@@ -186,6 +186,24 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
         return wait_for_winner(cfg, &on_disk, deadline, reason, refresh_token).await;
     }
 
+    // A writer killed between writing its temporary file and renaming it
+    // left the rotated tokens there: adopt them rather than spending the
+    // old refresh token again.
+    if interrupted {
+        let store = cfg.store.clone();
+        if let Some(orphan) = blocking(move || Ok(store.recover_interrupted())).await? {
+            let same_account = orphan.account_id == on_disk.account_id;
+            let newer = orphan.refresh_token.is_some() && orphan.refresh_token != on_disk.refresh_token;
+            if same_account && newer {
+                warn!(access = %orphan.access_token.fingerprint(), "recovering the tokens an interrupted refresh left in its temporary file");
+                return Ok(match save(cfg, orphan, on_disk).await? {
+                    CycleOutcome::Refreshed(tokens, version) => CycleOutcome::Adopted(tokens, version),
+                    other => other,
+                });
+            }
+        }
+    }
+
     // Record the attempt before the token leaves the process: if we are
     // killed before saving the result, the next holder of the lock knows.
     let store = cfg.store.clone();
@@ -196,6 +214,29 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
         interrupted.then(|| "an earlier attempt ended before its result was saved".to_owned());
     let mut attempt = 1;
     loop {
+        // The last moment before the token leaves: is the lock still ours?
+        if !lock.is_valid() {
+            warn!("the lock file was deleted or replaced while held; spending nothing and trying again");
+            if attempt == 1 {
+                // Our record, for a token we did not send: remove it, unless
+                // a broker that got in meanwhile has replaced it with its own.
+                let store = cfg.store.clone();
+                blocking(move || match store.interrupted_refresh() {
+                    Some(record) if record.holder_pid == std::process::id() => store.clear_refreshing(),
+                    _ => Ok(()),
+                })
+                .await?;
+            }
+            return Err(BrokerError::Unavailable {
+                location: cfg.location.clone(),
+                cause: crate::provider::RefreshError::Transient {
+                    endpoint: cfg.provider.token_url().to_owned(),
+                    kind: crate::provider::Failure::LockLost,
+                    retry_after: None,
+                },
+                retry_in: None,
+            });
+        }
         requests.fetch_add(1, Ordering::Relaxed);
         info!(refresh = %refresh_token.fingerprint(), ?state, rejected, attempt, "spending the refresh token");
         let error = match cfg.provider.refresh(&refresh_token).await {

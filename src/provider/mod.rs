@@ -197,6 +197,10 @@ pub enum Failure {
     /// credential.
     #[error("another running token-broker (pid {0}) refreshed this credential and has not written the new tokens yet")]
     UnsavedElsewhere(u32),
+    /// The lock file was deleted or replaced while held, so another broker
+    /// could have entered: nothing was spent.
+    #[error("the lock file was deleted or replaced while held; nothing was spent")]
+    LockLost,
     /// A body larger than [`MAX_RESPONSE_BYTES`].
     #[error("HTTP {status} with a body over {MAX_RESPONSE_BYTES} bytes")]
     TooLarge {
@@ -219,7 +223,8 @@ impl Failure {
             | Failure::RateLimited
             | Failure::NoUsableToken(_)
             | Failure::ExpiredOnArrival
-            | Failure::UnsavedElsewhere(_) => false,
+            | Failure::UnsavedElsewhere(_)
+            | Failure::LockLost => false,
         }
     }
 }

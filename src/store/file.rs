@@ -26,33 +26,82 @@ pub struct FileVersion {
 /// lock that blocks others.
 #[derive(Debug)]
 pub struct FileLock {
-    _file: File,
+    file: File,
+    /// With the brokers' lock: a lock on the credentials file's own inode,
+    /// the one lock a broker in a container that bind-mounts the file
+    /// shares with brokers outside it.
+    _data: Option<File>,
+    /// The lock file's path, to check that it is still the file there.
+    path: PathBuf,
 }
 
-/// Reads a credentials file, refusing directories, unreadable files and
-/// anything larger than [`MAX_FILE_BYTES`].
+impl FileLock {
+    /// Whether the lock still excludes others: its lock file has not been
+    /// deleted or replaced (`rm auth.json.broker.lock`) since it was taken.
+    pub fn is_valid(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(held), Ok(now)) = (self.file.metadata(), fs::symlink_metadata(&self.path)) else {
+            return false;
+        };
+        held.nlink() > 0 && held.dev() == now.dev() && held.ino() == now.ino()
+    }
+}
+
+/// Reads a credentials file (following a symbolic link), refusing
+/// directories, FIFOs and other files that are not regular, unreadable
+/// files and anything larger than [`MAX_FILE_BYTES`].
 pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>, StoreError> {
+    read_regular(path, true)
+}
+
+/// Reads one of our own sidecar files (a record); a symbolic link there is
+/// refused, never followed.
+fn read_sidecar(path: &Path) -> Result<Vec<u8>, StoreError> {
+    read_regular(path, false)
+}
+
+fn read_regular(path: &Path, follow: bool) -> Result<Vec<u8>, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let unreadable = |e: io::Error| StoreError::Unreadable {
         path: path.to_path_buf(),
         cause: describe_io(&e),
     };
-    let file = File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) => {
-            StoreError::Unreadable {
-                path: path.to_path_buf(),
-                cause: "it is a symbolic link to a file that does not exist".into(),
+    // O_NONBLOCK: opening a FIFO must not wait for a writer that never comes.
+    let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) => {
+                StoreError::Unreadable {
+                    path: path.to_path_buf(),
+                    cause: "it is a symbolic link to a file that does not exist".into(),
+                }
             }
-        }
-        io::ErrorKind::NotFound => StoreError::NotFound {
-            path: path.to_path_buf(),
-        },
-        _ => unreadable(e),
-    })?;
+            io::ErrorKind::NotFound => StoreError::NotFound {
+                path: path.to_path_buf(),
+            },
+            _ if e.raw_os_error() == Some(libc::ELOOP) => StoreError::Unreadable {
+                path: path.to_path_buf(),
+                cause: "it is a symbolic link, which token-broker never follows for its own records".into(),
+            },
+            _ => unreadable(e),
+        })?;
     let meta = file.metadata().map_err(unreadable)?;
     if meta.is_dir() {
         return Err(StoreError::Unreadable {
             path: path.to_path_buf(),
             cause: "it is a directory".into(),
+        });
+    }
+    if !meta.is_file() {
+        return Err(StoreError::Unreadable {
+            path: path.to_path_buf(),
+            cause: "it is not a regular file (a FIFO, a socket or a device)".into(),
         });
     }
     if meta.len() > MAX_FILE_BYTES {
@@ -113,11 +162,49 @@ pub(crate) fn optional_string<'a>(
     }
 }
 
-/// Writes `bytes` to `path` atomically and durably: a temporary file in the
-/// same folder (mode 0600), fsync, rename over the target, fsync the folder.
-/// A crash at any instant leaves either the old file or the new one.
+/// Writes `bytes` to the credentials file at `path` (through a symbolic
+/// link, to the file it names) atomically and durably: a temporary file in
+/// the same folder, fsync, rename over the target, fsync the folder. A crash
+/// at any instant leaves either the old file or the new one. The new file
+/// keeps the old one's owner, group and mode (a broker run as root on a
+/// user's file must not take it from the user).
+///
+/// A file that a rename cannot replace (a single-file bind mount, whose
+/// device differs from its folder's; a file with several hard links, which
+/// a rename would split) is rewritten in place instead: readers may catch
+/// it half-written for an instant and retry, as token-broker's own do.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let target = resolve_link(path);
+    let old = fs::metadata(&target).ok();
+    if let Some(meta) = &old {
+        if !replaceable_by_rename(&target, meta) {
+            return write_in_place(path, &target, bytes);
+        }
+    }
+    replace(path, &target, bytes, old.as_ref())
+}
+
+/// Writes one of our own sidecar files (a record) at `path` by the same
+/// atomic replacement, never following a symbolic link planted there (the
+/// rename replaces the link itself), owned like the credentials file
+/// `owner_of`.
+fn write_sidecar(path: &Path, bytes: &[u8], owner_of: &Path) -> Result<(), StoreError> {
+    let reference = fs::metadata(resolve_link(owner_of)).ok();
+    replace(path, path, bytes, reference.as_ref())
+}
+
+/// Whether a rename over `target` replaces the file every other reader sees.
+pub(crate) fn replaceable_by_rename(target: &Path, meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let same_device = fs::metadata(dir).is_ok_and(|d| d.dev() == meta.dev());
+    same_device && meta.nlink() <= 1
+}
+
+fn replace(path: &Path, target: &Path, bytes: &[u8], like: Option<&fs::Metadata>) -> Result<(), StoreError> {
     let write_err = |e: io::Error| StoreError::Write {
         path: path.to_path_buf(),
         cause: describe_io(&e),
@@ -126,19 +213,121 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> 
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let prefix = temp_prefix(&target);
+    let prefix = temp_prefix(target);
     sweep_temp_files(&dir, &prefix);
-    // tempfile creates the file with mode 0600 on Unix.
+    // tempfile creates the file with O_EXCL and mode 0600 on Unix.
     let mut tmp = tempfile::Builder::new()
         .prefix(&prefix)
         .suffix(".tmp")
         .tempfile_in(&dir)
         .map_err(write_err)?;
+    if let Some(like) = like {
+        take_owner_and_mode(tmp.as_file(), like).map_err(|cause| StoreError::Write {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+    }
     tmp.write_all(bytes).map_err(write_err)?;
     tmp.as_file().sync_all().map_err(write_err)?;
-    tmp.persist(&target).map_err(|e| write_err(e.error))?;
+    if let Err(e) = tmp.persist(target) {
+        // A mount point (a single-file bind mount the check above could not
+        // see, on the same filesystem as its folder) cannot be renamed over:
+        // rewrite it in place instead of losing the tokens.
+        if like.is_some() && e.error.raw_os_error() == Some(libc::EBUSY) {
+            return write_in_place(path, target, bytes);
+        }
+        return Err(write_err(e.error));
+    }
     File::open(&dir).and_then(|d| d.sync_all()).map_err(write_err)?;
     Ok(())
+}
+
+/// Rewrites `target` in place: write from the start, cut to length, fsync.
+fn write_in_place(path: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let write_err = |e: io::Error| StoreError::Write {
+        path: path.to_path_buf(),
+        cause: describe_io(&e),
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(target)
+        .map_err(write_err)?;
+    if !file.metadata().map_err(write_err)?.is_file() {
+        return Err(StoreError::Write {
+            path: path.to_path_buf(),
+            cause: "it is not a regular file".into(),
+        });
+    }
+    file.write_all(bytes).map_err(write_err)?;
+    file.set_len(bytes.len() as u64).map_err(write_err)?;
+    file.sync_all().map_err(write_err)?;
+    Ok(())
+}
+
+/// Gives `file` the owner and group of `like`, so that a broker run as root
+/// (cron, sudo) on a user's file leaves a file the user and the Codex CLI
+/// can still read. The mode stays 0600, as the Codex CLI writes it: a
+/// credentials file is never made readable by others. Changing the owner
+/// takes privilege: when that fails the write is refused, rather than
+/// leaving a file its owner can no longer read.
+fn take_owner_and_mode(file: &File, like: &fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let mine = file.metadata().map_err(|e| describe_io(&e))?;
+    if mine.uid() != like.uid() || mine.gid() != like.gid() {
+        std::os::unix::fs::fchown(file, Some(like.uid()), Some(like.gid())).map_err(|e| {
+            format!(
+                "the file belongs to uid {} gid {}, and the new file could not be given that owner ({}); \
+                 run token-broker as that user",
+                like.uid(),
+                like.gid(),
+                describe_io(&e)
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// A lock file we created as root for another user's credentials must stay
+/// usable by that user (and the Codex CLI it runs): give it their owner.
+fn share_with_owner(file: &File, credentials: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let (Ok(mine), Ok(theirs)) = (file.metadata(), fs::metadata(resolve_link(credentials))) else {
+        return;
+    };
+    if mine.uid() == 0 && theirs.uid() != 0 {
+        let _ = std::os::unix::fs::fchown(file, Some(theirs.uid()), Some(theirs.gid()));
+    }
+}
+
+/// Orphaned temporary files of the credentials file at `path`, newest
+/// first: each is what a killed writer meant to rename over the file.
+pub(crate) fn orphans(path: &Path) -> Vec<Vec<u8>> {
+    let target = resolve_link(path);
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let prefix = temp_prefix(&target);
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".tmp")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.into_iter().filter_map(|(_, p)| read_sidecar(&p).ok()).collect()
 }
 
 /// The prefix of the temporary files that replace `target`:
@@ -195,18 +384,60 @@ pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
 
 /// Takes the brokers' exclusive lock on `path`, polling until `timeout`.
 pub(crate) fn lock(path: &Path, timeout: Duration) -> Result<StoreLock, StoreError> {
-    let file = lock_file(&broker_lock_path(path), Instant::now() + timeout, timeout)?;
-    Ok(StoreLock::File(FileLock { _file: file }))
+    let deadline = Instant::now() + timeout;
+    let lock_path = broker_lock_path(path);
+    let file = lock_file(&lock_path, path, deadline, timeout)?;
+    let data = lock_data_file(path, deadline, timeout)?;
+    Ok(StoreLock::File(FileLock {
+        file,
+        _data: data,
+        path: lock_path,
+    }))
 }
 
-/// Takes the commit locks of another program that writes the same file, in
-/// the order that program takes them, polling each until `timeout` (shared).
-/// Held only around a re-read, a compare and a rename: milliseconds.
-pub(crate) fn commit_locks(paths: &[PathBuf], timeout: Duration) -> Result<Vec<FileLock>, StoreError> {
+/// Locks the credentials file's own inode (never written through this
+/// descriptor), polling until `deadline`. A file that cannot be opened is
+/// skipped: the load that follows reports it.
+fn lock_data_file(path: &Path, deadline: Instant, timeout: Duration) -> Result<Option<File>, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return Ok(None);
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Ok(None);
+    }
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(_)) => return Ok(None),
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(StoreError::LockTimeout {
+                path: path.to_path_buf(),
+                waited: timeout,
+            });
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// Takes the commit locks of another program that writes the credentials
+/// file at `credentials`, in the order that program takes them, polling each
+/// until `timeout` (shared). Held only around a re-read, a compare and a
+/// rename: milliseconds.
+pub(crate) fn commit_locks(paths: &[PathBuf], credentials: &Path, timeout: Duration) -> Result<Vec<File>, StoreError> {
     let deadline = Instant::now() + timeout;
     paths
         .iter()
-        .map(|p| lock_file(p, deadline, timeout).map(|file| FileLock { _file: file }))
+        .map(|p| lock_file(p, credentials, deadline, timeout))
         .collect()
 }
 
@@ -216,7 +447,7 @@ pub(crate) fn commit_locks(paths: &[PathBuf], timeout: Duration) -> Result<Vec<F
 /// A lock file deleted or replaced while we waited (someone ran `rm` on it)
 /// would give us a lock nobody else sees: after each successful `flock` the
 /// open file must still be the one at the path, else we start again.
-fn lock_file(lock_path: &Path, deadline: Instant, timeout: Duration) -> Result<File, StoreError> {
+fn lock_file(lock_path: &Path, credentials: &Path, deadline: Instant, timeout: Duration) -> Result<File, StoreError> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let open_err = |e: io::Error| StoreError::Write {
         path: lock_path.to_path_buf(),
@@ -232,7 +463,20 @@ fn lock_file(lock_path: &Path, deadline: Instant, timeout: Duration) -> Result<F
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(lock_path)
-            .map_err(open_err)?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => StoreError::Write {
+                    path: lock_path.to_path_buf(),
+                    cause: "it is a symbolic link, which token-broker never follows for a lock file".into(),
+                },
+                _ => open_err(e),
+            })?;
+        if !file.metadata().map_err(open_err)?.is_file() {
+            return Err(StoreError::Write {
+                path: lock_path.to_path_buf(),
+                cause: "it is not a regular file (a FIFO, a socket or a device)".into(),
+            });
+        }
+        share_with_owner(&file, credentials);
         loop {
             match file.try_lock() {
                 Ok(()) => break,
@@ -281,12 +525,12 @@ pub(crate) fn write_marker(path: &Path, refresh_token: &RefreshToken) -> Result<
         "started_at": crate::credentials::format_rfc3339(SystemTime::now()),
         "refresh_token_sha256": refresh_token.sha256_hex(),
     });
-    write_atomic(&marker_path(path), format!("{record}\n").as_bytes())
+    write_sidecar(&marker_path(path), format!("{record}\n").as_bytes(), path)
 }
 
 /// The record left behind, if any.
 pub(crate) fn read_marker(path: &Path) -> Option<RefreshRecord> {
-    let bytes = read_bounded(&marker_path(path)).ok()?;
+    let bytes = read_sidecar(&marker_path(path)).ok()?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let hash = value.get("refresh_token_sha256")?.as_str()?.to_owned();
     let holder = Holder {
@@ -376,7 +620,7 @@ const REFUSED_KEPT: usize = 32;
 
 /// The refused-token record: `(sha256 hex, when)`, newest last.
 fn read_refused(path: &Path) -> Vec<(String, SystemTime)> {
-    let Ok(bytes) = read_bounded(&refused_path(path)) else {
+    let Ok(bytes) = read_sidecar(&refused_path(path)) else {
         return Vec::new();
     };
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
@@ -417,7 +661,7 @@ pub(crate) fn record_refused(path: &Path, refresh_token: &RefreshToken) -> Resul
         })
         .collect();
     let record = serde_json::json!({ "refused": list });
-    write_atomic(&refused_path(path), format!("{record}\n").as_bytes())
+    write_sidecar(&refused_path(path), format!("{record}\n").as_bytes(), path)
 }
 
 /// When the provider refused `refresh_token`, if a broker recorded that.

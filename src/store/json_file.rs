@@ -127,7 +127,7 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
 
     fn save(&self, tokens: &TokenSet, replaces: &TokenSet) -> Result<(), StoreError> {
         // Other writers' commit locks, in their order, for milliseconds.
-        let _commit = file::commit_locks(&F::commit_lock_paths(&self.path), COMMIT_LOCK_TIMEOUT)?;
+        let _commit = file::commit_locks(&F::commit_lock_paths(&self.path), &self.path, COMMIT_LOCK_TIMEOUT)?;
         // Patch the file as it is now, so keys we do not own survive even if
         // someone added them since we loaded it. A file we cannot parse is
         // never overwritten.
@@ -166,6 +166,12 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
 
     fn clear_refreshing(&self) -> Result<(), StoreError> {
         file::remove_marker(&self.path)
+    }
+
+    fn recover_interrupted(&self) -> Option<TokenSet> {
+        file::orphans(&self.path)
+            .into_iter()
+            .find_map(|bytes| Self::parse(&self.path, &bytes).ok())
     }
 
     fn interrupted_refresh(&self) -> Option<super::RefreshRecord> {

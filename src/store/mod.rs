@@ -89,6 +89,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// The complete tokens a writer killed mid-write left behind (for a
+    /// file: a parseable temporary file it never renamed), newest first.
+    /// Read under the lock after a record shows an interrupted refresh: the
+    /// rotated tokens may be there, and can be adopted instead of spending
+    /// the old refresh token again.
+    fn recover_interrupted(&self) -> Option<TokenSet> {
+        None
+    }
+
     /// The refresh-in-progress record left behind, if any. Read under the
     /// lock: a record found then was left by a holder that died, unless the
     /// record shows its holder still running (a broker that refreshed, could
@@ -127,6 +136,19 @@ pub enum StoreLock {
     InProcess(parking_lot::ArcMutexGuard<parking_lot::RawMutex, ()>),
     /// An advisory lock on a sibling lock file.
     File(FileLock),
+}
+
+impl StoreLock {
+    /// Whether the lock still excludes every other broker. A file lock
+    /// whose lock file was deleted or replaced while held no longer does:
+    /// a newcomer creates a new lock file and gets in. Checked right before
+    /// a refresh token is spent.
+    pub fn is_valid(&self) -> bool {
+        match self {
+            StoreLock::InProcess(_) => true,
+            StoreLock::File(lock) => lock.is_valid(),
+        }
+    }
 }
 
 impl fmt::Debug for StoreLock {

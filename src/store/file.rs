@@ -326,7 +326,7 @@ pub(crate) fn orphans(path: &Path) -> Vec<Vec<u8>> {
         })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     found.into_iter().filter_map(|(_, p)| read_sidecar(&p).ok()).collect()
 }
 

@@ -63,13 +63,15 @@ fn retry_hint(retry_in: Option<Duration>) -> String {
 impl BrokerError {
     /// The CLI's exit code for this error: 2 usage or configuration, 3
     /// credentials file missing, unreadable or invalid, 4 login required,
-    /// 5 provider unavailable, 1 anything else.
+    /// 5 provider unavailable or another process refreshing (try again
+    /// later), 1 anything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             BrokerError::Config(_) => 2,
-            BrokerError::Store(
-                StoreError::LockTimeout { .. } | StoreError::Write { .. } | StoreError::Conflict { .. },
-            ) => 1,
+            // Another process is refreshing: like a provider that is busy,
+            // try again later.
+            BrokerError::Store(StoreError::LockTimeout { .. }) => 5,
+            BrokerError::Store(StoreError::Write { .. } | StoreError::Conflict { .. }) => 1,
             BrokerError::Store(_) => 3,
             BrokerError::LoginRequired { .. } => 4,
             BrokerError::Unavailable { .. } => 5,

@@ -15,10 +15,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use crate::actor::{
-    Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_LOCK_TIMEOUT,
-    DEFAULT_WINNER_WAIT,
-};
+use crate::actor::{Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_WINNER_WAIT};
 use crate::credentials::AccessToken;
 use crate::error::BrokerError;
 use crate::policy::{RefreshPolicy, CODEX_REFRESH_MARK, DEFAULT_REFRESH_AHEAD};
@@ -271,7 +268,7 @@ pub struct BrokerBuilder {
     client_auth: ClientAuth,
     refresh_ahead: Duration,
     http_timeout: Duration,
-    lock_timeout: Duration,
+    lock_timeout: Option<Duration>,
     watch_interval: Duration,
     winner_wait: Duration,
     keep_fresh: Option<bool>,
@@ -288,7 +285,7 @@ impl BrokerBuilder {
             client_auth: ClientAuth::None,
             refresh_ahead: DEFAULT_REFRESH_AHEAD,
             http_timeout: DEFAULT_HTTP_TIMEOUT,
-            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            lock_timeout: None,
             watch_interval: DEFAULT_WATCH_INTERVAL,
             winner_wait: DEFAULT_WINNER_WAIT,
             keep_fresh: None,
@@ -343,9 +340,12 @@ impl BrokerBuilder {
         self
     }
 
-    /// How long a refresh waits for another process's lock (default 60 s).
+    /// How long a refresh waits for another broker's lock. The default is
+    /// as long as a legitimate holder can need: two token requests (an
+    /// unknown outcome is retried once), the wait for a winner's tokens and
+    /// a margin of 10 s (78 s with the default 30 s request timeout).
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.lock_timeout = timeout;
+        self.lock_timeout = Some(timeout);
         self
     }
 
@@ -452,7 +452,12 @@ impl BrokerBuilder {
             policy,
             winner_wait: self.winner_wait,
             keep_fresh: self.keep_fresh.unwrap_or(codex),
-            lock_timeout: self.lock_timeout,
+            lock_timeout: self.lock_timeout.unwrap_or_else(|| {
+                self.http_timeout
+                    .saturating_mul(2)
+                    .saturating_add(self.winner_wait)
+                    .saturating_add(Duration::from_secs(10))
+            }),
             watch_interval: self.watch_interval,
             location: location.clone(),
             login_hint,

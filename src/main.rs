@@ -1,7 +1,9 @@
 //! `token-broker`: a thin command line over the library.
 //!
 //! Exit codes: 0 ok; 2 usage error; 3 credentials file missing, unreadable
-//! or invalid; 4 login required; 5 provider unavailable; 1 anything else.
+//! or invalid; 4 login required; 5 provider unavailable or another process
+//! refreshing (try again later); 1 anything else; 128+N stopped by signal N
+//! (after any refresh in flight was written).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -322,6 +324,19 @@ fn client_auth(args: &CredentialArgs) -> Result<ClientAuth, BrokerError> {
 
 async fn print_token(broker: &TokenBroker) -> Result<(), CliError> {
     let token = broker.token().await?;
+    // A still-valid token is served even when the credential can no longer
+    // be refreshed (or the last refresh failed): say so, or the first sign
+    // of trouble is an outage when the token expires.
+    // The refresh behind a token inside the refresh-ahead window runs on:
+    // report how it ends (the token is printed either way, below).
+    let mut status = broker.status().await.ok();
+    while status.as_ref().is_some_and(|s| s.refreshing) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = broker.status().await.ok();
+    }
+    if let Some(error) = status.and_then(|s| s.last_error) {
+        let _ = writeln!(std::io::stderr(), "token-broker: warning: {error}");
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", token.expose())
         .and_then(|()| out.flush())

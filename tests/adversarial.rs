@@ -7,6 +7,8 @@
 //! - `files`: the credentials file and its neighbours are tampered with
 //!   (deleted lock files, symlinks, FIFOs, bind mounts, foreign owners).
 //! - `process`: the broker process is signalled, stopped or starved.
+//! - `tokens`: odd tokens from the provider (no usable `exp`, skewed clocks,
+//!   expired on arrival, another spelling of the account).
 
 mod common;
 
@@ -16,3 +18,5 @@ mod files;
 mod process;
 #[path = "adversarial/provider.rs"]
 mod provider;
+#[path = "adversarial/tokens.rs"]
+mod tokens;

@@ -463,6 +463,3 @@ fn after_spend(e: BrokerError) -> BrokerError {
 
 /// How long to wait before the one retry of a refresh whose outcome is unknown.
 const UNKNOWN_OUTCOME_RETRY_DELAY: Duration = Duration::from_millis(200);
-
-/// The default time a cycle waits for another process's lock.
-pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);

@@ -23,7 +23,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-pub use cycle::{DEFAULT_LOCK_TIMEOUT, DEFAULT_WINNER_WAIT};
+pub use cycle::DEFAULT_WINNER_WAIT;
 
 use crate::credentials::{AccessToken, RefreshToken, TokenSet};
 use crate::error::BrokerError;

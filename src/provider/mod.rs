@@ -81,11 +81,15 @@ impl Refreshed {
     pub fn into_token_set(self, old: &TokenSet, now: SystemTime) -> TokenSet {
         let new = self;
         let id_token = new.id_token.or_else(|| old.id_token.clone());
-        let account_id = id_token
-            .as_ref()
-            .and_then(|t| decode_claims(t.expose()).ok())
-            .and_then(|c| c.chatgpt_account_id())
-            .or_else(|| old.account_id.clone());
+        // A refresh never changes the account: the one the credentials
+        // already name stays (even if the new id token's claim spells it
+        // differently); the claim only fills in a missing one.
+        let account_id = old.account_id.clone().or_else(|| {
+            id_token
+                .as_ref()
+                .and_then(|t| decode_claims(t.expose()).ok())
+                .and_then(|c| c.chatgpt_account_id())
+        });
         let from_expires_in = new.expires_in.map(|life| Expiry {
             at: now + life,
             lifetime: Some(life),

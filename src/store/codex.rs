@@ -29,7 +29,8 @@ use super::file::{optional_string, required_string};
 use super::json_file::{FileFormat, JsonFileStore};
 use super::StoreError;
 use crate::credentials::{
-    decode_claims, expiry_of, format_rfc3339, parse_rfc3339, AccessToken, IdToken, RefreshToken, TokenSet,
+    decode_claims, expiry_of, format_rfc3339, parse_rfc3339, AccessToken, Expiry, ExpirySource, IdToken, RefreshToken,
+    TokenSet,
 };
 
 /// The layout of the Codex CLI's `auth.json`.
@@ -87,7 +88,40 @@ impl FileFormat for CodexFormat {
         if let Some(at) = tokens.last_refresh {
             root.insert("last_refresh".into(), Value::String(format_rfc3339(at)));
         }
+        // An access token whose own `exp` cannot be trusted (none, unreadable,
+        // implausible, or past on arrival by our clock): record what the
+        // provider's `expires_in` said, for this very token, so that the file
+        // we write is one we can load. The Codex CLI ignores the key and drops
+        // it when it rewrites the file.
+        if tokens.expiry.is_some_and(|e| e.source == ExpirySource::JwtExp) {
+            root.remove(RECORD_KEY);
+        } else {
+            root.insert(
+                RECORD_KEY.into(),
+                serde_json::json!({
+                    "access_token_sha256": tokens.access_token.sha256_hex(),
+                    "expires_at": tokens.expiry.map(|e| format_rfc3339(e.at)),
+                }),
+            );
+        }
         Ok(())
+    }
+}
+
+/// The key under which the broker records what it knows of an access token
+/// whose own `exp` it could not use.
+const RECORD_KEY: &str = "token_broker";
+
+/// The expiry the broker recorded for `access` (`Some(None)`: recorded as
+/// unknown), if the record names this very token.
+fn broker_record(root: &Map<String, Value>, access: &AccessToken) -> Option<Option<std::time::SystemTime>> {
+    let record = root.get(RECORD_KEY)?.as_object()?;
+    if record.get("access_token_sha256")?.as_str()? != access.sha256_hex() {
+        return None;
+    }
+    match record.get("expires_at") {
+        Some(Value::String(at)) => Some(Some(parse_rfc3339(at)?)),
+        _ => Some(None),
     }
 }
 
@@ -112,15 +146,29 @@ fn read_codex(path: &Path, root: &Map<String, Value>) -> Result<TokenSet, StoreE
         ),
         Some(_) => return Err(StoreError::invalid(path, "`last_refresh` is not a string")),
     };
-    let expiry = expiry_of(access, None).map_err(|e| StoreError::invalid(path, format!("tokens.access_token: {e}")))?;
-    // Codex access tokens are JWTs with `exp`: without one there is no way
-    // to tell a valid token from a dead one.
-    if expiry.is_none() {
-        return Err(StoreError::invalid(
-            path,
-            "tokens.access_token has no expiry (it is not a JWT with an `exp` claim)",
-        ));
-    }
+    let access_token = AccessToken::new(access);
+    let expiry = match broker_record(root, &access_token) {
+        // What the broker learnt from the provider when it wrote this very
+        // token (a stored expiry, or "unknown": use it until rejected).
+        Some(stored) => stored.map(|at| Expiry {
+            at,
+            lifetime: None,
+            source: ExpirySource::Stored,
+        }),
+        None => {
+            let expiry =
+                expiry_of(access, None).map_err(|e| StoreError::invalid(path, format!("tokens.access_token: {e}")))?;
+            // Codex access tokens are JWTs with `exp`: without one there is
+            // no way to tell a valid token from a dead one.
+            if expiry.is_none() {
+                return Err(StoreError::invalid(
+                    path,
+                    "tokens.access_token has no expiry (it is not a JWT with an `exp` claim)",
+                ));
+            }
+            expiry
+        }
+    };
     let account_id = match optional_string(path, tokens, "account_id")? {
         Some(id) => Some(id.to_owned()),
         None => id_token
@@ -129,7 +177,7 @@ fn read_codex(path: &Path, root: &Map<String, Value>) -> Result<TokenSet, StoreE
             .or_else(|| decode_claims(access).ok().and_then(|c| c.chatgpt_account_id())),
     };
     Ok(TokenSet {
-        access_token: AccessToken::new(access),
+        access_token,
         refresh_token: refresh.map(RefreshToken::new),
         id_token: id_token.map(IdToken::new),
         account_id,

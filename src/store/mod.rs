@@ -208,8 +208,10 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
-    /// Another process held the lock for longer than the timeout.
-    #[error("timed out after {waited:?} waiting for the lock on {path}")]
+    /// Another process held the lock for longer than the timeout: it is
+    /// refreshing (slowly). Try again later; killing it mid-refresh could
+    /// lose the new tokens.
+    #[error("timed out after {} waiting for the lock on {path}: another process is refreshing this credential; try again later (killing it mid-refresh could lose the new tokens)", crate::status::human_duration(*.waited))]
     LockTimeout {
         /// The lock file.
         path: PathBuf,

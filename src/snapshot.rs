@@ -5,13 +5,17 @@
 //! its own copy of the token, revalidated by one atomic load of a generation
 //! counter that the actor bumps on every change. Handing out a token then
 //! touches only that thread's memory: no shared reference count bouncing
-//! between cores, no lock, no clock read. (The actor withdraws the token
-//! with a timer when its refresh-ahead window opens, so readers never need
-//! the time.)
+//! between cores, no lock. The actor withdraws the token with a timer when
+//! its refresh-ahead window opens; that timer runs on the monotonic clock,
+//! which stands still while the machine is suspended, so every read also
+//! compares the coarse wall clock (a few nanoseconds: a memory read in the
+//! vDSO) with the token's wall-clock deadline. After a resume, or a jump of
+//! the wall clock, a token past its deadline is never served as fresh.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 
@@ -27,13 +31,20 @@ pub(crate) struct Snapshot {
     /// Bumped after every change of `token`.
     generation: AtomicU64,
     token: ArcSwapOption<AccessToken>,
+    /// Whole Unix seconds from which `token` is no longer fresh
+    /// ([`NO_DEADLINE`]: until withdrawn).
+    fresh_until: AtomicU64,
 }
+
+/// A published token without a wall-clock deadline.
+const NO_DEADLINE: u64 = u64::MAX;
 
 /// A thread's copy of one snapshot.
 struct Entry {
     id: u64,
     generation: u64,
     token: Option<AccessToken>,
+    fresh_until: u64,
     owner: Weak<Snapshot>,
 }
 
@@ -48,17 +59,24 @@ impl Snapshot {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             generation: AtomicU64::new(0),
             token: ArcSwapOption::empty(),
+            fresh_until: AtomicU64::new(NO_DEADLINE),
         })
     }
 
-    /// Publishes `token` as fresh, or withdraws the current one (`None`).
-    pub(crate) fn publish(&self, token: Option<&AccessToken>) {
+    /// Publishes `token` as fresh until `until` on the wall clock (`None`:
+    /// until withdrawn), or withdraws the current one (`None`).
+    pub(crate) fn publish(&self, token: Option<&AccessToken>, until: Option<SystemTime>) {
+        let until = until.map_or(NO_DEADLINE, |at| {
+            at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+        });
+        self.fresh_until.store(until, Ordering::Relaxed);
         self.token.store(token.map(|t| Arc::new(t.clone())));
         // Release: a reader that sees the new generation sees the new token.
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// The fresh token, if one is published.
+    /// The fresh token, if one is published and its wall-clock deadline
+    /// has not passed.
     #[inline]
     pub(crate) fn read(self: &Arc<Self>) -> Option<AccessToken> {
         let generation = self.generation.load(Ordering::Acquire);
@@ -69,22 +87,41 @@ impl Snapshot {
                     if entry.generation != generation {
                         entry.generation = generation;
                         entry.token = self.load_private_copy();
+                        entry.fresh_until = self.fresh_until.load(Ordering::Relaxed);
+                    }
+                    if entry.fresh_until != NO_DEADLINE && coarse_unix_secs() >= entry.fresh_until {
+                        return None;
                     }
                     return entry.token.clone();
                 }
                 // First read on this thread: forget copies of dropped brokers.
                 copies.retain(|e| e.owner.strong_count() > 0);
                 let token = self.load_private_copy();
+                let fresh_until = self.fresh_until.load(Ordering::Relaxed);
                 copies.push(Entry {
                     id: self.id,
                     generation,
                     token: token.clone(),
+                    fresh_until,
                     owner: Arc::downgrade(self),
                 });
-                token
+                token.filter(|_| fresh_until == NO_DEADLINE || coarse_unix_secs() < fresh_until)
             })
             // The thread is shutting down: read without caching.
-            .unwrap_or_else(|_| self.token.load().as_deref().cloned())
+            .unwrap_or_else(|_| {
+                let until = self.fresh_until.load(Ordering::Relaxed);
+                self.token
+                    .load()
+                    .as_deref()
+                    .cloned()
+                    .filter(|_| until == NO_DEADLINE || coarse_unix_secs() < until)
+            })
+    }
+
+    /// Whether a token published with wall-clock deadline `until` is still
+    /// fresh now (for the actor, which has the precise deadline).
+    pub(crate) fn before(until: Option<SystemTime>) -> bool {
+        until.is_none_or(|at| SystemTime::now() < at)
     }
 
     /// A copy of the published token in memory of its own, so that clones
@@ -92,6 +129,23 @@ impl Snapshot {
     fn load_private_copy(&self) -> Option<AccessToken> {
         self.token.load().as_deref().map(|t| AccessToken::new(t.expose()))
     }
+}
+
+/// The wall clock in whole seconds, as cheaply as the platform allows: on
+/// Linux `CLOCK_REALTIME_COARSE`, read from the vDSO without a system call
+/// (a few milliseconds coarse, which the whole-second deadline absorbs).
+#[inline]
+fn coarse_unix_secs() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec; the clock id is valid
+        // on every Linux since 2.6.32.
+        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+            return ts.tv_sec.max(0) as u64;
+        }
+    }
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -102,19 +156,44 @@ mod tests {
     fn readers_follow_every_change() {
         let snap = Snapshot::new();
         assert_eq!(snap.read(), None);
-        snap.publish(Some(&AccessToken::new("one")));
+        snap.publish(Some(&AccessToken::new("one")), None);
         assert_eq!(snap.read().unwrap().expose(), "one");
         assert_eq!(snap.read().unwrap().expose(), "one");
-        snap.publish(Some(&AccessToken::new("two")));
+        snap.publish(Some(&AccessToken::new("two")), None);
         assert_eq!(snap.read().unwrap().expose(), "two");
-        snap.publish(None);
+        snap.publish(None, None);
         assert_eq!(snap.read(), None);
         let other = Snapshot::new();
-        other.publish(Some(&AccessToken::new("other")));
+        other.publish(Some(&AccessToken::new("other")), None);
         assert_eq!(other.read().unwrap().expose(), "other");
         assert_eq!(snap.read(), None);
         std::thread::scope(|s| {
             s.spawn(|| assert_eq!(other.read().unwrap().expose(), "other"));
         });
+    }
+
+    /// Finding 10 of the adversarial review: after a suspend the monotonic
+    /// withdrawal timer has not fired, but the wall clock has passed the
+    /// token's deadline: the token is no longer served as fresh, also from
+    /// a thread's cached copy.
+    #[test]
+    fn a_token_past_its_wall_clock_deadline_is_never_served() {
+        let snap = Snapshot::new();
+        let now = SystemTime::now();
+        snap.publish(
+            Some(&AccessToken::new("fresh")),
+            Some(now + std::time::Duration::from_secs(60)),
+        );
+        assert_eq!(snap.read().unwrap().expose(), "fresh");
+        // The same token, published with a deadline that has passed (as
+        // after a resume): the cached copy is not served either.
+        snap.publish(
+            Some(&AccessToken::new("fresh")),
+            Some(now - std::time::Duration::from_secs(1)),
+        );
+        assert_eq!(snap.read(), None);
+        assert_eq!(snap.read(), None);
+        assert!(Snapshot::before(None));
+        assert!(!Snapshot::before(Some(now - std::time::Duration::from_secs(1))));
     }
 }

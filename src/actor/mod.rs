@@ -165,6 +165,8 @@ pub struct TokenActor {
     rejected: bool,
     /// The current token is published as fresh (see [`Self::publish`]).
     fresh: bool,
+    /// Until when, by the wall clock (`None`: no expiry known).
+    fresh_until: Option<SystemTime>,
     login: Option<LoginRequired>,
     failure: Failure,
     /// Tokens a refresh returned that are not on disk yet.
@@ -219,6 +221,7 @@ impl TokenActor {
             version,
             rejected: false,
             fresh: false,
+            fresh_until: None,
             login: None,
             failure: Failure::default(),
             unsaved: None,
@@ -259,13 +262,15 @@ impl TokenActor {
         let now = SystemTime::now();
         self.fresh = false;
         if self.account_changed {
-            self.published.publish(None);
+            self.published.publish(None, None);
             return;
         }
         match self.freshness(now) {
             Freshness::Fresh { refresh_at } => {
                 self.fresh = true;
-                self.published.publish(Some(&self.tokens.access_token));
+                self.fresh_until = Some(refresh_at);
+                self.published
+                    .publish(Some(&self.tokens.access_token), Some(refresh_at));
                 let wait = refresh_at.duration_since(now).unwrap_or_default();
                 self.fresh_timer = Some(ctx.run_later(wait, |act, ctx| {
                     act.fresh_timer = None;
@@ -275,9 +280,10 @@ impl TokenActor {
             }
             Freshness::Unknown => {
                 self.fresh = true;
-                self.published.publish(Some(&self.tokens.access_token));
+                self.fresh_until = None;
+                self.published.publish(Some(&self.tokens.access_token), None);
             }
-            Freshness::Due { .. } | Freshness::Expired => self.published.publish(None),
+            Freshness::Due { .. } | Freshness::Expired => self.published.publish(None, None),
         }
     }
 
@@ -326,9 +332,9 @@ impl TokenActor {
     }
 
     fn decide(&self) -> Decision {
-        if self.fresh {
-            // Published as fresh: the withdrawal timer has not fired, so no
-            // clock read is needed (the same rule as the handle's fast path).
+        if self.fresh && crate::snapshot::Snapshot::before(self.fresh_until) {
+            // Published as fresh, and the wall clock agrees (the withdrawal
+            // timer runs on the monotonic clock, which a suspend stops).
             return Decision::Serve(self.tokens.access_token.clone());
         }
         if self.account_changed {
@@ -634,7 +640,7 @@ impl Actor for TokenActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.published.publish(None);
+        self.published.publish(None, None);
         let location = self.cfg.location.clone();
         for waiter in std::mem::take(&mut *self.waiters.borrow_mut()) {
             let _ = waiter.send(Err(BrokerError::Stopped {

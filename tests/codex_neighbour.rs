@@ -84,7 +84,10 @@ impl Setup {
             "{context}: the refresh token on disk is spent: the credential is burned\nspends: {:?}",
             self.sim.spends()
         );
-        assert!(self.sim.issued_together(&access, &refresh), "{context}: a torn pair on disk");
+        assert!(
+            self.sim.issued_together(&access, &refresh),
+            "{context}: a torn pair on disk"
+        );
     }
 }
 
@@ -140,7 +143,11 @@ fn race_round(codex: &Codex, seed: u64) -> Round {
                 s.spawn(move || {
                     std::thread::sleep(offset.saturating_sub(started.elapsed()));
                     let out = setup.broker(&["token"]).output().expect("run token-broker");
-                    (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_owned(), common::stderr(&out))
+                    (
+                        out.status.code(),
+                        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                        common::stderr(&out),
+                    )
                 })
             })
             .collect();
@@ -161,7 +168,11 @@ fn race_round(codex: &Codex, seed: u64) -> Round {
         setup.sim.spends()
     );
     for (code, token, stderr) in &exits {
-        assert_ne!(*code, Some(4), "{context}: a false 'login required' from a broker: {stderr}");
+        assert_ne!(
+            *code,
+            Some(4),
+            "{context}: a false 'login required' from a broker: {stderr}"
+        );
         assert_eq!(*code, Some(0), "{context}: a broker failed: {stderr}");
         assert!(
             setup.sim.issued_secrets().contains(token),
@@ -279,10 +290,20 @@ fn watch_keeps_the_file_fresh_so_codex_never_refreshes() {
         common::stdout(&out)
     );
     assert!(out.status.success(), "watch: {}", common::stderr(&out));
-    assert!(counts.refreshed >= 2, "the broker refreshed every generation: {spends:?}");
-    assert_eq!(by_broker(&spends), spends.len(), "every refresh is the broker's: {spends:?}");
+    assert!(
+        counts.refreshed >= 2,
+        "the broker refreshed every generation: {spends:?}"
+    );
+    assert_eq!(
+        by_broker(&spends),
+        spends.len(),
+        "every refresh is the broker's: {spends:?}"
+    );
     assert_eq!(counts.reused, 0, "{spends:?}");
-    assert_eq!(counts.token_requests, counts.refreshed, "one token request per generation");
+    assert_eq!(
+        counts.token_requests, counts.refreshed,
+        "one token request per generation"
+    );
     assert_eq!(api.unauthorized, 0, "the Codex CLI never sent a stale token: {api:?}");
     setup.assert_alive("after the soak");
 }

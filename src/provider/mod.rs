@@ -198,6 +198,20 @@ pub enum Failure {
         /// The HTTP status.
         status: u16,
     },
+    /// A 3xx answer. Redirects from the token endpoint are never followed:
+    /// following one would send the refresh token (and any client secret)
+    /// to another origin, and save whatever that origin answers.
+    #[error(
+        "HTTP {status} redirect to {}; redirects from the token endpoint are never followed",
+        .origin.as_deref().unwrap_or("an unusable location")
+    )]
+    Redirect {
+        /// The HTTP status.
+        status: u16,
+        /// The origin (`scheme://host:port`, never a path or query) the
+        /// `Location` header points to, when it names one.
+        origin: Option<String>,
+    },
 }
 
 impl Failure {
@@ -213,7 +227,8 @@ impl Failure {
             | Failure::Status { .. }
             | Failure::RateLimited
             | Failure::NoUsableToken(_)
-            | Failure::ExpiredOnArrival => false,
+            | Failure::ExpiredOnArrival
+            | Failure::Redirect { .. } => false,
         }
     }
 }
@@ -307,6 +322,10 @@ impl Provider {
         let request = self.build_request(http, refresh_token);
         let mut response = request.send().await.map_err(|e| fail(self.classify(&e, false)))?;
         let status = response.status().as_u16();
+        if (300..400).contains(&status) {
+            let origin = redirect_origin(&self.token_url, response.headers().get(reqwest::header::LOCATION));
+            return Err(fail(Failure::Redirect { status, origin }));
+        }
         let retry_after = retry_after(response.headers());
         let mut body = Vec::new();
         loop {
@@ -375,6 +394,9 @@ impl Provider {
                     .timeout(self.timeout)
                     .connect_timeout(self.timeout.min(Duration::from_secs(10)))
                     .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+                    // A redirect would re-send the refresh token and client
+                    // secret to wherever it points.
+                    .redirect(reqwest::redirect::Policy::none())
                     .build()
                     .map_err(|e| format!("could not build the HTTP client: {e}"))
             })
@@ -416,6 +438,54 @@ impl Provider {
             }
         }
     }
+}
+
+/// Checks a token endpoint URL: `https://`, or plain `http://` only to a
+/// loopback host (127.0.0.0/8, `::1`, `localhost`), since the request
+/// carries the refresh token and any client secret. The error says why.
+pub(crate) fn check_token_url(token_url: &str) -> Result<(), String> {
+    let url = match reqwest::Url::parse(token_url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+        _ => return Err(format!("the token URL {token_url:?} is not an http(s) URL")),
+    };
+    if url.scheme() == "https" || is_loopback(&url) {
+        return Ok(());
+    }
+    Err(format!(
+        "the token URL {token_url:?} is plain http:// to a host that is not loopback; refusing to send \
+         refresh tokens and client secrets unencrypted: use https:// (plain http:// is allowed only to \
+         127.0.0.0/8, ::1 and localhost)"
+    ))
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    // The URL parser has already normalised the host: IPv4 in dotted
+    // decimal, IPv6 in brackets, domains lowercased.
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
+    }
+    match host.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// The origin (`scheme://host:port`) a redirect's `Location` points to,
+/// resolved against the token endpoint. Never its path or query, which may
+/// carry anything.
+fn redirect_origin(token_url: &str, location: Option<&reqwest::header::HeaderValue>) -> Option<String> {
+    let target = reqwest::Url::parse(token_url)
+        .ok()?
+        .join(location?.to_str().ok()?)
+        .ok()?;
+    let host = target.host_str()?;
+    let port = target.port_or_known_default()?;
+    Some(format!("{}://{host}:{port}", target.scheme()))
 }
 
 /// `client_secret_basic` per RFC 6749 section 2.3.1: id and secret are

@@ -1,4 +1,249 @@
-//! See `tests/adversarial.rs`.
+//! See `tests/adversarial.rs`: the token endpoint misbehaves.
 
-#[allow(unused_imports)]
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use token_broker::sim::unsigned_jwt;
+use token_broker::{BrokerError, TokenBroker};
+
 use crate::common::*;
+
+/// A small HTTP server on 127.0.0.1 with its own thread and runtime, for
+/// providers the simulated one cannot play (redirecting, echoing). Stops
+/// when dropped.
+struct Loopback {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Loopback {
+    fn start(app: axum::Router) -> Self {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        Loopback {
+            addr,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A token response a hostile origin would send: a JWT valid for an hour.
+fn foreign_tokens() -> serde_json::Value {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    serde_json::json!({
+        "access_token": unsigned_jwt(&format!(r#"{{"exp":{exp},"sub":"attacker"}}"#)),
+        "refresh_token": "rt_from_the_other_origin",
+        "token_type": "Bearer",
+        "expires_in": 3600,
+    })
+}
+
+/// An origin that records every request it gets (method, path, body) and
+/// answers each, whatever its method, with tokens.
+fn recording_origin() -> (Loopback, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: axum::body::Bytes| {
+        let log = log.clone();
+        async move {
+            log.lock()
+                .unwrap()
+                .push(format!("{method} {uri} {}", String::from_utf8_lossy(&body)));
+            axum::Json(foreign_tokens())
+        }
+    });
+    (Loopback::start(app), seen)
+}
+
+/// A token endpoint that answers every request with `status` and a
+/// `Location` on another origin.
+fn redirecting_endpoint(status: u16, location: String) -> Loopback {
+    let app = axum::Router::new().fallback(move || {
+        let location = location.clone();
+        async move {
+            (
+                StatusCode::from_u16(status).unwrap(),
+                [(header::LOCATION, location)],
+                "moved",
+            )
+                .into_response()
+        }
+    });
+    Loopback::start(app)
+}
+
+/// #11: a redirect from the token endpoint is never followed: the refresh
+/// token (and any client secret) never reaches the other origin, nothing it
+/// says is saved, and the error names only the other origin.
+#[test]
+fn a_redirect_from_the_token_endpoint_is_never_followed() {
+    for status in [301u16, 302, 303, 307, 308] {
+        let fx = Fixture::codex();
+        let (other, seen) = recording_origin();
+        let endpoint = redirecting_endpoint(status, other.url("/steal/path-part?query-part=1"));
+        let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+        let before = std::fs::read(&path).unwrap();
+
+        let out = cli_command()
+            .args(["token", "--auth-file"])
+            .arg(&path)
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", endpoint.url("/oauth/token"))
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "{status}: followed to {:?}",
+            seen.lock().unwrap()
+        );
+        assert_eq!(out.status.code(), Some(5), "{status}: {err}");
+        assert!(out.stdout.is_empty(), "{status}: printed a token");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "{status}: the file changed");
+        assert_eq!(err.lines().count(), 1, "{status}: {err}");
+        assert!(err.contains("redirect"), "{status}: {err}");
+        assert!(err.contains(&format!("HTTP {status}")), "{status}: {err}");
+        assert!(err.contains(&other.origin()), "{status}: names the other origin: {err}");
+        assert!(
+            !err.contains("path-part") && !err.contains("query-part"),
+            "{status}: only the origin is named: {err}"
+        );
+    }
+}
+
+/// #11: the same through the library, with a client secret in the form
+/// (`client_secret_post`): the typed error says redirect, and the other
+/// origin never sees the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_never_carries_the_client_secret_away() {
+    use token_broker::credentials::Secret;
+    use token_broker::provider::{ClientAuth, Failure, RefreshError};
+
+    let fx = Fixture::codex();
+    let (other, seen) = recording_origin();
+    let endpoint = redirecting_endpoint(307, other.url("/token"));
+    let path = fx.path("credentials.json");
+    std::fs::write(&path, token_broker::sim::oauth2_credentials_json(&fx.sim.sign_in(-1.0))).unwrap();
+    let broker = TokenBroker::oauth2(endpoint.url("/token"), "client")
+        .client_auth(ClientAuth::Post(Secret::new("client-secret-for-redirect-test")))
+        .credentials_path(&path)
+        .build()
+        .unwrap();
+    let err = broker.token().await.unwrap_err();
+    broker.shutdown().await;
+    assert!(seen.lock().unwrap().is_empty(), "followed: {:?}", seen.lock().unwrap());
+    match &err {
+        BrokerError::Unavailable {
+            cause: RefreshError::Transient { kind, .. },
+            ..
+        } => assert!(matches!(kind, Failure::Redirect { status: 307, .. }), "{kind:?}"),
+        other => panic!("expected a provider fault, got {other:?}"),
+    }
+    assert!(err.to_string().contains(&other.origin()), "{err}");
+}
+
+/// #11: plain `http://` is refused for any token endpoint that is not on
+/// loopback, however it is given: library, `--token-url`, or
+/// `CODEX_REFRESH_TOKEN_URL_OVERRIDE`.
+#[test]
+fn plain_http_is_refused_except_to_loopback() {
+    let fx = Fixture::codex();
+    let path = fx.write_codex(&fx.sim.sign_in(3600.0));
+    let refused = [
+        "http://auth.example.com/oauth/token",
+        "http://10.0.0.1/oauth/token",
+        "http://0.0.0.0:8080/oauth/token",
+        "http://127.0.0.1.nip.io/oauth/token",
+        "http://localhost.example.com/oauth/token",
+        "http://[2001:db8::1]/oauth/token",
+        "http://[::ffff:10.0.0.1]/oauth/token",
+    ];
+    let allowed = [
+        "https://auth.example.com/oauth/token",
+        "http://127.0.0.1:9/oauth/token",
+        "http://127.3.4.5/oauth/token",
+        "http://localhost:9/oauth/token",
+        "http://LOCALHOST:9/oauth/token",
+        "http://[::1]:9/oauth/token",
+    ];
+    for url in refused {
+        let err = TokenBroker::codex()
+            .credentials_path(&path)
+            .token_url(url)
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, BrokerError::Config(_)), "{url}: {err:?}");
+        assert!(err.to_string().contains("http://"), "{url}: {err}");
+        let err = TokenBroker::oauth2(url, "client")
+            .credentials_path(&path)
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, BrokerError::Config(_)), "{url}: {err:?}");
+
+        let by_flag = fx.cli(&["status", "--auth-file", path.to_str().unwrap(), "--token-url", url]);
+        assert_eq!(by_flag.status.code(), Some(2), "{url}: {}", stderr(&by_flag));
+        assert_eq!(stderr(&by_flag).lines().count(), 1, "{}", stderr(&by_flag));
+        let by_env = cli_command()
+            .args(["status", "--auth-file"])
+            .arg(&path)
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", url)
+            .output()
+            .unwrap();
+        assert_eq!(by_env.status.code(), Some(2), "{url}: {}", stderr(&by_env));
+        assert!(
+            stderr(&by_env).contains("CODEX_REFRESH_TOKEN_URL_OVERRIDE"),
+            "{}",
+            stderr(&by_env)
+        );
+    }
+    for url in allowed {
+        let broker = TokenBroker::codex().credentials_path(&path).token_url(url).build();
+        assert!(broker.is_ok(), "{url}: {:?}", broker.err());
+        let out = fx.cli(&["status", "--auth-file", path.to_str().unwrap(), "--token-url", url]);
+        assert_eq!(out.status.code(), Some(0), "{url}: {}", stderr(&out));
+    }
+}

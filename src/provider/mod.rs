@@ -132,7 +132,8 @@ pub enum RefreshError {
         status: u16,
         /// The error code (`refresh_token_reused`, `invalid_grant`...).
         code: String,
-        /// The server's description, scrubbed of token text and shortened.
+        /// The server's description, shortened; withheld entirely when it
+        /// quotes any secret the request carried, in any encoding.
         description: String,
     },
     /// The refresh may work if tried again later.
@@ -322,8 +323,10 @@ impl Provider {
         let request = self.build_request(http, refresh_token);
         let mut response = request.send().await.map_err(|e| fail(self.classify(&e, false)))?;
         let status = response.status().as_u16();
+        let sent = SentSecrets::new(refresh_token, &self.client_id, &self.dialect);
         if (300..400).contains(&status) {
-            let origin = redirect_origin(&self.token_url, response.headers().get(reqwest::header::LOCATION));
+            let origin = redirect_origin(&self.token_url, response.headers().get(reqwest::header::LOCATION))
+                .map(|origin| sent.scrub(&origin, "<withheld>"));
             return Err(fail(Failure::Redirect { status, origin }));
         }
         let retry_after = retry_after(response.headers());
@@ -340,7 +343,8 @@ impl Provider {
                 Err(e) => return Err(fail(self.classify(&e, true))),
             }
         }
-        let scrub = |text: &str| scrub(text, refresh_token.expose());
+        let scrub_code = |text: &str| sent.scrub(text, "<withheld>");
+        let describe = |text: &str| sent.scrub(text, WITHHELD);
         if (200..300).contains(&status) {
             return parse_success_body(&body).map_err(|why| fail(Failure::Malformed { status, why }));
         }
@@ -354,15 +358,15 @@ impl Provider {
             return Err(RefreshError::Rejected {
                 endpoint: self.token_url.clone(),
                 status,
-                code: scrub(&code),
-                description: scrub(&description),
+                code: scrub_code(&code),
+                description: describe(&description),
             });
         }
         let kind = match status {
             429 => Failure::RateLimited,
             _ => Failure::Status {
                 status,
-                code: parsed.map(|b| scrub(&b.code)),
+                code: parsed.map(|b| scrub_code(&b.code)),
             },
         };
         Err(RefreshError::Transient {
@@ -529,18 +533,94 @@ fn error_chain(e: &reqwest::Error) -> String {
     }
 }
 
-/// Removes `secret` from server-provided text and caps its length.
-fn scrub(text: &str, secret: &str) -> String {
-    let cleaned = if secret.len() >= 8 {
-        text.replace(secret, "<redacted>")
-    } else {
-        text.to_owned()
-    };
-    let mut out: String = cleaned.chars().filter(|c| !c.is_control()).take(200).collect();
-    if cleaned.chars().count() > 200 {
-        out.push('…');
+/// What replaces a provider's description that quotes our request.
+const WITHHELD: &str = "(the provider's text quoted the request and is withheld)";
+
+/// The length of the pieces of a secret looked for in a provider's text:
+/// an echo cut short still holds pieces this long.
+const SECRET_PIECE: usize = 12;
+
+/// Secrets shorter than this are not looked for: matching them would
+/// withhold nearly any text, and they protect nothing.
+const MIN_SECRET: usize = 4;
+
+/// Every secret one refresh request carried (the refresh token, a client
+/// secret), in every encoding it was sent in or may be echoed back in: as
+/// is, form-encoded (`+` or `%20` for spaces), JSON-escaped (also with
+/// `\uXXXX` for non-ASCII), and the `client_secret_basic` header's base64.
+struct SentSecrets {
+    forms: Vec<Vec<u8>>,
+}
+
+impl SentSecrets {
+    fn new(refresh_token: &RefreshToken, client_id: &str, dialect: &Dialect) -> Self {
+        let mut forms = Vec::new();
+        let mut add_encodings = |secret: &str| {
+            let form = form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>();
+            let json = serde_json::to_string(secret).unwrap_or_default();
+            let json = json.trim_matches('"').to_owned();
+            let json_ascii = json
+                .chars()
+                .map(|c| {
+                    if c.is_ascii() {
+                        c.to_string()
+                    } else {
+                        c.encode_utf16(&mut [0; 2])
+                            .iter()
+                            .map(|u| format!("\\u{u:04x}"))
+                            .collect()
+                    }
+                })
+                .collect::<String>();
+            forms.extend([secret.to_owned(), form.replace('+', "%20"), form, json, json_ascii]);
+        };
+        add_encodings(refresh_token.expose());
+        if let Dialect::Rfc6749(ClientAuth::Basic(secret) | ClientAuth::Post(secret)) = dialect {
+            add_encodings(secret.expose());
+            let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+            let header = basic_authorization(client_id, secret.expose());
+            forms.push(header.trim_start_matches("Basic ").to_owned());
+            forms.push(b64(&format!("{client_id}:{}", secret.expose())));
+        }
+        let mut forms: Vec<Vec<u8>> = forms
+            .into_iter()
+            .filter(|f| f.len() >= MIN_SECRET)
+            .map(String::into_bytes)
+            .collect();
+        forms.sort();
+        forms.dedup();
+        SentSecrets { forms }
     }
-    out
+
+    /// Whether `text` holds one of the forms, or a piece of one.
+    fn found_in(&self, text: &str) -> bool {
+        let text = text.as_bytes();
+        let mut pieces = std::collections::HashSet::new();
+        for form in &self.forms {
+            if form.len() <= SECRET_PIECE {
+                if text.windows(form.len()).any(|w| w == form.as_slice()) {
+                    return true;
+                }
+            } else {
+                pieces.extend(form.windows(SECRET_PIECE));
+            }
+        }
+        text.windows(SECRET_PIECE).any(|w| pieces.contains(w))
+    }
+
+    /// Server-provided text made safe to show: `withheld` when it quotes
+    /// anything secret we sent, else without control characters and cut to
+    /// 200 characters.
+    fn scrub(&self, text: &str, withheld: &str) -> String {
+        if self.found_in(text) {
+            return withheld.to_owned();
+        }
+        let mut out: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+        if text.chars().filter(|c| !c.is_control()).count() > 200 {
+            out.push('…');
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -614,8 +694,26 @@ mod tests {
     }
 
     #[test]
-    fn scrub_removes_the_secret_and_caps() {
-        assert_eq!(scrub("bad token rt-123456789", "rt-123456789"), "bad token <redacted>");
-        assert_eq!(scrub(&"x".repeat(500), "secret-long").chars().count(), 201);
+    fn scrub_withholds_any_encoding_of_a_secret_and_caps() {
+        let refresh = RefreshToken::new("rt/1234 5678+9\"ü\"");
+        let basic = Dialect::Rfc6749(ClientAuth::Basic(Secret::new("client secret/value")));
+        let sent = SentSecrets::new(&refresh, "client", &basic);
+        let scrub = |text: &str| sent.scrub(text, WITHHELD);
+        assert_eq!(scrub("the refresh token is invalid"), "the refresh token is invalid");
+        for echo in [
+            "bad token rt/1234 5678+9\"ü\"",
+            "refresh_token=rt%2F1234+5678%2B9%22%C3%BC%22",
+            "refresh_token=rt%2F1234%205678%2B9",
+            r#"{"refresh_token":"rt/1234 5678+9\"ü\""}"#,
+            r#"{"refresh_token":"rt/1234 5678+9\"\u00fc\""}"#,
+            "client_secret=client+secret%2Fvalue",
+            "Authorization: Basic Y2xpZW50OmNsaWVudCtzZWNyZXQlMkZ2YWx1ZQ==",
+            // A quote cut short still holds a piece.
+            "...t/1234 5678+9",
+        ] {
+            assert_eq!(scrub(echo), WITHHELD, "{echo}");
+        }
+        assert_eq!(scrub(&"x".repeat(500)).chars().count(), 201);
+        assert_eq!(scrub("two\nlines"), "twolines");
     }
 }

@@ -247,3 +247,171 @@ fn plain_http_is_refused_except_to_loopback() {
         assert_eq!(out.status.code(), Some(0), "{url}: {}", stderr(&out));
     }
 }
+
+/// A refresh token and a client secret with characters that every
+/// encoding we send changes: form encoding, JSON escaping, Basic's base64.
+const ECHO_REFRESH: &str = "rt/adv+secret=1&x=\"y\"\\z ünï-0123456789abcdef";
+const ECHO_SECRET: &str = "cs/adv+secret:2&\"q\"\\w ß-9876543210fedcba";
+const ECHO_CLIENT: &str = "echo-client";
+
+/// Every form in which we send `secret`, and every 12-byte piece of each.
+fn encoded_forms(secret: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let form = form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>();
+    let json = serde_json::to_string(secret).unwrap();
+    let json = json.trim_matches('"').to_owned();
+    let client = form_urlencoded::byte_serialize(ECHO_CLIENT.as_bytes()).collect::<String>();
+    vec![
+        secret.to_owned(),
+        form.clone(),
+        form.replace('+', "%20"),
+        json,
+        b64(&format!("{client}:{form}")),
+        b64(&format!("{ECHO_CLIENT}:{secret}")),
+    ]
+}
+
+/// Records in `leaks` where `text` holds a piece of a secret.
+fn check_no_secret(leaks: &mut Vec<String>, what: &str, text: &str) {
+    for secret in [ECHO_REFRESH, ECHO_SECRET] {
+        for form in encoded_forms(secret) {
+            let bytes = form.as_bytes();
+            // Base64 of `client:secret` starts with the client id's, which is
+            // not secret: only pieces past it count.
+            let skip = if form.len() > 40 && !form.contains(['/', '%', '"']) {
+                16
+            } else {
+                0
+            };
+            for piece in bytes[skip.min(bytes.len())..].windows(12.min(bytes.len())) {
+                let piece = String::from_utf8_lossy(piece);
+                if text.contains(piece.as_ref()) {
+                    leaks.push(format!(
+                        "{what}: a piece {piece:?} of an encoding of a secret leaked:\n{text}"
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A token endpoint that quotes the whole request (headers and body) in
+/// its error, as some identity providers do: `status`, in the dialect's
+/// error shape; for 5xx the quote is in the error code.
+fn echoing_endpoint(openai: bool, status: u16) -> Loopback {
+    let app = axum::Router::new().fallback(
+        move |method: Method, headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+            let mut echo = format!("bad request: {method} {} | ", String::from_utf8_lossy(&body));
+            let mut headers: Vec<_> = headers.iter().collect();
+            headers.sort_by_key(|(name, _)| *name != header::AUTHORIZATION);
+            for (name, value) in headers {
+                echo += &format!("{name}: {} | ", String::from_utf8_lossy(value.as_bytes()));
+            }
+            let (code, description) = if status >= 500 {
+                (echo.clone(), "upstream failure".to_owned())
+            } else {
+                ("invalid_request".to_owned(), echo)
+            };
+            let body = if openai {
+                serde_json::json!({"error": {"message": description, "type": "invalid_request_error", "code": code}})
+            } else {
+                serde_json::json!({"error": code, "error_description": description})
+            };
+            (StatusCode::from_u16(status).unwrap(), axum::Json(body))
+        },
+    );
+    Loopback::start(app)
+}
+
+/// #13: a provider that echoes the request in its error never gets the
+/// refresh token or the client secret, in any encoding we sent them, onto
+/// the CLI's stderr (text or JSON), into `status`'s `last_error`, or into
+/// the error's `Display`/`Debug`. Both dialects; basic and post client
+/// authentication; a 4xx (description) and a 5xx (error code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echoing_provider_never_gets_secrets_into_errors() {
+    use token_broker::credentials::Secret;
+    use token_broker::provider::ClientAuth;
+
+    let fx = Fixture::codex();
+    let mut issued = fx.sim.sign_in(-1.0);
+    issued.refresh_token = ECHO_REFRESH.to_owned();
+    let codex_file = fx.path("auth.json");
+    let oauth2_file = fx.path("credentials.json");
+    let cases = [("codex", "none"), ("oauth2", "basic"), ("oauth2", "post")];
+    let mut leaks = Vec::new();
+    for (provider, auth) in cases {
+        for status in [400u16, 503] {
+            let case = format!("{provider}/{auth}/{status}");
+            let endpoint = echoing_endpoint(provider == "codex", status);
+            let url = endpoint.url("/oauth/token");
+            std::fs::write(&codex_file, token_broker::sim::codex_auth_json(&issued)).unwrap();
+            std::fs::write(&oauth2_file, token_broker::sim::oauth2_credentials_json(&issued)).unwrap();
+            let path = if provider == "codex" { &codex_file } else { &oauth2_file };
+
+            // The library: the error, and the status afterwards.
+            let builder = if provider == "codex" {
+                TokenBroker::codex().client_id(ECHO_CLIENT)
+            } else {
+                let secret = Secret::new(ECHO_SECRET);
+                TokenBroker::oauth2(&url, ECHO_CLIENT).client_auth(if auth == "basic" {
+                    ClientAuth::Basic(secret)
+                } else {
+                    ClientAuth::Post(secret)
+                })
+            };
+            let broker = builder
+                .credentials_path(path)
+                .token_url(&url)
+                .winner_wait(TEST_WINNER_WAIT)
+                .build()
+                .unwrap();
+            let err = broker.token().await.unwrap_err();
+            let shown = format!("{err}\n{err:?}");
+            assert!(
+                shown.contains(&format!("HTTP {status}")),
+                "{case}: the error still says what failed: {shown}"
+            );
+            check_no_secret(&mut leaks, &format!("{case}: error"), &shown);
+            let status_now = broker.status().await.unwrap();
+            let json = status_now.to_json(std::time::SystemTime::now());
+            assert!(json["last_error"].is_string(), "{case}: {json}");
+            check_no_secret(&mut leaks, &format!("{case}: status --json"), &json.to_string());
+            check_no_secret(
+                &mut leaks,
+                &format!("{case}: status"),
+                &status_now.display_at(std::time::SystemTime::now()).to_string(),
+            );
+            broker.shutdown().await;
+
+            // The CLI, text and JSON.
+            for json in [false, true] {
+                let mut cmd = cli_command();
+                cmd.arg("token").arg("--auth-file").arg(path).env_remove("RUST_LOG");
+                if json {
+                    cmd.arg("--json");
+                }
+                if provider == "codex" {
+                    cmd.args(["--client-id", ECHO_CLIENT])
+                        .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", &url);
+                } else {
+                    cmd.args(["--provider", "oauth2", "--token-url", &url, "--client-id", ECHO_CLIENT])
+                        .args(["--client-auth", auth, "--client-secret-env", "TB_ECHO_SECRET"])
+                        .env("TB_ECHO_SECRET", ECHO_SECRET);
+                }
+                let out = cmd.output().unwrap();
+                let err = stderr(&out);
+                assert_eq!(
+                    out.status.code(),
+                    Some(if status >= 500 { 5 } else { 4 }),
+                    "{case}: {err}"
+                );
+                assert!(err.contains(&format!("HTTP {status}")), "{case}: {err}");
+                check_no_secret(&mut leaks, &format!("{case}: CLI stderr (json: {json})"), &err);
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "{} leaks:\n\n{}", leaks.len(), leaks.join("\n\n"));
+}

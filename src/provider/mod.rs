@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use tracing::warn;
+use tracing::{debug, warn};
 
 pub use response::{parse_error_body, parse_success_body, ErrorBody};
 
@@ -321,27 +321,17 @@ impl Provider {
         };
         let http = self.client().map_err(|e| fail(Failure::Client(e)))?;
         let request = self.build_request(http, refresh_token);
-        let mut response = request.send().await.map_err(|e| fail(self.classify(&e, false)))?;
-        let status = response.status().as_u16();
+        let Answer {
+            status,
+            location,
+            retry_after,
+            body,
+        } = within(self.timeout, self.exchange(request)).await.map_err(fail)?;
         let sent = SentSecrets::new(refresh_token, &self.client_id, &self.dialect);
         if (300..400).contains(&status) {
-            let origin = redirect_origin(&self.token_url, response.headers().get(reqwest::header::LOCATION))
-                .map(|origin| sent.scrub(&origin, "<withheld>"));
+            let origin =
+                redirect_origin(&self.token_url, location.as_ref()).map(|origin| sent.scrub(&origin, "<withheld>"));
             return Err(fail(Failure::Redirect { status, origin }));
-        }
-        let retry_after = retry_after(response.headers());
-        let mut body = Vec::new();
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                        return Err(fail(Failure::TooLarge { status }));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(fail(self.classify(&e, true))),
-            }
         }
         let scrub_code = |text: &str| sent.scrub(text, "<withheld>");
         let describe = |text: &str| sent.scrub(text, WITHHELD);
@@ -376,6 +366,29 @@ impl Provider {
         })
     }
 
+    /// Sends the request and reads the whole answer (no body for a 3xx).
+    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Answer, Failure> {
+        let mut response = request.send().await.map_err(|e| self.classify(&e, false))?;
+        let status = response.status().as_u16();
+        let location = response.headers().get(reqwest::header::LOCATION).cloned();
+        let retry_after = retry_after(response.headers());
+        let mut body = Vec::new();
+        if !(300..400).contains(&status) {
+            while let Some(chunk) = response.chunk().await.map_err(|e| self.classify(&e, true))? {
+                if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    return Err(Failure::TooLarge { status });
+                }
+                body.extend_from_slice(&chunk);
+            }
+        }
+        Ok(Answer {
+            status,
+            location,
+            retry_after,
+            body,
+        })
+    }
+
     /// Classifies a client error. `answered`: the status line had arrived.
     fn classify(&self, e: &reqwest::Error, answered: bool) -> Failure {
         if e.is_timeout() {
@@ -394,8 +407,9 @@ impl Provider {
     fn client(&self) -> Result<&reqwest::Client, String> {
         self.http
             .get_or_init(|| {
+                // No overall reqwest timeout: `within` applies it, so that an
+                // answer that arrived while the process was stopped is read.
                 reqwest::Client::builder()
-                    .timeout(self.timeout)
                     .connect_timeout(self.timeout.min(Duration::from_secs(10)))
                     .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
                     // A redirect would re-send the refresh token and client
@@ -490,6 +504,43 @@ fn redirect_origin(token_url: &str, location: Option<&reqwest::header::HeaderVal
     let host = target.host_str()?;
     let port = target.port_or_known_default()?;
     Some(format!("{}://{host}:{port}", target.scheme()))
+}
+
+/// A token endpoint's whole answer.
+struct Answer {
+    status: u16,
+    location: Option<reqwest::header::HeaderValue>,
+    retry_after: Option<Duration>,
+    body: Vec<u8>,
+}
+
+/// After the timeout, how long the request in flight may still finish.
+///
+/// A process stopped past its deadline (Ctrl-Z, `docker pause`, a frozen
+/// VM) wakes with the timer already expired and, often, the provider's
+/// answer waiting in the socket: the task that reads the socket may simply
+/// not have run yet. Dropping that answer would be fatal, because the
+/// provider has already spent the refresh token.
+pub const TIMEOUT_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs `exchange` for at most `timeout`; when that passes, polls it for up
+/// to [`TIMEOUT_GRACE`] more (never more than `timeout` itself) so that an
+/// answer already received is used, and only then reports a timeout.
+async fn within<T>(
+    timeout: Duration,
+    exchange: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let mut exchange = std::pin::pin!(exchange);
+    if let Ok(result) = tokio::time::timeout(timeout, exchange.as_mut()).await {
+        return result;
+    }
+    match tokio::time::timeout(TIMEOUT_GRACE.min(timeout), exchange).await {
+        Ok(result) => {
+            debug!("the answer was complete only after the timeout (was the process stopped?); using it");
+            result
+        }
+        Err(_) => Err(Failure::Timeout(timeout)),
+    }
 }
 
 /// `client_secret_basic` per RFC 6749 section 2.3.1: id and secret are

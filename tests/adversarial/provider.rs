@@ -415,3 +415,89 @@ async fn an_echoing_provider_never_gets_secrets_into_errors() {
     }
     assert!(leaks.is_empty(), "{} leaks:\n\n{}", leaks.len(), leaks.join("\n\n"));
 }
+
+/// A child process that is let go on drop (continued, then killed), so that
+/// a failed assertion never leaves a stopped process behind.
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn pid(&self) -> i32 {
+        self.0.as_ref().unwrap().id() as i32
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of our own child, which we have not
+        // reaped yet, so the pid cannot have been reused.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0, "kill {signal}");
+    }
+
+    fn wait(mut self) -> std::process::Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// #7: the broker is stopped (Ctrl-Z, `docker pause`) while its request is
+/// in flight; the provider's answer lands in the socket meanwhile, and the
+/// broker is continued after its `--timeout` has passed. It uses that
+/// answer: one token request, exit 0, the rotated tokens on disk. (It used
+/// to time out, retry the spent refresh token, and lose the credential.)
+#[test]
+fn an_answer_that_arrived_while_the_broker_was_stopped_is_used() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let fx = Fixture::new(token_broker::sim::SimConfig {
+        // The answer comes 1 s after the request arrives.
+        latency: Duration::from_millis(1000),
+        ..Default::default()
+    });
+    let issued = fx.sim.sign_in(-1.0);
+    let path = fx.write_codex(&issued);
+    let broker = Running(Some(
+        cli_command()
+            .args(["token", "--timeout", "2s", "--auth-file"])
+            .arg(&path)
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", fx.sim.token_url())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let started = Instant::now();
+    while fx.sim.token_requests() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the broker never sent its request"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    broker.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    // The answer arrives about 1 s into the stop; the 2 s timeout passes.
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(fx.sim.counts().refreshed, 1, "the provider answered meanwhile");
+    broker.signal(libc::SIGCONT);
+    let out = broker.wait();
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(fx.sim.token_requests(), 1, "one token request; {:?}", fx.sim.spends());
+    let token = stdout(&out).trim().to_owned();
+    assert!(fx.sim.is_live(&token), "the printed token is the provider's answer");
+    let file = read_json(&path);
+    assert_eq!(file["tokens"]["access_token"], token.as_str());
+    let refresh = file["tokens"]["refresh_token"].as_str().unwrap();
+    assert_ne!(refresh, issued.refresh_token, "the rotated refresh token is on disk");
+    assert!(fx.sim.is_unspent(refresh));
+}

@@ -146,6 +146,7 @@ impl From<BrokerError> for CliError {
 }
 
 fn main() -> ExitCode {
+    keep_secrets_out_of_dumps();
     let cli = Cli::parse();
     init_logging();
     let json = cli.creds.json;
@@ -164,6 +165,21 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(json, &e),
     }
+}
+
+/// The process holds live tokens and client secrets in memory: no core dump
+/// may write them to disk (`kill -ABRT`, a crash), and no other process of
+/// the same user may read its memory (`ptrace`, `/proc/<pid>/mem`). Runs
+/// first thing, before any secret is read. Best effort: a failure leaves
+/// the process as it was.
+fn keep_secrets_out_of_dumps() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_DUMPABLE takes plain integer arguments and only changes
+    // this process's dumpable flag.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    let _ = rlimit::setrlimit(rlimit::Resource::CORE, 0, 0);
 }
 
 /// Logs go to stderr, quiet unless `RUST_LOG` asks for more.

@@ -501,3 +501,105 @@ fn an_answer_that_arrived_while_the_broker_was_stopped_is_used() {
     assert_ne!(refresh, issued.refresh_token, "the rotated refresh token is on disk");
     assert!(fx.sim.is_unspent(refresh));
 }
+
+/// The owner of `/proc/<pid>/environ`: the process's user while it is
+/// dumpable, root once it is not. Returns (owner, the process's real uid).
+fn proc_owner(pid: i32) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(format!("/proc/{pid}/environ")).unwrap().uid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap();
+    (owner, uid)
+}
+
+/// The soft core-size limit in `/proc/<pid>/limits`.
+fn core_limit(pid: i32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    line["Max core file size".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Makes `cmd` start with core dumps allowed (soft limit raised to the hard
+/// one) and, when we are root, as an unprivileged user, so that
+/// `/proc/<pid>` ownership shows whether the process is dumpable.
+fn dumpable_start(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls (getrlimit, setrlimit) run
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_CORE, &mut limit) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_CORE, &limit);
+            }
+            Ok(())
+        });
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.uid(65534).gid(65534);
+    }
+}
+
+/// #12: the CLI holds live tokens in memory; a core dump (`kill -ABRT`, a
+/// crash) must not write them to disk, and another process of the same user
+/// must not read its memory. `watch` runs non-dumpable (its `/proc/<pid>`
+/// files turn root-owned) with a zero core-size limit, although it was
+/// started with core dumps allowed. A control process started the same way
+/// shows that the checks tell the difference.
+#[test]
+fn the_cli_is_not_dumpable_and_writes_no_core() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Stdio;
+
+    let fx = Fixture::codex();
+    let path = fx.write_codex(&fx.sim.sign_in(3600.0));
+    // Readable by the unprivileged user the processes run as.
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let mut control = std::process::Command::new("sleep");
+    control.arg("30");
+    dumpable_start(&mut control);
+    let control = Running(Some(control.spawn().unwrap()));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (owner, uid) = proc_owner(control.pid());
+    assert_eq!(owner, uid, "a dumpable process owns its /proc files");
+    assert_ne!(core_limit(control.pid()), "0", "the control may dump core");
+    let dumpable_owner = owner;
+    drop(control);
+
+    let mut watch = cli_command();
+    watch
+        .args(["watch", "--interval", "100ms", "--duration", "30s", "--auth-file"])
+        .arg(&path)
+        .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", fx.sim.token_url())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    dumpable_start(&mut watch);
+    let mut watch = Running(Some(watch.spawn().unwrap()));
+    let mut first = String::new();
+    std::io::BufReader::new(watch.0.as_mut().unwrap().stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("token sha256:"), "watch is serving: {first:?}");
+    let (owner, uid) = proc_owner(watch.pid());
+    assert_eq!(uid, dumpable_owner, "started like the control");
+    assert_eq!(owner, 0, "watch is not dumpable: its /proc files belong to root");
+    assert_eq!(core_limit(watch.pid()), "0", "watch writes no core file");
+}

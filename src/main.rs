@@ -34,11 +34,11 @@ enum Command {
     /// Keep a broker running and print a line (a fingerprint, never the
     /// token) whenever the access token changes.
     Watch {
-        /// How often to ask for a token.
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+        /// How often to ask for a token (at most 1 day).
+        #[arg(long, value_name = "DURATION", value_parser = watch_interval, default_value = "1s")]
         interval: Duration,
-        /// Stop after this long (default: run until interrupted).
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        /// Stop after this long, at most a year (default: run until interrupted).
+        #[arg(long, value_name = "DURATION", value_parser = watch_duration)]
         duration: Option<Duration>,
     },
 }
@@ -48,20 +48,20 @@ struct SimulateArgs {
     /// Use the design the broker replaces: every job refreshes on its own.
     #[arg(long)]
     naive: bool,
-    /// Cron-job actors (each fires every 100 to 500 ms).
-    #[arg(long, default_value_t = 16)]
-    jobs: usize,
-    /// Concurrent request actors.
-    #[arg(long, default_value_t = 1000)]
-    concurrency: usize,
-    /// The provider's access-token lifetime.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2s")]
+    /// Cron-job actors (each fires every 100 to 500 ms; at most 10000).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=MAX_JOBS))]
+    jobs: u32,
+    /// Concurrent request actors (at most 100000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=MAX_CONCURRENCY))]
+    concurrency: u32,
+    /// The provider's access-token lifetime (more than zero, at most 1 day).
+    #[arg(long, value_name = "DURATION", value_parser = token_lifetime, default_value = "2s")]
     token_lifetime: Duration,
-    /// How long the load runs.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
+    /// How long the load runs (at most 1 day).
+    #[arg(long, value_name = "DURATION", value_parser = simulate_duration, default_value = "10s")]
     duration: Duration,
-    /// The provider's latency per token request.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "50ms")]
+    /// The provider's latency per token request (at most 1 minute).
+    #[arg(long, value_name = "DURATION", value_parser = latency, default_value = "50ms")]
     latency: Duration,
     /// The fraction of token requests the provider fails with 503 (0 to 1).
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
@@ -69,6 +69,67 @@ struct SimulateArgs {
     /// The provider revokes the whole token family when a refresh token is reused.
     #[arg(long)]
     revoke_on_reuse: bool,
+}
+
+const MAX_JOBS: i64 = 10_000;
+const MAX_CONCURRENCY: i64 = 100_000;
+
+/// The bounds of the duration flags, with how they are shown.
+const MINUTE: (Duration, &str) = (Duration::from_secs(60), "1m");
+const TEN_MINUTES: (Duration, &str) = (Duration::from_secs(600), "10m");
+const HOUR: (Duration, &str) = (Duration::from_secs(3600), "1h");
+const DAY: (Duration, &str) = (Duration::from_secs(24 * 3600), "1d");
+const YEAR: (Duration, &str) = (Duration::from_secs(365 * 24 * 3600), "365d");
+
+/// A duration flag's value, at most `max` and, when `positive`, more than
+/// zero; else a usage error that states the bounds (clap names the flag and
+/// exits 2). Bounding every duration keeps absurd values (`300000000000y`)
+/// from overflowing instants anywhere downstream.
+fn bounded_duration(text: &str, positive: bool, (max, shown): (Duration, &str)) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{e} (expected e.g. 90s, 10m, 2h)"))?;
+    if positive && d.is_zero() {
+        return Err(format!("must be more than zero and at most {shown}"));
+    }
+    if d > max {
+        return Err(if positive {
+            format!("must be more than zero and at most {shown}")
+        } else {
+            format!("must be at most {shown}")
+        });
+    }
+    Ok(d)
+}
+
+fn refresh_ahead(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, YEAR)
+}
+
+fn winner_wait(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, TEN_MINUTES)
+}
+
+fn http_timeout(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, true, HOUR)
+}
+
+fn watch_interval(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, DAY)
+}
+
+fn watch_duration(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, YEAR)
+}
+
+fn token_lifetime(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, true, DAY)
+}
+
+fn simulate_duration(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, DAY)
+}
+
+fn latency(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, MINUTE)
 }
 
 fn parse_fraction(text: &str) -> Result<f64, String> {
@@ -98,16 +159,16 @@ struct CredentialArgs {
     /// How an oauth2 client authenticates.
     #[arg(long, global = true, value_enum, default_value_t = ClientAuthKind::None)]
     client_auth: ClientAuthKind,
-    /// Refresh this long before expiry (e.g. 90s, 10m).
-    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10m")]
+    /// Refresh this long before expiry (e.g. 90s, 10m; at most a year).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = refresh_ahead, default_value = "10m")]
     refresh_ahead: Duration,
     /// After the provider refuses the refresh token (spent by another
     /// program a moment earlier), watch the file this long for the winner's
-    /// tokens before reporting that a sign-in is needed.
-    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "8s", env = "TOKEN_BROKER_WINNER_WAIT")]
+    /// tokens before reporting that a sign-in is needed (at most 10 minutes).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = winner_wait, default_value = "8s", env = "TOKEN_BROKER_WINNER_WAIT")]
     winner_wait: Duration,
-    /// The timeout of one token request (e.g. 30s).
-    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    /// The timeout of one token request (e.g. 30s; more than zero, at most 1 hour).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = http_timeout, default_value = "30s")]
     timeout: Duration,
     /// Print the status, and any error, as JSON.
     #[arg(long, global = true)]
@@ -302,15 +363,25 @@ async fn watch(
     duration: Option<Duration>,
     json: bool,
 ) -> Result<(), CliError> {
-    let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+    // No representable deadline means none (the flag is bounded anyway).
+    let deadline = duration.and_then(|d| tokio::time::Instant::now().checked_add(d));
     let mut stop = Box::pin(interrupted());
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    let ended = async move {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut ended = std::pin::pin!(ended);
     let mut last: Option<String> = None;
     let mut last_error: Option<BrokerError> = None;
     loop {
+        // The deadline ends the watch even between two long ticks.
         tokio::select! {
             _ = ticker.tick() => {}
             _ = &mut stop => break,
+            _ = &mut ended => break,
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             break;
@@ -377,8 +448,8 @@ async fn simulate(args: &SimulateArgs, json: bool) -> Result<(), CliError> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let config = SimulationConfig {
         mode: if args.naive { Mode::Naive } else { Mode::Broker },
-        jobs: args.jobs,
-        concurrency: args.concurrency,
+        jobs: args.jobs as usize,
+        concurrency: args.concurrency as usize,
         token_lifetime: args.token_lifetime,
         duration: args.duration,
         latency: args.latency,

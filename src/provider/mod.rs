@@ -87,7 +87,7 @@ impl Refreshed {
             .and_then(|c| c.chatgpt_account_id())
             .or_else(|| old.account_id.clone());
         let from_expires_in = new.expires_in.map(|life| Expiry {
-            at: now + life,
+            at: crate::policy::later(now, life),
             lifetime: Some(life),
             source: ExpirySource::Stored,
         });

@@ -195,7 +195,7 @@ pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
 
 /// Takes the brokers' exclusive lock on `path`, polling until `timeout`.
 pub(crate) fn lock(path: &Path, timeout: Duration) -> Result<StoreLock, StoreError> {
-    let file = lock_file(&broker_lock_path(path), Instant::now() + timeout, timeout)?;
+    let file = lock_file(&broker_lock_path(path), crate::policy::instant_after(timeout), timeout)?;
     Ok(StoreLock::File(FileLock { _file: file }))
 }
 
@@ -203,7 +203,7 @@ pub(crate) fn lock(path: &Path, timeout: Duration) -> Result<StoreLock, StoreErr
 /// the order that program takes them, polling each until `timeout` (shared).
 /// Held only around a re-read, a compare and a rename: milliseconds.
 pub(crate) fn commit_locks(paths: &[PathBuf], timeout: Duration) -> Result<Vec<FileLock>, StoreError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::policy::instant_after(timeout);
     paths
         .iter()
         .map(|p| lock_file(p, deadline, timeout).map(|file| FileLock { _file: file }))

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
@@ -602,4 +603,167 @@ fn the_cli_is_not_dumpable_and_writes_no_core() {
     assert_eq!(uid, dumpable_owner, "started like the control");
     assert_eq!(owner, 0, "watch is not dumpable: its /proc files belong to root");
     assert_eq!(core_limit(watch.pid()), "0", "watch writes no core file");
+}
+
+/// Runs `cmd` for at most `limit`; `None` if it had to be killed.
+fn output_within(cmd: &mut std::process::Command, limit: std::time::Duration) -> Option<std::process::Output> {
+    use std::process::Stdio;
+    let child = Running(Some(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()));
+    let started = std::time::Instant::now();
+    loop {
+        if child.0.as_ref().map(|c| c.id()).is_some() {
+            let mut status = 0;
+            // SAFETY: waitpid with WNOWAIT on our own child leaves it to be
+            // reaped by `wait` below.
+            let ready = unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                let r = libc::waitid(
+                    libc::P_PID,
+                    child.pid() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                );
+                status += r;
+                r == 0 && info.si_pid() != 0
+            };
+            if ready || status != 0 {
+                return Some(child.wait());
+            }
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// #18: an absurd value of any duration (or size) flag is a usage error,
+/// exit 2 with a message naming the flag; nothing panics, nothing hangs.
+#[test]
+fn absurd_flag_values_are_usage_errors() {
+    let fx = Fixture::codex();
+    let path = fx.write_codex(&fx.sim.sign_in(3600.0));
+    let auth = path.to_str().unwrap();
+    let huge = ["300000000000y", "18446744073709551615s", "100000y"];
+    let mut cases: Vec<(String, Vec<String>)> = Vec::new();
+    let mut add = |flag: &str, values: &[&str], args: &[&str]| {
+        for value in values {
+            let mut argv: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            let at = argv.iter().position(|a| a == "@").unwrap();
+            argv.splice(at..=at, [flag.to_owned(), value.to_string()]);
+            cases.push((format!("{flag} {value}"), argv));
+        }
+    };
+    let token = ["--auth-file", auth, "@", "token"];
+    add("--refresh-ahead", &[&huge[..], &["2y"]].concat(), &token);
+    add("--winner-wait", &[&huge[..], &["1h"]].concat(), &token);
+    add("--timeout", &[&huge[..], &["0s", "2h"]].concat(), &token);
+    let watch = ["--auth-file", auth, "watch", "--duration", "1s", "@"];
+    add("--interval", &[&huge[..], &["2d"]].concat(), &watch);
+    let watch = ["--auth-file", auth, "watch", "@"];
+    add("--duration", &[&huge[..], &["2y"]].concat(), &watch);
+    let simulate = ["simulate", "--duration", "1s", "@"];
+    add("--token-lifetime", &[&huge[..], &["0s", "2d"]].concat(), &simulate);
+    add("--latency", &[&huge[..], &["2m"]].concat(), &simulate);
+    add("--jobs", &["18446744073709551615", "1000000"], &simulate);
+    add("--concurrency", &["18446744073709551615", "10000000"], &simulate);
+    let simulate = ["simulate", "@"];
+    add("--duration", &[&huge[..], &["2d"]].concat(), &simulate);
+
+    let mut failures = Vec::new();
+    for (case, argv) in &cases {
+        let mut cmd = cli_command();
+        cmd.args(argv)
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", fx.sim.token_url())
+            .env_remove("RUST_LOG");
+        let Some(out) = output_within(&mut cmd, std::time::Duration::from_secs(10)) else {
+            failures.push(format!("{case}: still running after 10 s"));
+            continue;
+        };
+        let err = stderr(&out);
+        let flag = case.split(' ').next().unwrap();
+        if out.status.code() != Some(2) || err.contains("panicked") || !err.contains(flag) {
+            failures.push(format!("{case}: exit {:?}: {}", out.status.code(), err.trim()));
+        }
+    }
+    // The environment variable behind --winner-wait is bounded too.
+    let out = cli_command()
+        .args(["--auth-file", auth, "token"])
+        .env("TOKEN_BROKER_WINNER_WAIT", "300000000000y")
+        .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", fx.sim.token_url())
+        .output()
+        .unwrap();
+    if out.status.code() != Some(2) {
+        failures.push(format!(
+            "TOKEN_BROKER_WINNER_WAIT: exit {:?}: {}",
+            out.status.code(),
+            stderr(&out)
+        ));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n{}",
+        failures.len(),
+        cases.len() + 1,
+        failures.join("\n")
+    );
+}
+
+/// #18: an embedder may pass any `Duration`, however large: the broker
+/// saturates instead of panicking, and still serves and refreshes tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_max_settings_never_panic() {
+    let fx = Fixture::codex();
+    let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+    let broker = TokenBroker::codex()
+        .credentials_path(&path)
+        .token_url(fx.sim.token_url())
+        .refresh_ahead(Duration::MAX)
+        .http_timeout(Duration::MAX)
+        .lock_timeout(Duration::MAX)
+        .watch_interval(Duration::MAX)
+        .winner_wait(Duration::MAX)
+        .keep_fresh(true)
+        .build()
+        .unwrap();
+    let token = broker.token().await.unwrap();
+    assert!(fx.sim.is_live(token.expose()));
+    // An unbounded window is capped by the half-life rule: the new token is
+    // fresh, served again without another request.
+    let again = broker.token().await.unwrap();
+    assert_eq!(again, token);
+    assert_eq!(fx.sim.token_requests(), 1);
+    let status = broker.status().await.unwrap();
+    assert!(status.last_error.is_none(), "{status:?}");
+
+    // A refusal with an unbounded winner wait: the wait is bounded by
+    // nothing but the file; a new sign-in written to it ends it.
+    let dead = fx.sim.sign_in(-1.0);
+    fx.sim.spend(&dead.refresh_token);
+    let path2 = fx.path("other.json");
+    std::fs::write(&path2, token_broker::sim::codex_auth_json(&dead)).unwrap();
+    let refused = TokenBroker::codex()
+        .credentials_path(&path2)
+        .token_url(fx.sim.token_url())
+        .winner_wait(Duration::MAX)
+        .lock_timeout(Duration::MAX)
+        .build()
+        .unwrap();
+    let waiting = tokio::spawn({
+        let refused = refused.clone();
+        async move { refused.token().await }
+    });
+    while fx.sim.counts().reused == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(&path2, token_broker::sim::codex_auth_json(&fx.sim.sign_in(3600.0))).unwrap();
+    let adopted = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the winner's tokens end the wait")
+        .unwrap()
+        .unwrap();
+    assert!(fx.sim.is_live(adopted.expose()));
+    refused.shutdown().await;
+    broker.shutdown().await;
 }

@@ -455,7 +455,7 @@ impl Drop for Running {
 #[test]
 fn an_answer_that_arrived_while_the_broker_was_stopped_is_used() {
     use std::process::Stdio;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     let fx = Fixture::new(token_broker::sim::SimConfig {
         // The answer comes 1 s after the request arrives.
@@ -577,7 +577,7 @@ fn the_cli_is_not_dumpable_and_writes_no_core() {
     control.arg("30");
     dumpable_start(&mut control);
     let control = Running(Some(control.spawn().unwrap()));
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(200));
     let (owner, uid) = proc_owner(control.pid());
     assert_eq!(owner, uid, "a dumpable process owns its /proc files");
     assert_ne!(core_limit(control.pid()), "0", "the control may dump core");
@@ -605,35 +605,21 @@ fn the_cli_is_not_dumpable_and_writes_no_core() {
     assert_eq!(core_limit(watch.pid()), "0", "watch writes no core file");
 }
 
-/// Runs `cmd` for at most `limit`; `None` if it had to be killed.
-fn output_within(cmd: &mut std::process::Command, limit: std::time::Duration) -> Option<std::process::Output> {
+/// Runs `cmd` for at most `limit`; `None` if it had to be killed. (Its
+/// output must fit in the pipes meanwhile: a usage error's does.)
+fn output_within(cmd: &mut std::process::Command, limit: Duration) -> Option<std::process::Output> {
     use std::process::Stdio;
-    let child = Running(Some(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()));
+    let mut child = Running(Some(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()));
     let started = std::time::Instant::now();
     loop {
-        if child.0.as_ref().map(|c| c.id()).is_some() {
-            let mut status = 0;
-            // SAFETY: waitpid with WNOWAIT on our own child leaves it to be
-            // reaped by `wait` below.
-            let ready = unsafe {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                let r = libc::waitid(
-                    libc::P_PID,
-                    child.pid() as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-                );
-                status += r;
-                r == 0 && info.si_pid() != 0
-            };
-            if ready || status != 0 {
-                return Some(child.wait());
-            }
+        // `wait` after a successful `try_wait` returns the recorded status.
+        if child.0.as_mut().unwrap().try_wait().unwrap().is_some() {
+            return Some(child.wait());
         }
         if started.elapsed() > limit {
             return None;
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -676,7 +662,7 @@ fn absurd_flag_values_are_usage_errors() {
         cmd.args(argv)
             .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", fx.sim.token_url())
             .env_remove("RUST_LOG");
-        let Some(out) = output_within(&mut cmd, std::time::Duration::from_secs(10)) else {
+        let Some(out) = output_within(&mut cmd, Duration::from_secs(10)) else {
             failures.push(format!("{case}: still running after 10 s"));
             continue;
         };

@@ -8,6 +8,7 @@
 mod codex;
 mod file;
 mod json_file;
+mod json_text;
 mod memory;
 mod oauth2;
 

@@ -753,3 +753,136 @@ async fn duration_max_settings_never_panic() {
     refused.shutdown().await;
     broker.shutdown().await;
 }
+
+/// Numbers in keys the broker does not own, as their writer wrote them:
+/// beyond u64 and f64 range and precision, trailing zeros, negative zero,
+/// exponents; and a string with escapes. `(key, literal)`; keys are unique
+/// in the file.
+const ODD_NUMBERS: [(&str, &str); 11] = [
+    ("tb_big", "123456789012345678901234567890"),
+    ("tb_negative_big", "-98765432109876543210987654321"),
+    ("tb_trailing_zero", "1.10"),
+    ("tb_negative_zero", "-0.0"),
+    ("tb_too_large", "1e400"),
+    ("tb_too_small", "1e-400"),
+    ("tb_exponent", "1.5E+10"),
+    ("tb_precise", "0.30000000000000000000000000001"),
+    ("tb_list", "[1.10,-0.0,1e400,18446744073709551616]"),
+    // Strings as written too: escapes are not decoded and re-encoded.
+    ("tb_escaped", r#""caf\u00e9\/\ud83d\ude00""#),
+    ("tb_compact_object", r#"{"z":1.0}"#),
+];
+
+/// `ODD_NUMBERS` as JSON members (after `prefix` on each key), each
+/// followed by a comma.
+fn odd_members(prefix: &str) -> String {
+    ODD_NUMBERS
+        .iter()
+        .map(|(key, literal)| format!("\"{prefix}{key}\": {literal},\n"))
+        .collect()
+}
+
+/// The literal text of the value of `"key"` in `text` (whitespace removed
+/// inside an array).
+fn literal_of(text: &str, key: &str) -> Option<String> {
+    let at = text.find(&format!("\"{key}\""))? + key.len() + 2;
+    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+    let end = if rest.starts_with('[') {
+        rest.find(']')? + 1
+    } else if rest.starts_with('{') {
+        rest.find('}')? + 1
+    } else if let Some(string) = rest.strip_prefix('"') {
+        string.find('"')? + 2
+    } else {
+        rest.find([',', '}', ']', '\n', ' '])?
+    };
+    Some(rest[..end].chars().filter(|c| !c.is_whitespace()).collect())
+}
+
+/// Checks that every odd number (under `prefix`) kept its literal text.
+fn assert_numbers_kept(case: &str, text: &str, prefix: &str) {
+    let mut lost = Vec::new();
+    for (key, literal) in ODD_NUMBERS {
+        let key = format!("{prefix}{key}");
+        match literal_of(text, &key) {
+            Some(now) if now == literal => {}
+            now => lost.push(format!("{key}: {literal} became {now:?}")),
+        }
+    }
+    assert!(lost.is_empty(), "{case}: numbers changed:\n{}\n{text}", lost.join("\n"));
+}
+
+/// #19: numbers in keys the broker does not own survive a refresh exactly
+/// as written (the literal, not just the value a float can hold), at the
+/// top level, nested, and inside `tokens`; in a Codex `auth.json` and a
+/// generic OAuth2 file.
+#[test]
+fn unknown_numbers_survive_a_refresh_as_written() {
+    use token_broker::sim::{SimClientAuth, SimConfig, SimDialect};
+
+    // Codex: top level, in `tokens`, and nested.
+    let fx = Fixture::codex();
+    let issued = fx.sim.sign_in(-1.0);
+    let original = token_broker::sim::codex_auth_json(&issued);
+    let text = original
+        .replacen(
+            '{',
+            &format!(
+                "{{\n{}\"tb_nested\": {{{}\"end\": 0}},\n",
+                odd_members(""),
+                odd_members("n_")
+            ),
+            1,
+        )
+        .replacen("\"tokens\": {", &format!("\"tokens\": {{\n{}", odd_members("t_")), 1);
+    let path = fx.path("auth.json");
+    std::fs::write(&path, &text).unwrap();
+    let out = fx.cli(&["token", "--auth-file", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "codex: {}", stderr(&out));
+    assert_eq!(fx.sim.counts().refreshed, 1);
+    let after = std::fs::read_to_string(&path).unwrap();
+    assert!(!after.contains(&issued.refresh_token), "the refresh token was rotated");
+    for prefix in ["", "n_", "t_"] {
+        assert_numbers_kept("codex", &after, prefix);
+    }
+
+    // A generic OAuth2 file.
+    let fx = Fixture::new(SimConfig {
+        dialect: SimDialect::Rfc6749(SimClientAuth::None),
+        client_id: "odd-numbers".into(),
+        ..SimConfig::default()
+    });
+    let issued = fx.sim.sign_in(-1.0);
+    let text = token_broker::sim::oauth2_credentials_json(&issued).replacen(
+        '{',
+        &format!(
+            "{{\n{}\"tb_nested\": {{{}\"end\": 0}},\n",
+            odd_members(""),
+            odd_members("n_")
+        ),
+        1,
+    );
+    let path = fx.path("credentials.json");
+    std::fs::write(&path, &text).unwrap();
+    let out = cli_command()
+        .args([
+            "token",
+            "--provider",
+            "oauth2",
+            "--client-id",
+            "odd-numbers",
+            "--token-url",
+        ])
+        .arg(fx.sim.token_url())
+        .arg("--auth-file")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "oauth2: {}", stderr(&out));
+    assert_eq!(fx.sim.counts().refreshed, 1);
+    let after = std::fs::read_to_string(&path).unwrap();
+    assert!(!after.contains(&issued.refresh_token), "the refresh token was rotated");
+    for prefix in ["", "n_"] {
+        assert_numbers_kept("oauth2", &after, prefix);
+    }
+}

@@ -198,6 +198,9 @@ enum CliError {
     Broker(BrokerError),
     Output(std::io::Error),
     Simulation(std::io::Error),
+    /// A broker error already printed (by `watch`): exit with its code and
+    /// print nothing more.
+    Reported(BrokerError),
 }
 
 impl From<BrokerError> for CliError {
@@ -424,16 +427,41 @@ async fn watch(
                 last = Some(fingerprint);
             }
             Err(e) => {
-                if last_error.as_ref() != Some(&e) {
-                    let _ = writeln!(std::io::stderr(), "token-broker: {e}");
+                // A change of state is printed once: the same failure seen
+                // again (with a new "retrying in" countdown) is not news.
+                if last_error.as_ref().map(same_failure) != Some(same_failure(&e)) {
+                    let _ = writeln!(std::io::stderr(), "{}", error_line(json, &CliError::Broker(e.clone())));
                 }
                 last_error = Some(e);
             }
         }
     }
     match last_error {
-        Some(e) => Err(e.into()),
+        Some(e) => Err(CliError::Reported(e)),
         None => Ok(()),
+    }
+}
+
+/// An error without what changes while it lasts (the retry countdown, a
+/// server's `Retry-After`), so that two sightings of one failure compare
+/// equal.
+fn same_failure(e: &BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Unavailable { location, cause, .. } => BrokerError::Unavailable {
+            location: location.clone(),
+            cause: match cause {
+                token_broker::provider::RefreshError::Transient { endpoint, kind, .. } => {
+                    token_broker::provider::RefreshError::Transient {
+                        endpoint: endpoint.clone(),
+                        kind: kind.clone(),
+                        retry_after: None,
+                    }
+                }
+                rejected => rejected.clone(),
+            },
+            retry_in: None,
+        },
+        other => other.clone(),
     }
 }
 
@@ -510,16 +538,29 @@ async fn interrupted() {
 }
 
 fn fail(json: bool, e: &CliError) -> ExitCode {
-    let (code, kind, message) = match e {
-        CliError::Broker(e) => (e.exit_code(), e.kind(), e.to_string()),
-        CliError::Output(e) => (1, "io", format!("could not write the output: {e}")),
-        CliError::Simulation(e) => (1, "simulation", format!("the simulation failed: {e}")),
+    if !matches!(e, CliError::Reported(_)) {
+        let _ = writeln!(std::io::stderr(), "{}", error_line(json, e));
+    }
+    ExitCode::from(exit_code(e) as u8)
+}
+
+fn exit_code(e: &CliError) -> i32 {
+    match e {
+        CliError::Broker(e) | CliError::Reported(e) => e.exit_code(),
+        CliError::Output(_) | CliError::Simulation(_) => 1,
+    }
+}
+
+/// The one line that reports `e` on stderr: text, or JSON with `--json`.
+fn error_line(json: bool, e: &CliError) -> String {
+    let (kind, message) = match e {
+        CliError::Broker(e) | CliError::Reported(e) => (e.kind(), e.to_string()),
+        CliError::Output(e) => ("io", format!("could not write the output: {e}")),
+        CliError::Simulation(e) => ("simulation", format!("the simulation failed: {e}")),
     };
-    let line = if json {
-        serde_json::json!({"error": {"kind": kind, "message": message, "exit_code": code}}).to_string()
+    if json {
+        serde_json::json!({"error": {"kind": kind, "message": message, "exit_code": exit_code(e)}}).to_string()
     } else {
         format!("token-broker: {message}")
-    };
-    let _ = writeln!(std::io::stderr(), "{line}");
-    ExitCode::from(code as u8)
+    }
 }

@@ -286,9 +286,18 @@ pub struct Provider {
 
 impl Provider {
     /// A provider at `token_url` for the OAuth client `client_id`.
+    ///
+    /// The URL is kept as the URL parser writes it (the form requests go
+    /// to): tabs and newlines removed, other control characters
+    /// percent-encoded, so that messages naming it stay on one line.
     pub fn new(token_url: impl Into<String>, client_id: impl Into<String>, dialect: Dialect) -> Self {
+        let token_url = token_url.into();
+        let token_url = match reqwest::Url::parse(&token_url) {
+            Ok(url) => String::from(url),
+            Err(_) => token_url.chars().filter(|c| !c.is_control()).collect(),
+        };
         Provider {
-            token_url: token_url.into(),
+            token_url,
             client_id: client_id.into(),
             dialect,
             timeout: DEFAULT_HTTP_TIMEOUT,

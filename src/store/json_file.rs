@@ -82,7 +82,7 @@ impl<F: FileFormat> JsonFileStore<F> {
     /// A store over the file at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
-        let location = path.display().to_string();
+        let location = super::display_path(&path);
         JsonFileStore {
             path,
             location,

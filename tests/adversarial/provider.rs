@@ -886,3 +886,108 @@ fn unknown_numbers_survive_a_refresh_as_written() {
         assert_numbers_kept("oauth2", &after, prefix);
     }
 }
+
+/// A token URL on loopback where nothing listens.
+fn unreachable_url() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/oauth/token", closed.local_addr().unwrap());
+    drop(closed);
+    url
+}
+
+/// #20: `watch` on an expired token with the provider unreachable prints
+/// the error once, when it starts, not on every tick with a new "retrying
+/// in" countdown; nor again on exit. Text and JSON.
+#[test]
+fn watch_prints_a_lasting_error_once() {
+    let fx = Fixture::codex();
+    let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+    for json in [false, true] {
+        let mut cmd = cli_command();
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .args(["watch", "--interval", "100ms", "--duration", "3500ms", "--auth-file"])
+            .arg(&path)
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", unreachable_url())
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(5), "json {json}: {err}");
+        assert_eq!(err.lines().count(), 1, "json {json}: the error once:\n{err}");
+        assert!(err.contains("could not connect"), "json {json}: {err}");
+        if json {
+            let line: serde_json::Value = serde_json::from_str(err.trim()).unwrap();
+            assert_eq!(line["error"]["kind"], "provider_unavailable", "{err}");
+        }
+    }
+}
+
+/// #20: a path with a newline (or a terminal escape) in it never splits an
+/// error over two lines nor reaches the terminal raw: every message quotes
+/// and escapes it. Missing file, invalid file, a directory, a refresh
+/// that fails (the location in the error), and `status`.
+#[test]
+fn a_path_with_a_newline_gives_one_line_errors() {
+    let fx = Fixture::codex();
+    let dir = fx.path("line\nbreak \u{1b}[31mred");
+    std::fs::create_dir(&dir).unwrap();
+    let missing = dir.join("missing.json");
+    let invalid = dir.join("invalid\n.json");
+    std::fs::write(&invalid, "{").unwrap();
+    let expired = dir.join("expired.json");
+    std::fs::write(&expired, token_broker::sim::codex_auth_json(&fx.sim.sign_in(-1.0))).unwrap();
+    let directory = dir.join("a directory");
+    std::fs::create_dir(&directory).unwrap();
+
+    let url = unreachable_url();
+    for (case, path, code) in [
+        ("missing", &missing, 3),
+        ("invalid", &invalid, 3),
+        ("directory", &directory, 3),
+        ("unavailable", &expired, 5),
+    ] {
+        for json in [false, true] {
+            let mut cmd = cli_command();
+            if json {
+                cmd.arg("--json");
+            }
+            let out = cmd
+                .args(["token", "--auth-file"])
+                .arg(path)
+                .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", &url)
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(code), "{case}: {err}");
+            assert_eq!(err.lines().count(), 1, "{case} (json {json}): one line:\n{err}");
+            assert!(
+                !err.contains('\u{1b}'),
+                "{case}: a raw escape reached the terminal: {err:?}"
+            );
+            let message = if json {
+                let line: serde_json::Value = serde_json::from_str(err.trim()).unwrap();
+                line["error"]["message"].as_str().unwrap().to_owned()
+            } else {
+                err.clone()
+            };
+            assert!(
+                message.contains("line\\nbreak"),
+                "{case}: the path is shown, escaped: {err}"
+            );
+        }
+    }
+    let out = fx.cli(&["status", "--auth-file", expired.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("credentials:") && lines[0].contains("line\\nbreak"),
+        "{text}"
+    );
+    assert!(lines[1].starts_with("state:"), "{text}");
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+}

@@ -418,12 +418,18 @@ impl Provider {
             .get_or_init(|| {
                 // No overall reqwest timeout: `within` applies it, so that an
                 // answer that arrived while the process was stopped is read.
-                reqwest::Client::builder()
+                let builder = reqwest::Client::builder()
                     .connect_timeout(self.timeout.min(Duration::from_secs(10)))
                     .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
                     // A redirect would re-send the refresh token and client
                     // secret to wherever it points.
-                    .redirect(reqwest::redirect::Policy::none())
+                    .redirect(reqwest::redirect::Policy::none());
+                // A proxy from the environment would get a loopback
+                // endpoint's plain-http request, secrets and all (and no
+                // proxy can reach our loopback anyway).
+                let loopback = reqwest::Url::parse(&self.token_url).is_ok_and(|url| is_loopback(&url));
+                let builder = if loopback { builder.no_proxy() } else { builder };
+                builder
                     .build()
                     .map_err(|e| format!("could not build the HTTP client: {e}"))
             })

@@ -187,6 +187,37 @@ async fn a_redirect_never_carries_the_client_secret_away() {
     assert!(err.to_string().contains(&other.origin()), "{err}");
 }
 
+/// #11, a sibling: a proxy from the environment (`HTTP_PROXY`,
+/// `ALL_PROXY`) never gets a loopback token endpoint's request, which
+/// would carry the refresh token in clear text to another origin (and no
+/// proxy can reach our loopback anyway). The refresh goes to the endpoint.
+#[test]
+fn a_proxy_from_the_environment_never_gets_a_loopback_request() {
+    let fx = Fixture::codex();
+    let (proxy, seen) = recording_origin();
+    let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+    for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY"] {
+        let out = cli_command()
+            .args(["token", "--auth-file"])
+            .arg(&path)
+            .env("CODEX_REFRESH_TOKEN_URL_OVERRIDE", fx.sim.token_url())
+            .env(var, proxy.origin())
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "{var}: the proxy got {:?}",
+            seen.lock().unwrap()
+        );
+        assert_eq!(out.status.code(), Some(0), "{var}: {}", stderr(&out));
+        assert!(fx.sim.is_live(stdout(&out).trim()), "{var}: the provider's token");
+        std::fs::write(&path, token_broker::sim::codex_auth_json(&fx.sim.sign_in(-1.0))).unwrap();
+    }
+}
+
 /// #11: plain `http://` is refused for any token endpoint that is not on
 /// loopback, however it is given: library, `--token-url`, or
 /// `CODEX_REFRESH_TOKEN_URL_OVERRIDE`.

@@ -403,14 +403,15 @@ impl BrokerBuilder {
                 String::new(),
             ),
         };
-        match reqwest::Url::parse(&token_url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-            _ => {
-                return Err(BrokerError::Config(format!(
-                    "the token URL {token_url:?} is not an http(s) URL"
-                )))
-            }
-        }
+        crate::provider::check_token_url(&token_url).map_err(|why| {
+            // Only a Codex broker without an explicit URL reads the variable.
+            let from_env = matches!(self.flavor, Flavor::Codex) && self.token_url.is_none();
+            BrokerError::Config(if from_env {
+                format!("{why} (from {CODEX_TOKEN_URL_ENV})")
+            } else {
+                why
+            })
+        })?;
         let store: Arc<dyn Store> = match (self.store, self.path, &self.flavor) {
             (Some(store), _, _) => store,
             (None, Some(path), Flavor::Codex) => Arc::new(CodexAuthFile::new(path)),

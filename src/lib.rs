@@ -34,6 +34,17 @@
 //!
 //! Data flows one way: caller → [`TokenBroker`] → [`TokenActor`](actor::TokenActor)
 //! → [`store`] / [`provider`] → actor → published snapshot → caller.
+//!
+//! ## Core dumps
+//!
+//! A broker holds live tokens (and any client secret) in memory, so a core
+//! dump of its process holds them too. The `token-broker` binary makes
+//! itself non-dumpable (`prctl(PR_SET_DUMPABLE, 0)` on Linux, which also
+//! keeps other processes of the same user from reading its memory) and sets
+//! `RLIMIT_CORE` to 0 before it reads anything. A library cannot decide
+//! that for its host process: **embedders should do the same** early in
+//! `main`, unless they rely on core dumps and protect them like the
+//! credentials file.
 
 #![warn(missing_docs)]
 

@@ -36,11 +36,11 @@ enum Command {
     /// Keep a broker running and print a line (a fingerprint, never the
     /// token) whenever the access token changes.
     Watch {
-        /// How often to ask for a token.
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+        /// How often to ask for a token (at most 1 day).
+        #[arg(long, value_name = "DURATION", value_parser = watch_interval, default_value = "1s")]
         interval: Duration,
-        /// Stop after this long (default: run until interrupted).
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        /// Stop after this long, at most a year (default: run until interrupted).
+        #[arg(long, value_name = "DURATION", value_parser = watch_duration)]
         duration: Option<Duration>,
     },
 }
@@ -50,20 +50,20 @@ struct SimulateArgs {
     /// Use the design the broker replaces: every job refreshes on its own.
     #[arg(long)]
     naive: bool,
-    /// Cron-job actors (each fires every 100 to 500 ms).
-    #[arg(long, default_value_t = 16)]
-    jobs: usize,
-    /// Concurrent request actors.
-    #[arg(long, default_value_t = 1000)]
-    concurrency: usize,
-    /// The provider's access-token lifetime.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2s")]
+    /// Cron-job actors (each fires every 100 to 500 ms; at most 10000).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=MAX_JOBS))]
+    jobs: u32,
+    /// Concurrent request actors (at most 100000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=MAX_CONCURRENCY))]
+    concurrency: u32,
+    /// The provider's access-token lifetime (more than zero, at most 1 day).
+    #[arg(long, value_name = "DURATION", value_parser = token_lifetime, default_value = "2s")]
     token_lifetime: Duration,
-    /// How long the load runs.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
+    /// How long the load runs (at most 1 day).
+    #[arg(long, value_name = "DURATION", value_parser = simulate_duration, default_value = "10s")]
     duration: Duration,
-    /// The provider's latency per token request.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "50ms")]
+    /// The provider's latency per token request (at most 1 minute).
+    #[arg(long, value_name = "DURATION", value_parser = latency, default_value = "50ms")]
     latency: Duration,
     /// The fraction of token requests the provider fails with 503 (0 to 1).
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
@@ -71,6 +71,67 @@ struct SimulateArgs {
     /// The provider revokes the whole token family when a refresh token is reused.
     #[arg(long)]
     revoke_on_reuse: bool,
+}
+
+const MAX_JOBS: i64 = 10_000;
+const MAX_CONCURRENCY: i64 = 100_000;
+
+/// The bounds of the duration flags, with how they are shown.
+const MINUTE: (Duration, &str) = (Duration::from_secs(60), "1m");
+const TEN_MINUTES: (Duration, &str) = (Duration::from_secs(600), "10m");
+const HOUR: (Duration, &str) = (Duration::from_secs(3600), "1h");
+const DAY: (Duration, &str) = (Duration::from_secs(24 * 3600), "1d");
+const YEAR: (Duration, &str) = (Duration::from_secs(365 * 24 * 3600), "365d");
+
+/// A duration flag's value, at most `max` and, when `positive`, more than
+/// zero; else a usage error that states the bounds (clap names the flag and
+/// exits 2). Bounding every duration keeps absurd values (`300000000000y`)
+/// from overflowing instants anywhere downstream.
+fn bounded_duration(text: &str, positive: bool, (max, shown): (Duration, &str)) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{e} (expected e.g. 90s, 10m, 2h)"))?;
+    if positive && d.is_zero() {
+        return Err(format!("must be more than zero and at most {shown}"));
+    }
+    if d > max {
+        return Err(if positive {
+            format!("must be more than zero and at most {shown}")
+        } else {
+            format!("must be at most {shown}")
+        });
+    }
+    Ok(d)
+}
+
+fn refresh_ahead(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, YEAR)
+}
+
+fn winner_wait(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, TEN_MINUTES)
+}
+
+fn http_timeout(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, true, HOUR)
+}
+
+fn watch_interval(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, DAY)
+}
+
+fn watch_duration(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, YEAR)
+}
+
+fn token_lifetime(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, true, DAY)
+}
+
+fn simulate_duration(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, DAY)
+}
+
+fn latency(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, false, MINUTE)
 }
 
 fn parse_fraction(text: &str) -> Result<f64, String> {
@@ -100,16 +161,16 @@ struct CredentialArgs {
     /// How an oauth2 client authenticates.
     #[arg(long, global = true, value_enum, default_value_t = ClientAuthKind::None)]
     client_auth: ClientAuthKind,
-    /// Refresh this long before expiry (e.g. 90s, 10m).
-    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10m")]
+    /// Refresh this long before expiry (e.g. 90s, 10m; at most a year).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = refresh_ahead, default_value = "10m")]
     refresh_ahead: Duration,
     /// After the provider refuses the refresh token (spent by another
     /// program a moment earlier), watch the file this long for the winner's
-    /// tokens before reporting that a sign-in is needed.
-    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "8s", env = "TOKEN_BROKER_WINNER_WAIT")]
+    /// tokens before reporting that a sign-in is needed (at most 10 minutes).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = winner_wait, default_value = "8s", env = "TOKEN_BROKER_WINNER_WAIT")]
     winner_wait: Duration,
-    /// The timeout of one token request (e.g. 30s).
-    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+    /// The timeout of one token request (e.g. 30s; more than zero, at most 1 hour).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = http_timeout, default_value = "30s")]
     timeout: Duration,
     /// Print the status, and any error, as JSON.
     #[arg(long, global = true)]
@@ -143,6 +204,9 @@ enum CliError {
     Interrupted(i32),
     /// A refresh in flight did not end within this bound.
     Unfinished(Duration),
+    /// A broker error already printed (by `watch`): exit with its code and
+    /// print nothing more.
+    Reported(BrokerError),
 }
 
 impl From<BrokerError> for CliError {
@@ -152,6 +216,7 @@ impl From<BrokerError> for CliError {
 }
 
 fn main() -> ExitCode {
+    keep_secrets_out_of_dumps();
     let cli = Cli::parse();
     init_logging();
     let json = cli.creds.json;
@@ -170,6 +235,21 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(json, &e),
     }
+}
+
+/// The process holds live tokens and client secrets in memory: no core dump
+/// may write them to disk (`kill -ABRT`, a crash), and no other process of
+/// the same user may read its memory (`ptrace`, `/proc/<pid>/mem`). Runs
+/// first thing, before any secret is read. Best effort: a failure leaves
+/// the process as it was.
+fn keep_secrets_out_of_dumps() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_DUMPABLE takes plain integer arguments and only changes
+    // this process's dumpable flag.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    let _ = rlimit::setrlimit(rlimit::Resource::CORE, 0, 0);
 }
 
 /// Logs go to stderr, quiet unless `RUST_LOG` asks for more.
@@ -366,14 +446,24 @@ async fn watch(
     json: bool,
     signals: &mut Signals,
 ) -> Result<(), CliError> {
-    let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+    // No representable deadline means none (the flag is bounded anyway).
+    let deadline = duration.and_then(|d| tokio::time::Instant::now().checked_add(d));
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    let ended = async move {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut ended = std::pin::pin!(ended);
     let mut last: Option<String> = None;
     let mut last_error: Option<BrokerError> = None;
     loop {
+        // The deadline ends the watch even between two long ticks.
         tokio::select! {
             _ = ticker.tick() => {}
             _ = signals.recv() => break,
+            _ = &mut ended => break,
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             break;
@@ -416,16 +506,41 @@ async fn watch(
                 last = Some(fingerprint);
             }
             Err(e) => {
-                if last_error.as_ref() != Some(&e) {
-                    let _ = writeln!(std::io::stderr(), "token-broker: {e}");
+                // A change of state is printed once: the same failure seen
+                // again (with a new "retrying in" countdown) is not news.
+                if last_error.as_ref().map(same_failure) != Some(same_failure(&e)) {
+                    let _ = writeln!(std::io::stderr(), "{}", error_line(json, &CliError::Broker(e.clone())));
                 }
                 last_error = Some(e);
             }
         }
     }
     match last_error {
-        Some(e) => Err(e.into()),
+        Some(e) => Err(CliError::Reported(e)),
         None => Ok(()),
+    }
+}
+
+/// An error without what changes while it lasts (the retry countdown, a
+/// server's `Retry-After`), so that two sightings of one failure compare
+/// equal.
+fn same_failure(e: &BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Unavailable { location, cause, .. } => BrokerError::Unavailable {
+            location: location.clone(),
+            cause: match cause {
+                token_broker::provider::RefreshError::Transient { endpoint, kind, .. } => {
+                    token_broker::provider::RefreshError::Transient {
+                        endpoint: endpoint.clone(),
+                        kind: kind.clone(),
+                        retry_after: None,
+                    }
+                }
+                rejected => rejected.clone(),
+            },
+            retry_in: None,
+        },
+        other => other.clone(),
     }
 }
 
@@ -440,8 +555,8 @@ async fn simulate(args: &SimulateArgs, json: bool) -> Result<(), CliError> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let config = SimulationConfig {
         mode: if args.naive { Mode::Naive } else { Mode::Broker },
-        jobs: args.jobs,
-        concurrency: args.concurrency,
+        jobs: args.jobs as usize,
+        concurrency: args.concurrency as usize,
         token_lifetime: args.token_lifetime,
         duration: args.duration,
         latency: args.latency,
@@ -486,17 +601,31 @@ async fn simulate(args: &SimulateArgs, json: bool) -> Result<(), CliError> {
 }
 
 fn fail(json: bool, e: &CliError) -> ExitCode {
-    let (code, kind, message) = match e {
-        CliError::Broker(e) => (e.exit_code(), e.kind(), e.to_string()),
-        CliError::Output(e) => (1, "io", format!("could not write the output: {e}")),
-        CliError::Simulation(e) => (1, "simulation", format!("the simulation failed: {e}")),
+    if !matches!(e, CliError::Reported(_)) {
+        let _ = writeln!(std::io::stderr(), "{}", error_line(json, e));
+    }
+    ExitCode::from(exit_code(e) as u8)
+}
+
+fn exit_code(e: &CliError) -> i32 {
+    match e {
+        CliError::Broker(e) | CliError::Reported(e) => e.exit_code(),
+        CliError::Output(_) | CliError::Simulation(_) | CliError::Unfinished(_) => 1,
+        CliError::Interrupted(signal) => 128 + signal,
+    }
+}
+
+/// The one line that reports `e` on stderr: text, or JSON with `--json`.
+fn error_line(json: bool, e: &CliError) -> String {
+    let (kind, message) = match e {
+        CliError::Broker(e) | CliError::Reported(e) => (e.kind(), e.to_string()),
+        CliError::Output(e) => ("io", format!("could not write the output: {e}")),
+        CliError::Simulation(e) => ("simulation", format!("the simulation failed: {e}")),
         CliError::Interrupted(signal) => (
-            128 + signal,
             "interrupted",
             format!("interrupted by {}; no refresh was cut short", signal_name(*signal)),
         ),
         CliError::Unfinished(bound) => (
-            1,
             "unfinished",
             format!(
                 "a refresh was still in flight after {}; its rotated tokens may be lost",
@@ -504,11 +633,9 @@ fn fail(json: bool, e: &CliError) -> ExitCode {
             ),
         ),
     };
-    let line = if json {
-        serde_json::json!({"error": {"kind": kind, "message": message, "exit_code": code}}).to_string()
+    if json {
+        serde_json::json!({"error": {"kind": kind, "message": message, "exit_code": exit_code(e)}}).to_string()
     } else {
         format!("token-broker: {message}")
-    };
-    let _ = writeln!(std::io::stderr(), "{line}");
-    ExitCode::from(code as u8)
+    }
 }

@@ -1,7 +1,7 @@
 //! When a token is fresh, due for refresh or expired, and how long to wait
 //! after a failed refresh. Pure functions of time, tested on their own.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::credentials::TokenSet;
 
@@ -152,6 +152,32 @@ pub fn freshness(tokens: &TokenSet, now: SystemTime, policy: impl Into<RefreshPo
     } else {
         Freshness::Due { expires_at: expiry.at }
     }
+}
+
+/// How far "never" is when a duration is too large to add: a century.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `at + wait`, or a century from `at` when that overflows (an embedder
+/// may pass `Duration::MAX` for "no limit"). Never panics.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// let now = SystemTime::now();
+/// assert!(token_broker::policy::later(now, Duration::MAX) > now);
+/// ```
+pub fn later(at: SystemTime, wait: Duration) -> SystemTime {
+    at.checked_add(wait)
+        .or_else(|| at.checked_add(FAR_FUTURE))
+        .unwrap_or(at)
+}
+
+/// The instant `wait` from now, or a century from now when that overflows.
+/// Never panics.
+pub fn instant_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
 }
 
 /// Exponential backoff with full jitter: a random wait between

@@ -112,7 +112,13 @@ impl fmt::Display for StatusLines<'_> {
         let s = self.status;
         writeln!(f, "credentials:    {}", s.location)?;
         writeln!(f, "state:          {}", s.state)?;
-        writeln!(f, "account:        {}", s.account_id.as_deref().unwrap_or("unknown"))?;
+        // The account id comes from the file: never let it break a line.
+        let account = match s.account_id.as_deref() {
+            Some(id) if id.chars().any(char::is_control) => format!("{id:?}"),
+            Some(id) => id.to_owned(),
+            None => "unknown".to_owned(),
+        };
+        writeln!(f, "account:        {account}")?;
         match s.expires_at {
             Some(at) => writeln!(
                 f,

@@ -179,7 +179,7 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     if let Some(refused) = blocking(move || Ok(store.refused_at(&checked))).await? {
         drop(lock);
         info!(refresh = %refresh_token.fingerprint(), "another broker saw the provider refuse this refresh token; waiting for the winner's tokens");
-        let deadline = refused + cfg.winner_wait;
+        let deadline = crate::policy::later(refused, cfg.winner_wait);
         let reason = "the provider refused this refresh token (seen by another broker on this file), \
                       and no newer tokens arrived"
             .to_owned();
@@ -263,7 +263,7 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
                 ),
                 None => error.to_string(),
             };
-            let deadline = SystemTime::now() + cfg.winner_wait;
+            let deadline = crate::policy::later(SystemTime::now(), cfg.winner_wait);
             return wait_for_winner(cfg, &on_disk, deadline, reason, refresh_token).await;
         }
         if error.is_permanent() {

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use tracing::warn;
+use tracing::{debug, warn};
 
 pub use response::{parse_error_body, parse_success_body, ErrorBody};
 
@@ -91,7 +91,7 @@ impl Refreshed {
                 .and_then(|c| c.chatgpt_account_id())
         });
         let from_expires_in = new.expires_in.map(|life| Expiry {
-            at: now + life,
+            at: crate::policy::later(now, life),
             lifetime: Some(life),
             source: ExpirySource::Stored,
         });
@@ -136,7 +136,8 @@ pub enum RefreshError {
         status: u16,
         /// The error code (`refresh_token_reused`, `invalid_grant`...).
         code: String,
-        /// The server's description, scrubbed of token text and shortened.
+        /// The server's description, shortened; withheld entirely when it
+        /// quotes any secret the request carried, in any encoding.
         description: String,
     },
     /// The refresh may work if tried again later.
@@ -211,6 +212,20 @@ pub enum Failure {
         /// The HTTP status.
         status: u16,
     },
+    /// A 3xx answer. Redirects from the token endpoint are never followed:
+    /// following one would send the refresh token (and any client secret)
+    /// to another origin, and save whatever that origin answers.
+    #[error(
+        "HTTP {status} redirect to {}; redirects from the token endpoint are never followed",
+        .origin.as_deref().unwrap_or("an unusable location")
+    )]
+    Redirect {
+        /// The HTTP status.
+        status: u16,
+        /// The origin (`scheme://host:port`, never a path or query) the
+        /// `Location` header points to, when it names one.
+        origin: Option<String>,
+    },
 }
 
 impl Failure {
@@ -228,7 +243,8 @@ impl Failure {
             | Failure::NoUsableToken(_)
             | Failure::ExpiredOnArrival
             | Failure::UnsavedElsewhere(_)
-            | Failure::LockLost => false,
+            | Failure::LockLost
+            | Failure::Redirect { .. } => false,
         }
     }
 }
@@ -285,9 +301,18 @@ pub struct Provider {
 
 impl Provider {
     /// A provider at `token_url` for the OAuth client `client_id`.
+    ///
+    /// The URL is kept as the URL parser writes it (the form requests go
+    /// to): tabs and newlines removed, other control characters
+    /// percent-encoded, so that messages naming it stay on one line.
     pub fn new(token_url: impl Into<String>, client_id: impl Into<String>, dialect: Dialect) -> Self {
+        let token_url = token_url.into();
+        let token_url = match reqwest::Url::parse(&token_url) {
+            Ok(url) => String::from(url),
+            Err(_) => token_url.chars().filter(|c| !c.is_control()).collect(),
+        };
         Provider {
-            token_url: token_url.into(),
+            token_url,
             client_id: client_id.into(),
             dialect,
             timeout: DEFAULT_HTTP_TIMEOUT,
@@ -320,23 +345,20 @@ impl Provider {
         };
         let http = self.client().map_err(|e| fail(Failure::Client(e)))?;
         let request = self.build_request(http, refresh_token);
-        let mut response = request.send().await.map_err(|e| fail(self.classify(&e, false)))?;
-        let status = response.status().as_u16();
-        let retry_after = retry_after(response.headers());
-        let mut body = Vec::new();
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                        return Err(fail(Failure::TooLarge { status }));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(fail(self.classify(&e, true))),
-            }
+        let Answer {
+            status,
+            location,
+            retry_after,
+            body,
+        } = within(self.timeout, self.exchange(request)).await.map_err(fail)?;
+        let sent = SentSecrets::new(refresh_token, &self.client_id, &self.dialect);
+        if (300..400).contains(&status) {
+            let origin =
+                redirect_origin(&self.token_url, location.as_ref()).map(|origin| sent.scrub(&origin, "<withheld>"));
+            return Err(fail(Failure::Redirect { status, origin }));
         }
-        let scrub = |text: &str| scrub(text, refresh_token.expose());
+        let scrub_code = |text: &str| sent.scrub(text, "<withheld>");
+        let describe = |text: &str| sent.scrub(text, WITHHELD);
         if (200..300).contains(&status) {
             return parse_success_body(&body).map_err(|why| fail(Failure::Malformed { status, why }));
         }
@@ -350,21 +372,44 @@ impl Provider {
             return Err(RefreshError::Rejected {
                 endpoint: self.token_url.clone(),
                 status,
-                code: scrub(&code),
-                description: scrub(&description),
+                code: scrub_code(&code),
+                description: describe(&description),
             });
         }
         let kind = match status {
             429 => Failure::RateLimited,
             _ => Failure::Status {
                 status,
-                code: parsed.map(|b| scrub(&b.code)),
+                code: parsed.map(|b| scrub_code(&b.code)),
             },
         };
         Err(RefreshError::Transient {
             endpoint: self.token_url.clone(),
             kind,
             retry_after,
+        })
+    }
+
+    /// Sends the request and reads the whole answer (no body for a 3xx).
+    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Answer, Failure> {
+        let mut response = request.send().await.map_err(|e| self.classify(&e, false))?;
+        let status = response.status().as_u16();
+        let location = response.headers().get(reqwest::header::LOCATION).cloned();
+        let retry_after = retry_after(response.headers());
+        let mut body = Vec::new();
+        if !(300..400).contains(&status) {
+            while let Some(chunk) = response.chunk().await.map_err(|e| self.classify(&e, true))? {
+                if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    return Err(Failure::TooLarge { status });
+                }
+                body.extend_from_slice(&chunk);
+            }
+        }
+        Ok(Answer {
+            status,
+            location,
+            retry_after,
+            body,
         })
     }
 
@@ -386,10 +431,20 @@ impl Provider {
     fn client(&self) -> Result<&reqwest::Client, String> {
         self.http
             .get_or_init(|| {
-                reqwest::Client::builder()
-                    .timeout(self.timeout)
+                // No overall reqwest timeout: `within` applies it, so that an
+                // answer that arrived while the process was stopped is read.
+                let builder = reqwest::Client::builder()
                     .connect_timeout(self.timeout.min(Duration::from_secs(10)))
                     .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+                    // A redirect would re-send the refresh token and client
+                    // secret to wherever it points.
+                    .redirect(reqwest::redirect::Policy::none());
+                // A proxy from the environment would get a loopback
+                // endpoint's plain-http request, secrets and all (and no
+                // proxy can reach our loopback anyway).
+                let loopback = reqwest::Url::parse(&self.token_url).is_ok_and(|url| is_loopback(&url));
+                let builder = if loopback { builder.no_proxy() } else { builder };
+                builder
                     .build()
                     .map_err(|e| format!("could not build the HTTP client: {e}"))
             })
@@ -430,6 +485,91 @@ impl Provider {
                 request.form(&form)
             }
         }
+    }
+}
+
+/// Checks a token endpoint URL: `https://`, or plain `http://` only to a
+/// loopback host (127.0.0.0/8, `::1`, `localhost`), since the request
+/// carries the refresh token and any client secret. The error says why.
+pub(crate) fn check_token_url(token_url: &str) -> Result<(), String> {
+    let url = match reqwest::Url::parse(token_url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+        _ => return Err(format!("the token URL {token_url:?} is not an http(s) URL")),
+    };
+    if url.scheme() == "https" || is_loopback(&url) {
+        return Ok(());
+    }
+    Err(format!(
+        "the token URL {token_url:?} is plain http:// to a host that is not loopback; refusing to send \
+         refresh tokens and client secrets unencrypted: use https:// (plain http:// is allowed only to \
+         127.0.0.0/8, ::1 and localhost)"
+    ))
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    // The URL parser has already normalised the host: IPv4 in dotted
+    // decimal, IPv6 in brackets, domains lowercased.
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
+    }
+    match host.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// The origin (`scheme://host:port`) a redirect's `Location` points to,
+/// resolved against the token endpoint. Never its path or query, which may
+/// carry anything.
+fn redirect_origin(token_url: &str, location: Option<&reqwest::header::HeaderValue>) -> Option<String> {
+    let target = reqwest::Url::parse(token_url)
+        .ok()?
+        .join(location?.to_str().ok()?)
+        .ok()?;
+    let host = target.host_str()?;
+    let port = target.port_or_known_default()?;
+    Some(format!("{}://{host}:{port}", target.scheme()))
+}
+
+/// A token endpoint's whole answer.
+struct Answer {
+    status: u16,
+    location: Option<reqwest::header::HeaderValue>,
+    retry_after: Option<Duration>,
+    body: Vec<u8>,
+}
+
+/// After the timeout, how long the request in flight may still finish.
+///
+/// A process stopped past its deadline (Ctrl-Z, `docker pause`, a frozen
+/// VM) wakes with the timer already expired and, often, the provider's
+/// answer waiting in the socket: the task that reads the socket may simply
+/// not have run yet. Dropping that answer would be fatal, because the
+/// provider has already spent the refresh token.
+pub const TIMEOUT_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs `exchange` for at most `timeout`; when that passes, polls it for up
+/// to [`TIMEOUT_GRACE`] more (never more than `timeout` itself) so that an
+/// answer already received is used, and only then reports a timeout.
+async fn within<T>(
+    timeout: Duration,
+    exchange: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let mut exchange = std::pin::pin!(exchange);
+    if let Ok(result) = tokio::time::timeout(timeout, exchange.as_mut()).await {
+        return result;
+    }
+    match tokio::time::timeout(TIMEOUT_GRACE.min(timeout), exchange).await {
+        Ok(result) => {
+            debug!("the answer was complete only after the timeout (was the process stopped?); using it");
+            result
+        }
+        Err(_) => Err(Failure::Timeout(timeout)),
     }
 }
 
@@ -474,18 +614,94 @@ fn error_chain(e: &reqwest::Error) -> String {
     }
 }
 
-/// Removes `secret` from server-provided text and caps its length.
-fn scrub(text: &str, secret: &str) -> String {
-    let cleaned = if secret.len() >= 8 {
-        text.replace(secret, "<redacted>")
-    } else {
-        text.to_owned()
-    };
-    let mut out: String = cleaned.chars().filter(|c| !c.is_control()).take(200).collect();
-    if cleaned.chars().count() > 200 {
-        out.push('…');
+/// What replaces a provider's description that quotes our request.
+const WITHHELD: &str = "(the provider's text quoted the request and is withheld)";
+
+/// The length of the pieces of a secret looked for in a provider's text:
+/// an echo cut short still holds pieces this long.
+const SECRET_PIECE: usize = 12;
+
+/// Secrets shorter than this are not looked for: matching them would
+/// withhold nearly any text, and they protect nothing.
+const MIN_SECRET: usize = 4;
+
+/// Every secret one refresh request carried (the refresh token, a client
+/// secret), in every encoding it was sent in or may be echoed back in: as
+/// is, form-encoded (`+` or `%20` for spaces), JSON-escaped (also with
+/// `\uXXXX` for non-ASCII), and the `client_secret_basic` header's base64.
+struct SentSecrets {
+    forms: Vec<Vec<u8>>,
+}
+
+impl SentSecrets {
+    fn new(refresh_token: &RefreshToken, client_id: &str, dialect: &Dialect) -> Self {
+        let mut forms = Vec::new();
+        let mut add_encodings = |secret: &str| {
+            let form = form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>();
+            let json = serde_json::to_string(secret).unwrap_or_default();
+            let json = json.trim_matches('"').to_owned();
+            let json_ascii = json
+                .chars()
+                .map(|c| {
+                    if c.is_ascii() {
+                        c.to_string()
+                    } else {
+                        c.encode_utf16(&mut [0; 2])
+                            .iter()
+                            .map(|u| format!("\\u{u:04x}"))
+                            .collect()
+                    }
+                })
+                .collect::<String>();
+            forms.extend([secret.to_owned(), form.replace('+', "%20"), form, json, json_ascii]);
+        };
+        add_encodings(refresh_token.expose());
+        if let Dialect::Rfc6749(ClientAuth::Basic(secret) | ClientAuth::Post(secret)) = dialect {
+            add_encodings(secret.expose());
+            let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+            let header = basic_authorization(client_id, secret.expose());
+            forms.push(header.trim_start_matches("Basic ").to_owned());
+            forms.push(b64(&format!("{client_id}:{}", secret.expose())));
+        }
+        let mut forms: Vec<Vec<u8>> = forms
+            .into_iter()
+            .filter(|f| f.len() >= MIN_SECRET)
+            .map(String::into_bytes)
+            .collect();
+        forms.sort();
+        forms.dedup();
+        SentSecrets { forms }
     }
-    out
+
+    /// Whether `text` holds one of the forms, or a piece of one.
+    fn found_in(&self, text: &str) -> bool {
+        let text = text.as_bytes();
+        let mut pieces = std::collections::HashSet::new();
+        for form in &self.forms {
+            if form.len() <= SECRET_PIECE {
+                if text.windows(form.len()).any(|w| w == form.as_slice()) {
+                    return true;
+                }
+            } else {
+                pieces.extend(form.windows(SECRET_PIECE));
+            }
+        }
+        text.windows(SECRET_PIECE).any(|w| pieces.contains(w))
+    }
+
+    /// Server-provided text made safe to show: `withheld` when it quotes
+    /// anything secret we sent, else without control characters and cut to
+    /// 200 characters.
+    fn scrub(&self, text: &str, withheld: &str) -> String {
+        if self.found_in(text) {
+            return withheld.to_owned();
+        }
+        let mut out: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+        if text.chars().filter(|c| !c.is_control()).count() > 200 {
+            out.push('…');
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -559,8 +775,26 @@ mod tests {
     }
 
     #[test]
-    fn scrub_removes_the_secret_and_caps() {
-        assert_eq!(scrub("bad token rt-123456789", "rt-123456789"), "bad token <redacted>");
-        assert_eq!(scrub(&"x".repeat(500), "secret-long").chars().count(), 201);
+    fn scrub_withholds_any_encoding_of_a_secret_and_caps() {
+        let refresh = RefreshToken::new("rt/1234 5678+9\"ü\"");
+        let basic = Dialect::Rfc6749(ClientAuth::Basic(Secret::new("client secret/value")));
+        let sent = SentSecrets::new(&refresh, "client", &basic);
+        let scrub = |text: &str| sent.scrub(text, WITHHELD);
+        assert_eq!(scrub("the refresh token is invalid"), "the refresh token is invalid");
+        for echo in [
+            "bad token rt/1234 5678+9\"ü\"",
+            "refresh_token=rt%2F1234+5678%2B9%22%C3%BC%22",
+            "refresh_token=rt%2F1234%205678%2B9",
+            r#"{"refresh_token":"rt/1234 5678+9\"ü\""}"#,
+            r#"{"refresh_token":"rt/1234 5678+9\"\u00fc\""}"#,
+            "client_secret=client+secret%2Fvalue",
+            "Authorization: Basic Y2xpZW50OmNsaWVudCtzZWNyZXQlMkZ2YWx1ZQ==",
+            // A quote cut short still holds a piece.
+            "...t/1234 5678+9",
+        ] {
+            assert_eq!(scrub(echo), WITHHELD, "{echo}");
+        }
+        assert_eq!(scrub(&"x".repeat(500)).chars().count(), 201);
+        assert_eq!(scrub("two\nlines"), "twolines");
     }
 }

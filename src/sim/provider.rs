@@ -365,10 +365,12 @@ impl Shared {
     /// seconds from now and was issued `lifetime` before that (or now).
     fn issue(&self, account: &str, expires_in: f64, lifetime: Duration, family: Option<u64>) -> Issued {
         let now = SystemTime::now();
+        // Saturating: any f64 (even NaN or infinite) gives some instant.
+        let offset = Duration::try_from_secs_f64(expires_in.abs()).unwrap_or(Duration::MAX);
         let exp = if expires_in >= 0.0 {
-            now + Duration::from_secs_f64(expires_in)
+            crate::policy::later(now, offset)
         } else {
-            now - Duration::from_secs_f64(-expires_in)
+            now.checked_sub(offset).unwrap_or(UNIX_EPOCH)
         };
         let iat = exp.checked_sub(lifetime).unwrap_or(UNIX_EPOCH).min(now);
         let whole_seconds = self.config.lock().whole_second_exp;

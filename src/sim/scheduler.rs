@@ -163,7 +163,7 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
     };
     let provider = Arc::new(Provider::new(sim.token_url(), CODEX_CLIENT_ID, Dialect::OpenAi));
     let started = Instant::now();
-    let deadline = started + config.duration;
+    let deadline = crate::policy::instant_after(config.duration);
 
     let mut done = Vec::new();
     let kinds = std::iter::repeat_n(Kind::Cron(config.job_interval), config.jobs).chain(std::iter::repeat_n(

@@ -384,7 +384,7 @@ pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
 
 /// Takes the brokers' exclusive lock on `path`, polling until `timeout`.
 pub(crate) fn lock(path: &Path, timeout: Duration) -> Result<StoreLock, StoreError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::policy::instant_after(timeout);
     let lock_path = broker_lock_path(path);
     let file = lock_file(&lock_path, path, deadline, timeout)?;
     let data = lock_data_file(path, deadline, timeout)?;
@@ -434,7 +434,7 @@ fn lock_data_file(path: &Path, deadline: Instant, timeout: Duration) -> Result<O
 /// until `timeout` (shared). Held only around a re-read, a compare and a
 /// rename: milliseconds.
 pub(crate) fn commit_locks(paths: &[PathBuf], credentials: &Path, timeout: Duration) -> Result<Vec<File>, StoreError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::policy::instant_after(timeout);
     paths
         .iter()
         .map(|p| lock_file(p, credentials, deadline, timeout))

@@ -2,7 +2,8 @@
 //!
 //! Reads retry briefly on a file caught half-written by a writer that
 //! truncates in place (the Codex CLI does). Writes patch only the fields the
-//! format owns, compare the stored tokens with the ones a refresh started
+//! format owns, editing the file's text so that every other byte stays as
+//! written (numbers beyond `f64`, string escapes, layout), compare the stored tokens with the ones a refresh started
 //! from (so a stale writer never overwrites newer tokens), and replace the
 //! file atomically and durably.
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::file::{self, parse_object, read_bounded, write_atomic};
+use super::json_text;
 use super::{Store, StoreError, StoreLock, StoreVersion};
 use crate::credentials::{RefreshToken, TokenSet};
 
@@ -50,6 +52,9 @@ pub trait FileFormat: Send + Sync + 'static {
 /// the refreshed tokens are then kept and written on the next attempt.
 const COMMIT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A file as read: its bytes, the parsed document, and its tokens.
+type Settled = (Vec<u8>, Map<String, Value>, TokenSet);
+
 /// A credentials store over one JSON file in format `F`.
 pub struct JsonFileStore<F> {
     path: PathBuf,
@@ -77,7 +82,7 @@ impl<F: FileFormat> JsonFileStore<F> {
     /// A store over the file at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
-        let location = path.display().to_string();
+        let location = super::display_path(&path);
         JsonFileStore {
             path,
             location,
@@ -92,13 +97,14 @@ impl<F: FileFormat> JsonFileStore<F> {
 
     /// Reads and parses the file, retrying briefly when it does not parse
     /// (possibly caught mid-write by a writer that truncates in place).
-    fn read_settled(&self) -> Result<(Map<String, Value>, TokenSet), StoreError> {
+    /// Returns the text too, which a save edits.
+    fn read_settled(&self) -> Result<Settled, StoreError> {
         let mut attempt = 1;
         loop {
             let result = read_bounded(&self.path).and_then(|bytes| {
                 let root = parse_object(&self.path, &bytes)?;
                 let tokens = F::read(&self.path, &root)?;
-                Ok((root, tokens))
+                Ok((bytes, root, tokens))
             });
             match result {
                 Err(StoreError::Invalid { .. }) if attempt < SETTLE_ATTEMPTS => {
@@ -122,7 +128,7 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
     }
 
     fn load(&self) -> Result<TokenSet, StoreError> {
-        self.read_settled().map(|(_, tokens)| tokens)
+        self.read_settled().map(|(_, _, tokens)| tokens)
     }
 
     fn save(&self, tokens: &TokenSet, replaces: &TokenSet) -> Result<(), StoreError> {
@@ -131,16 +137,28 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
         // Patch the file as it is now, so keys we do not own survive even if
         // someone added them since we loaded it. A file we cannot parse is
         // never overwritten.
-        let (mut root, stored) = self.read_settled()?;
+        let (bytes, mut root, stored) = self.read_settled()?;
         if stored.differs_from(replaces) {
             return Err(StoreError::Conflict {
                 path: self.path.clone(),
             });
         }
+        let before = root.clone();
         F::patch(&self.path, &mut root, tokens)?;
-        let mut text = serde_json::to_string_pretty(&Value::Object(root))
-            .map_err(|e| StoreError::invalid(&self.path, format!("could not serialise: {e}")))?;
-        text.push('\n');
+        // Edit the text, so that everything we do not own stays byte for
+        // byte as written (numbers beyond f64, escapes, layout).
+        let edited = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| json_text::rewrite(text, &before, &root));
+        let text = match edited {
+            Some(text) => text,
+            None => {
+                let mut text = serde_json::to_string_pretty(&Value::Object(root))
+                    .map_err(|e| StoreError::invalid(&self.path, format!("could not serialise: {e}")))?;
+                text.push('\n');
+                text
+            }
+        };
         write_atomic(&self.path, text.as_bytes())
     }
 

@@ -8,6 +8,7 @@
 mod codex;
 mod file;
 mod json_file;
+mod json_text;
 mod memory;
 mod oauth2;
 
@@ -164,13 +165,13 @@ impl fmt::Debug for StoreLock {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The file does not exist.
-    #[error("credentials file {path} does not exist")]
+    #[error("credentials file {} does not exist", display_path(.path))]
     NotFound {
         /// The file.
         path: PathBuf,
     },
     /// The file exists but could not be read (permissions, a directory...).
-    #[error("credentials file {path} could not be read: {cause}")]
+    #[error("credentials file {} could not be read: {cause}", display_path(.path))]
     Unreadable {
         /// The file.
         path: PathBuf,
@@ -178,7 +179,7 @@ pub enum StoreError {
         cause: String,
     },
     /// The file was read but does not hold usable credentials.
-    #[error("credentials file {path} is invalid: {reason}")]
+    #[error("credentials file {} is invalid: {reason}", display_path(.path))]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -186,7 +187,7 @@ pub enum StoreError {
         reason: String,
     },
     /// The file is larger than [`MAX_FILE_BYTES`].
-    #[error("credentials file {path} is too large ({size} bytes; the limit is {MAX_FILE_BYTES})")]
+    #[error("credentials file {} is too large ({size} bytes; the limit is {MAX_FILE_BYTES})", display_path(.path))]
     TooLarge {
         /// The file.
         path: PathBuf,
@@ -194,7 +195,7 @@ pub enum StoreError {
         size: u64,
     },
     /// The new tokens could not be written.
-    #[error("could not write credentials file {path}: {cause}")]
+    #[error("could not write credentials file {}: {cause}", display_path(.path))]
     Write {
         /// The file.
         path: PathBuf,
@@ -203,7 +204,7 @@ pub enum StoreError {
     },
     /// The stored tokens changed while a refresh was under way; nothing was
     /// written.
-    #[error("credentials file {path} was changed by another writer during the refresh; not overwriting it")]
+    #[error("credentials file {} was changed by another writer during the refresh; not overwriting it", display_path(.path))]
     Conflict {
         /// The file.
         path: PathBuf,
@@ -211,13 +212,26 @@ pub enum StoreError {
     /// Another process held the lock for longer than the timeout: it is
     /// refreshing (slowly). Try again later; killing it mid-refresh could
     /// lose the new tokens.
-    #[error("timed out after {} waiting for the lock on {path}: another process is refreshing this credential; try again later (killing it mid-refresh could lose the new tokens)", crate::status::human_duration(*.waited))]
+    #[error("timed out after {} waiting for the lock on {}: another process is refreshing this credential; try again later (killing it mid-refresh could lose the new tokens)", crate::status::human_duration(*.waited), display_path(.path))]
     LockTimeout {
         /// The lock file.
         path: PathBuf,
         /// How long we waited.
         waited: Duration,
     },
+}
+
+/// A path for a message, always on one line: as is when it prints plainly,
+/// else quoted and escaped like a Rust string (`"/tmp/a\nb/auth.json"`), so
+/// that a newline, a terminal escape or a bidirectional override in a file
+/// name can neither split nor forge a line of output.
+pub(crate) fn display_path(path: &Path) -> String {
+    let quoted = format!("{path:?}");
+    match path.to_str() {
+        // Debug only ever lengthens a string that needs escaping.
+        Some(plain) if quoted.len() == plain.len() + 2 => plain.to_owned(),
+        _ => quoted,
+    }
 }
 
 impl StoreError {

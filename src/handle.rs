@@ -453,6 +453,7 @@ impl BrokerBuilder {
             policy,
             winner_wait: self.winner_wait,
             keep_fresh: self.keep_fresh.unwrap_or(codex),
+            stopping: Arc::default(),
             lock_timeout: self.lock_timeout.unwrap_or_else(|| {
                 self.http_timeout
                     .saturating_mul(2)

@@ -283,15 +283,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Simulate(_) => unreachable!("handled in main"),
     };
     // Let a refresh in flight write its tokens before the process exits,
-    // whatever signals arrive meanwhile (they stay caught): at most two
-    // requests (an unknown outcome is retried once), the wait for a winner
-    // and the write.
+    // whatever signals arrive meanwhile (they stay caught). A cycle that has
+    // not spent yet stops at once; one that has can still need two requests
+    // (an unknown outcome is retried once, each with a second of grace), the
+    // wait for a winner, and its writes (four attempts, each waiting up to
+    // 10 s for the Codex CLI's commit locks).
     let bound = cli
         .creds
         .timeout
+        .saturating_add(Duration::from_secs(1))
         .saturating_mul(2)
         .saturating_add(cli.creds.winner_wait)
-        .saturating_add(Duration::from_secs(5));
+        .saturating_add(Duration::from_secs(45));
     match tokio::time::timeout(bound, broker.finish()).await {
         Ok(Ok(())) => result,
         // Rotated tokens that could not be written outrank everything, even

@@ -402,13 +402,7 @@ async fn a_held_lock_times_out_cleanly_and_never_blocks_a_valid_token() {
     let fx = Fixture::codex();
     let valid = fx.sim.sign_in(3600.0);
     let path = fx.write_codex(&valid);
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path.with_file_name("auth.json.broker.lock"))
-        .unwrap();
-    lock.lock().unwrap();
+    let lock = hold_broker_lock(&path);
 
     let broker = fx
         .codex_broker(&path)

@@ -15,7 +15,7 @@ use super::Config;
 use crate::credentials::{AccessToken, RefreshToken, TokenSet};
 use crate::error::BrokerError;
 use crate::policy::{freshness, Freshness};
-use crate::store::{StoreError, StoreVersion};
+use crate::store::{StoreError, StoreLock, StoreVersion};
 
 /// What the actor knows when it starts a cycle.
 pub(crate) struct CycleInput {
@@ -26,7 +26,18 @@ pub(crate) struct CycleInput {
     /// A refresh token the provider already refused: never sent again.
     pub dead_refresh: Option<RefreshToken>,
     /// Tokens a refresh returned that could not be written yet.
-    pub unsaved: Option<TokenSet>,
+    pub unsaved: Option<Unsaved>,
+    /// The brokers' lock, still held since that refresh.
+    pub held_lock: Option<StoreLock>,
+}
+
+/// Rotated tokens a refresh returned that could not be written yet.
+#[derive(Clone, Debug)]
+pub(crate) struct Unsaved {
+    /// The new tokens.
+    pub tokens: TokenSet,
+    /// The tokens they replace: they are written only over exactly these.
+    pub replaces: TokenSet,
 }
 
 /// How a cycle ended.
@@ -43,8 +54,11 @@ pub(crate) enum CycleOutcome {
         dead_refresh: Option<RefreshToken>,
         version: Option<StoreVersion>,
     },
-    /// A refresh succeeded but its tokens could not be written.
-    Unsaved(TokenSet, BrokerError),
+    /// A refresh succeeded but its tokens could not be written. The
+    /// brokers' lock comes back with them: it stays held until they are
+    /// written, so that no other broker (in any process, pid namespace or
+    /// container) can take our refresh for a crash and spend the old token.
+    Unsaved(Box<Unsaved>, Option<StoreLock>, BrokerError),
     /// Nothing changed; the error says why (transient, store, account).
     Failed(BrokerError),
 }
@@ -69,13 +83,20 @@ pub(crate) async fn run(cfg: Arc<Config>, input: CycleInput, requests: Arc<Atomi
     }
 }
 
-async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -> Result<CycleOutcome, BrokerError> {
+async fn run_inner(
+    cfg: &Arc<Config>,
+    mut input: CycleInput,
+    requests: &AtomicU64,
+) -> Result<CycleOutcome, BrokerError> {
+    // The lock covers re-read, refresh and write; it is released when it
+    // drops, on every path but one: tokens that could not be written.
+    let held_lock = input.held_lock.take();
+    let lock = match held_lock {
+        Some(lock) => lock,
+        None => take_lock(cfg).await?,
+    };
     let store = cfg.store.clone();
-    let lock_timeout = cfg.lock_timeout;
-    // The lock covers re-read, refresh and write; it is released when
-    // `_lock` drops at the end of this function, on every path.
     let (lock, on_disk, version, marker) = blocking(move || {
-        let lock = store.lock(lock_timeout)?;
         let tokens = store.load()?;
         Ok((lock, tokens, store.version(), store.interrupted_refresh()))
     })
@@ -92,10 +113,11 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     let changed = on_disk.differs_from(&input.held);
 
     // Our own earlier refresh whose tokens could not be written: write them
-    // now (this also clears its record), unless the store has moved on.
+    // now (this also clears its record) over exactly what they replace,
+    // unless someone has written the store since.
     if let Some(unsaved) = input.unsaved {
-        if !changed {
-            return save(cfg, unsaved, on_disk).await;
+        if !on_disk.differs_from(&unsaved.replaces) {
+            return save(cfg, unsaved.tokens, on_disk, lock).await;
         }
         warn!("tokens from an earlier refresh were never written, and someone else has since changed the store; adopting theirs");
     }
@@ -175,8 +197,8 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     // Another broker on this store saw the provider refuse this very token:
     // never send it again. Whoever won may still be writing their tokens.
     let store = cfg.store.clone();
-    let checked = refresh_token.clone();
-    if let Some(refused) = blocking(move || Ok(store.refused_at(&checked))).await? {
+    let key = refused_key(cfg, &refresh_token);
+    if let Some(refused) = blocking(move || Ok(store.refused_at(&key))).await? {
         drop(lock);
         info!(refresh = %refresh_token.fingerprint(), "another broker saw the provider refuse this refresh token; waiting for the winner's tokens");
         let deadline = crate::policy::later(refused, cfg.winner_wait);
@@ -196,12 +218,20 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
             let newer = orphan.refresh_token.is_some() && orphan.refresh_token != on_disk.refresh_token;
             if same_account && newer {
                 warn!(access = %orphan.access_token.fingerprint(), "recovering the tokens an interrupted refresh left in its temporary file");
-                return Ok(match save(cfg, orphan, on_disk).await? {
+                return Ok(match save(cfg, orphan, on_disk, lock).await? {
                     CycleOutcome::Refreshed(tokens, version) => CycleOutcome::Adopted(tokens, version),
                     other => other,
                 });
             }
         }
+    }
+
+    // Shutting down: spend nothing new (a refresh already spent is
+    // finished and written; this one has not started).
+    if cfg.stopping.load(Ordering::SeqCst) {
+        return Err(BrokerError::Stopped {
+            location: cfg.location.clone(),
+        });
     }
 
     // Record the attempt before the token leaves the process: if we are
@@ -214,6 +244,13 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
         interrupted.then(|| "an earlier attempt ended before its result was saved".to_owned());
     let mut attempt = 1;
     loop {
+        // A retry after an unknown outcome is not started once a shutdown
+        // was asked for: the record stays, and the next start settles it.
+        if attempt > 1 && cfg.stopping.load(Ordering::SeqCst) {
+            return Err(BrokerError::Stopped {
+                location: cfg.location.clone(),
+            });
+        }
         // The last moment before the token leaves: is the lock still ours?
         if !lock.is_valid() {
             warn!("the lock file was deleted or replaced while held; spending nothing and trying again");
@@ -240,7 +277,15 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
         requests.fetch_add(1, Ordering::Relaxed);
         info!(refresh = %refresh_token.fingerprint(), ?state, rejected, attempt, "spending the refresh token");
         let error = match cfg.provider.refresh(&refresh_token).await {
-            Ok(refreshed) => return save(cfg, refreshed.into_token_set(&on_disk, SystemTime::now()), on_disk).await,
+            Ok(refreshed) => {
+                return save(
+                    cfg,
+                    refreshed.into_token_set(&on_disk, SystemTime::now()),
+                    on_disk,
+                    lock,
+                )
+                .await
+            }
             Err(e) => e,
         };
         if error.refuses_refresh_token() {
@@ -249,9 +294,9 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
             // give it time before declaring a sign-in necessary.
             warn!(%error, "the provider refused the refresh token; waiting for the winner's tokens");
             let store = cfg.store.clone();
-            let refused = refresh_token.clone();
+            let key = refused_key(cfg, &refresh_token);
             blocking(move || {
-                store.record_refused(&refused)?;
+                store.record_refused(&key)?;
                 store.clear_refreshing()
             })
             .await?;
@@ -324,6 +369,53 @@ async fn run_inner(cfg: &Arc<Config>, input: CycleInput, requests: &AtomicU64) -
     }
 }
 
+/// Takes the brokers' lock, in slices, so that a shutdown asked for while
+/// another broker holds it ends the wait at once, before anything is spent.
+async fn take_lock(cfg: &Arc<Config>) -> Result<StoreLock, BrokerError> {
+    let deadline = crate::policy::instant_after(cfg.lock_timeout);
+    loop {
+        if cfg.stopping.load(Ordering::SeqCst) {
+            return Err(BrokerError::Stopped {
+                location: cfg.location.clone(),
+            });
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let store = cfg.store.clone();
+        match blocking(move || store.lock(left.min(LOCK_SLICE))).await {
+            Err(BrokerError::Store(StoreError::LockTimeout { path, .. })) if left > LOCK_SLICE => {
+                let _ = path;
+            }
+            Err(BrokerError::Store(StoreError::LockTimeout { path, .. })) => {
+                return Err(BrokerError::Store(StoreError::LockTimeout {
+                    path,
+                    waited: cfg.lock_timeout,
+                }))
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The key under which a refusal of `refresh_token` is recorded: the
+/// SHA-256 of the endpoint, the client id and the token. Only brokers that
+/// would send the same request honour it.
+fn refused_key(cfg: &Config, refresh_token: &RefreshToken) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in [
+        cfg.provider.token_url(),
+        cfg.provider.client_id(),
+        refresh_token.expose(),
+    ] {
+        hash.update(part.as_bytes());
+        hash.update([0u8]);
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How long one attempt to take the brokers' lock waits.
+const LOCK_SLICE: Duration = Duration::from_millis(200);
+
 /// After the provider refused `refused` (spent by someone else, the winner),
 /// watches the store until `deadline` for the winner's tokens and adopts
 /// them; holds no lock meanwhile, so the winner can write. Only when nothing
@@ -384,7 +476,12 @@ pub const DEFAULT_WINNER_WAIT: Duration = Duration::from_secs(8);
 
 /// Writes freshly refreshed tokens over `replaces`; only once this succeeds
 /// may anyone see them.
-async fn save(cfg: &Arc<Config>, tokens: TokenSet, replaces: TokenSet) -> Result<CycleOutcome, BrokerError> {
+async fn save(
+    cfg: &Arc<Config>,
+    tokens: TokenSet,
+    replaces: TokenSet,
+    lock: StoreLock,
+) -> Result<CycleOutcome, BrokerError> {
     let mut attempt = 0;
     let written = loop {
         let store = cfg.store.clone();
@@ -428,8 +525,12 @@ async fn save(cfg: &Arc<Config>, tokens: TokenSet, replaces: TokenSet) -> Result
             Ok(CycleOutcome::Adopted(theirs, version))
         }
         Err(e) => {
-            warn!(error = %e, "could not write the new tokens; keeping them in memory and retrying");
-            Ok(CycleOutcome::Unsaved(tokens, after_spend(e)))
+            warn!(error = %e, "could not write the new tokens; keeping them in memory, and the lock, and retrying");
+            Ok(CycleOutcome::Unsaved(
+                Box::new(Unsaved { tokens, replaces }),
+                Some(lock),
+                after_spend(e),
+            ))
         }
     }
 }

@@ -31,7 +31,7 @@ use crate::policy::{backoff, freshness, Freshness, RefreshPolicy};
 use crate::provider::Provider;
 use crate::status::{Counters, State, Status};
 use crate::store::{Store, StoreVersion};
-use cycle::{CycleInput, CycleOutcome};
+use cycle::{CycleInput, CycleOutcome, Unsaved};
 
 /// The token handed to callers, as published for the handle's fast path.
 pub(crate) type Published = Arc<crate::snapshot::Snapshot>;
@@ -48,6 +48,9 @@ pub(crate) struct Config {
     pub winner_wait: Duration,
     /// Refresh when the refresh-ahead window opens even when nobody asks.
     pub keep_fresh: bool,
+    /// Set when a shutdown is asked for: a cycle that has not spent the
+    /// refresh token yet spends nothing.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
     /// How often to check the store for outside changes (zero: never).
     pub watch_interval: Duration,
     pub location: String,
@@ -170,7 +173,9 @@ pub struct TokenActor {
     login: Option<LoginRequired>,
     failure: Failure,
     /// Tokens a refresh returned that are not on disk yet.
-    unsaved: Option<TokenSet>,
+    unsaved: Option<Unsaved>,
+    /// The brokers' lock, held from that refresh until they are written.
+    unsaved_lock: Option<crate::store::StoreLock>,
     in_flight: bool,
     /// A re-read of the store is under way.
     reloading: bool,
@@ -225,6 +230,7 @@ impl TokenActor {
             login: None,
             failure: Failure::default(),
             unsaved: None,
+            unsaved_lock: None,
             in_flight: false,
             reloading: false,
             waiter_cycles: 0,
@@ -421,6 +427,7 @@ impl TokenActor {
             rejected: self.rejected.then(|| self.tokens.access_token.clone()),
             dead_refresh: self.login.as_ref().and_then(|l| l.dead_refresh.clone()),
             unsaved: self.unsaved.clone(),
+            held_lock: self.unsaved_lock.take(),
         };
         let span = info_span!(parent: &self.span, "refresh");
         let fut = cycle::run(self.cfg.clone(), input, self.requests.clone()).instrument(span);
@@ -487,8 +494,9 @@ impl TokenActor {
                 });
                 Some(Err(err))
             }
-            CycleOutcome::Unsaved(tokens, err) => {
-                self.unsaved = Some(tokens);
+            CycleOutcome::Unsaved(unsaved, lock, err) => {
+                self.unsaved = Some(*unsaved);
+                self.unsaved_lock = lock;
                 Some(Err(self.record_failure(err, None)))
             }
             CycleOutcome::Failed(err @ BrokerError::AccountChanged { .. }) => {
@@ -537,6 +545,7 @@ impl TokenActor {
         // Tokens we failed to write are either these (now written) or stale:
         // writing them later would overwrite newer ones.
         self.unsaved = None;
+        self.unsaved_lock = None;
         self.login = None;
         self.account_changed = false;
         self.failure = Failure::default();
@@ -731,6 +740,16 @@ impl Handler<Reload> for TokenActor {
                 // The cycle re-reads under the lock and settles it.
                 return Ok(());
             }
+            if act
+                .unsaved
+                .as_ref()
+                .is_some_and(|unsaved| !tokens.differs_from(&unsaved.replaces))
+            {
+                // The file still holds what our unwritten tokens replace:
+                // they are the newer ones, and the next cycle writes them.
+                act.publish(ctx);
+                return Ok(());
+            }
             if tokens.differs_from(&act.tokens) {
                 info!(parent: &act.span, "the credentials were changed by someone else; adopting them");
                 act.counters.adoptions += 1;
@@ -758,6 +777,8 @@ impl Handler<Shutdown> for TokenActor {
 
     fn handle(&mut self, _msg: Shutdown, ctx: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
+        // A cycle in flight that has not spent yet stops before it does.
+        self.cfg.stopping.store(true, Ordering::SeqCst);
         let (tx, rx) = oneshot::channel();
         self.stop_waiters.push(tx);
         if !self.in_flight {

@@ -326,6 +326,11 @@ impl Provider {
         self
     }
 
+    /// The OAuth client id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
     /// The token endpoint.
     pub fn token_url(&self) -> &str {
         &self.token_url

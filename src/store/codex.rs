@@ -62,13 +62,17 @@ impl FileFormat for CodexFormat {
     /// The Codex CLI commits a refresh under `flock($CODEX_HOME/auth.lock)`
     /// (blocking), then `flock(auth.json.lock)` (polled for up to 5 s), and
     /// throws its new tokens away if it cannot get the second in time.
+    /// The paths are those the Codex CLI uses: beside the path it was
+    /// given (`$CODEX_HOME/auth.json`), even when that is a symbolic link to
+    /// a file elsewhere.
     fn commit_lock_paths(path: &Path) -> Vec<PathBuf> {
-        let target = super::file::sibling(path, "");
-        let dir = match target.parent() {
+        let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        vec![dir.join("auth.lock"), super::file::sibling(path, ".lock")]
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        vec![dir.join("auth.lock"), dir.join(name)]
     }
 
     fn patch(path: &Path, root: &mut Map<String, Value>, tokens: &TokenSet) -> Result<(), StoreError> {

@@ -305,9 +305,14 @@ fn share_with_owner(file: &File, credentials: &Path) {
     }
 }
 
-/// Orphaned temporary files of the credentials file at `path`, newest
-/// first: each is what a killed writer meant to rename over the file.
+/// Orphaned temporary files of the credentials file at `path` written since
+/// the refresh-in-progress record, newest first: each is what a writer
+/// killed during that refresh meant to rename over the file. Older ones (a
+/// crash long ago, since overtaken by other writers) are never offered.
 pub(crate) fn orphans(path: &Path) -> Vec<Vec<u8>> {
+    let Some(since) = fs::symlink_metadata(marker_path(path)).and_then(|m| m.modified()).ok() else {
+        return Vec::new();
+    };
     let target = resolve_link(path);
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -325,6 +330,7 @@ pub(crate) fn orphans(path: &Path) -> Vec<Vec<u8>> {
             name.starts_with(&prefix) && name.ends_with(".tmp")
         })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .filter(|(modified, _)| *modified >= since)
         .collect();
     found.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     found.into_iter().filter_map(|(_, p)| read_sidecar(&p).ok()).collect()
@@ -410,19 +416,30 @@ fn lock_data_file(path: &Path, deadline: Instant, timeout: Duration) -> Result<O
     if !file.metadata().is_ok_and(|m| m.is_file()) {
         return Ok(None);
     }
+    match flock_until(&file, deadline) {
+        Ok(true) => Ok(Some(file)),
+        Ok(false) => Err(StoreError::LockTimeout {
+            path: path.to_path_buf(),
+            waited: timeout,
+        }),
+        // A filesystem without flock: the brokers' lock file still holds.
+        Err(_) => Ok(None),
+    }
+}
+
+/// Polls an exclusive `flock` on `file` until `deadline`: `Ok(true)` once
+/// held, `Ok(false)` when the deadline passed first.
+fn flock_until(file: &File, deadline: Instant) -> io::Result<bool> {
     let mut pause = Duration::from_millis(1);
     loop {
         match file.try_lock() {
-            Ok(()) => return Ok(Some(file)),
+            Ok(()) => return Ok(true),
             Err(fs::TryLockError::WouldBlock) => {}
-            Err(fs::TryLockError::Error(_)) => return Ok(None),
+            Err(fs::TryLockError::Error(e)) => return Err(e),
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(StoreError::LockTimeout {
-                path: path.to_path_buf(),
-                waited: timeout,
-            });
+            return Ok(false);
         }
         std::thread::sleep(pause.min(deadline - now));
         pause = (pause * 2).min(Duration::from_millis(10));
@@ -453,7 +470,6 @@ fn lock_file(lock_path: &Path, credentials: &Path, deadline: Instant, timeout: D
         path: lock_path.to_path_buf(),
         cause: describe_io(&e),
     };
-    let mut pause = Duration::from_millis(1);
     loop {
         let file = OpenOptions::new()
             .read(true)
@@ -477,21 +493,11 @@ fn lock_file(lock_path: &Path, credentials: &Path, deadline: Instant, timeout: D
             });
         }
         share_with_owner(&file, credentials);
-        loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(fs::TryLockError::WouldBlock) => {}
-                Err(fs::TryLockError::Error(e)) => return Err(open_err(e)),
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(StoreError::LockTimeout {
-                    path: lock_path.to_path_buf(),
-                    waited: timeout,
-                });
-            }
-            std::thread::sleep(pause.min(deadline - now));
-            pause = (pause * 2).min(Duration::from_millis(10));
+        if !flock_until(&file, deadline).map_err(open_err)? {
+            return Err(StoreError::LockTimeout {
+                path: lock_path.to_path_buf(),
+                waited: timeout,
+            });
         }
         let held = file.metadata().map_err(open_err)?;
         match fs::symlink_metadata(lock_path) {
@@ -633,7 +639,7 @@ fn read_refused(path: &Path) -> Vec<(String, SystemTime)> {
             entries
                 .iter()
                 .filter_map(|e| {
-                    let hash = e.get("refresh_token_sha256")?.as_str()?.to_owned();
+                    let hash = e.get("key_sha256")?.as_str()?.to_owned();
                     let at = crate::credentials::parse_rfc3339(e.get("refused_at")?.as_str()?)?;
                     Some((hash, at))
                 })
@@ -642,10 +648,11 @@ fn read_refused(path: &Path) -> Vec<(String, SystemTime)> {
         .unwrap_or_default()
 }
 
-/// Durably records that the provider refused `refresh_token` (its hash and
-/// the time; never the token), so that no broker on this file sends it again.
-pub(crate) fn record_refused(path: &Path, refresh_token: &RefreshToken) -> Result<(), StoreError> {
-    let hash = refresh_token.sha256_hex();
+/// Durably records that the provider refused a refresh token (`key`, a
+/// hash naming it and the endpoint; never the token), so that no broker on
+/// this file sends it again.
+pub(crate) fn record_refused(path: &Path, key: &str) -> Result<(), StoreError> {
+    let hash = key.to_owned();
     let mut entries = read_refused(path);
     entries.retain(|(h, _)| *h != hash);
     entries.push((hash, SystemTime::now()));
@@ -655,7 +662,7 @@ pub(crate) fn record_refused(path: &Path, refresh_token: &RefreshToken) -> Resul
         .skip(skip)
         .map(|(h, at)| {
             serde_json::json!({
-                "refresh_token_sha256": h,
+                "key_sha256": h,
                 "refused_at": crate::credentials::format_rfc3339(*at),
             })
         })
@@ -664,13 +671,9 @@ pub(crate) fn record_refused(path: &Path, refresh_token: &RefreshToken) -> Resul
     write_sidecar(&refused_path(path), format!("{record}\n").as_bytes(), path)
 }
 
-/// When the provider refused `refresh_token`, if a broker recorded that.
-pub(crate) fn refused_at(path: &Path, refresh_token: &RefreshToken) -> Option<SystemTime> {
-    let hash = refresh_token.sha256_hex();
-    read_refused(path)
-        .into_iter()
-        .find(|(h, _)| *h == hash)
-        .map(|(_, at)| at)
+/// When the refusal `key` was recorded, if a broker recorded it.
+pub(crate) fn refused_at(path: &Path, key: &str) -> Option<SystemTime> {
+    read_refused(path).into_iter().find(|(h, _)| h == key).map(|(_, at)| at)
 }
 
 /// Follows a symlink so that an atomic rename replaces the file it points

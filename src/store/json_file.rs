@@ -170,12 +170,12 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
         file::lock(&self.path, timeout)
     }
 
-    fn record_refused(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {
-        file::record_refused(&self.path, refresh_token)
+    fn record_refused(&self, key: &str) -> Result<(), StoreError> {
+        file::record_refused(&self.path, key)
     }
 
-    fn refused_at(&self, refresh_token: &RefreshToken) -> Option<std::time::SystemTime> {
-        file::refused_at(&self.path, refresh_token)
+    fn refused_at(&self, key: &str) -> Option<std::time::SystemTime> {
+        file::refused_at(&self.path, key)
     }
 
     fn mark_refreshing(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use parking_lot::Mutex;
 
 use super::{Store, StoreError, StoreLock, StoreVersion};
-use crate::credentials::{RefreshToken, TokenSet};
+use crate::credentials::TokenSet;
 
 /// Credentials kept in memory. Clones share the same credentials.
 ///
@@ -66,8 +66,8 @@ impl Store for MemoryStore {
         Some(StoreVersion::Memory(self.inner.lock().1))
     }
 
-    fn record_refused(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {
-        let hash = refresh_token.sha256_hex();
+    fn record_refused(&self, key: &str) -> Result<(), StoreError> {
+        let hash = key.to_owned();
         let mut refused = self.refused.lock();
         refused.retain(|(h, _)| *h != hash);
         refused.push((hash, SystemTime::now()));
@@ -76,9 +76,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn refused_at(&self, refresh_token: &RefreshToken) -> Option<SystemTime> {
-        let hash = refresh_token.sha256_hex();
-        self.refused.lock().iter().find(|(h, _)| *h == hash).map(|(_, at)| *at)
+    fn refused_at(&self, key: &str) -> Option<SystemTime> {
+        self.refused.lock().iter().find(|(h, _)| h == key).map(|(_, at)| *at)
     }
 
     fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError> {

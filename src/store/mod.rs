@@ -75,18 +75,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
-    /// Durably records that the provider refused `refresh_token` (a hash,
-    /// never the token), where every broker on this store sees it: no broker
-    /// sends a refused refresh token again.
-    fn record_refused(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {
-        let _ = refresh_token;
+    /// Durably records that the provider refused a refresh token, where
+    /// every broker on this store sees it, so that no broker sends it again.
+    /// `key` is a SHA-256 (hex) naming the token together with the endpoint
+    /// and client that were refused (a broker pointed at the wrong endpoint
+    /// must not stop the others); never the token.
+    fn record_refused(&self, key: &str) -> Result<(), StoreError> {
+        let _ = key;
         Ok(())
     }
 
-    /// When the provider refused `refresh_token`, if any broker on this
-    /// store recorded it with [`record_refused`](Self::record_refused).
-    fn refused_at(&self, refresh_token: &RefreshToken) -> Option<std::time::SystemTime> {
-        let _ = refresh_token;
+    /// When the refusal `key` was recorded by any broker on this store.
+    fn refused_at(&self, key: &str) -> Option<std::time::SystemTime> {
+        let _ = key;
         None
     }
 

@@ -11,14 +11,6 @@ use token_broker::sim::SimConfig;
 
 use crate::common::*;
 
-fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn token_cmd(fx: &Fixture, path: &Path) -> Command {
     let mut cmd = cli_command();
     cmd.args(["token", "--auth-file", path.to_str().unwrap()])
@@ -177,14 +169,17 @@ fn an_orphaned_temp_file_with_the_rotated_tokens_is_adopted() {
     let out = fx.cli(&["token", "--auth-file", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let rotated = std::fs::read(&path).unwrap();
-    std::fs::write(fx.path(".auth.json.tb-Xk3Ra9.tmp"), &rotated).unwrap();
     std::fs::write(&path, &before).unwrap();
     let record = serde_json::json!({
         "pid": 999_999,
         "started_at": "2026-11-29T00:00:00Z",
         "refresh_token_sha256": RefreshToken::new(issued.refresh_token.as_str()).sha256_hex(),
     });
+    // In the order a broker writes them: the record before it spends, the
+    // temporary file once the answer came.
     std::fs::write(path.with_file_name("auth.json.refreshing"), record.to_string()).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(fx.path(".auth.json.tb-Xk3Ra9.tmp"), &rotated).unwrap();
 
     let out = fx.cli(&["token", "--auth-file", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -302,8 +297,9 @@ fn root_keeps_a_users_file_the_users() {
     assert_eq!(fx.sim.token_requests(), 1);
 }
 
-/// The new file a refresh writes is never readable by others, whatever the
-/// old one's mode (the Codex CLI writes 0600 too).
+/// A guard for finding 15's fix (which keeps owner and group): the new file
+/// a refresh writes is never readable by others, whatever the old one's
+/// mode (the Codex CLI writes 0600 too).
 #[test]
 fn a_world_readable_file_is_rewritten_0600() {
     use std::os::unix::fs::PermissionsExt;

@@ -8,12 +8,21 @@ use token_broker::sim::{codex_auth_json, SimConfig};
 
 use crate::common::*;
 
-/// Waits until `cond` holds, or panics after `within`.
-fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(10));
+/// A child process that is killed if the test fails before it ends it.
+struct Reaped(Option<Child>);
+
+impl Reaped {
+    fn take(mut self) -> Child {
+        self.0.take().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -63,6 +72,7 @@ fn a_live_broker_with_unwritten_tokens_is_never_taken_for_a_dead_one() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let watch = Reaped(Some(watch));
     wait_until(Duration::from_secs(10), "the watcher has refreshed", || {
         fx.sim.counts().refreshed == 1
     });
@@ -70,11 +80,14 @@ fn a_live_broker_with_unwritten_tokens_is_never_taken_for_a_dead_one() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(path.with_file_name("auth.json.refreshing").exists(), "the record stays");
 
-    let out = fx.cli(&["token", "--auth-file", path.to_str().unwrap()]);
+    // The watcher keeps the brokers' lock while it holds unwritten tokens
+    // (and its record says it is alive): a newcomer spends nothing and is
+    // told to try again.
+    let out = fx.cli(&["token", "--timeout", "1s", "--auth-file", path.to_str().unwrap()]);
     assert_ne!(out.status.code(), Some(4), "{}", stderr(&out));
     assert_eq!(out.status.code(), Some(5), "try again later: {}", stderr(&out));
     assert!(
-        stderr(&out).contains("has not written the new tokens yet"),
+        stderr(&out).contains("another process is refreshing"),
         "{}",
         stderr(&out)
     );
@@ -82,7 +95,7 @@ fn a_live_broker_with_unwritten_tokens_is_never_taken_for_a_dead_one() {
     assert_eq!(counts.reused, 0, "the spent refresh token was sent again: {counts:?}");
     assert_eq!(counts.token_requests, 1, "{counts:?}");
 
-    let out = terminate(watch);
+    let out = terminate(watch.take());
     assert!(
         !out.status.success(),
         "watch exits non-zero when rotated tokens could not be written"

@@ -113,8 +113,9 @@ fn whatever_the_broker_writes_it_loads_again() {
     }
 }
 
-/// A record of ours names the token it describes: hand-edited tokens beside
-/// a stale record are judged by their own `exp` again.
+/// A guard for finding 8's fix: a record of ours names the token it
+/// describes, so hand-edited tokens beside a stale record are judged by
+/// their own `exp` again.
 #[test]
 fn a_stale_expiry_record_is_ignored() {
     let fx = Fixture::new(SimConfig::default());
@@ -150,7 +151,7 @@ fn tokens_expired_on_arrival_are_a_fault_with_backoff() {
     ]);
     let requests = fx.sim.token_requests();
     assert!(
-        (1..=4).contains(&requests),
+        (1..=5).contains(&requests), // the first, then at most one a second (the shortest backoff)
         "{requests} token requests in 3 s: {}",
         stderr(&out)
     );
@@ -185,13 +186,7 @@ async fn the_account_the_file_names_stays_the_account() {
 fn a_busy_lock_is_try_again_later() {
     let fx = Fixture::codex();
     let path = fx.write_codex(&fx.sim.sign_in(-1.0));
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path.with_file_name("auth.json.broker.lock"))
-        .unwrap();
-    lock.lock().unwrap();
+    let lock = hold_broker_lock(&path);
     let started = std::time::Instant::now();
     let out = fx.cli(&["token", "--timeout", "1s", "--auth-file", path.to_str().unwrap()]);
     let waited = started.elapsed();

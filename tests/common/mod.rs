@@ -87,3 +87,25 @@ pub fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
+
+/// Waits until `cond` holds, or panics after `within` saying `what`.
+pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Holds the brokers' lock on the credentials file at `path` (as a broker
+/// in the middle of a refresh would) until the returned file is dropped.
+pub fn hold_broker_lock(path: &Path) -> std::fs::File {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.with_file_name(format!("{}.broker.lock", path.file_name().unwrap().to_string_lossy())))
+        .unwrap();
+    lock.lock().unwrap();
+    lock
+}

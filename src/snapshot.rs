@@ -8,9 +8,10 @@
 //! between cores, no lock. The actor withdraws the token with a timer when
 //! its refresh-ahead window opens; that timer runs on the monotonic clock,
 //! which stands still while the machine is suspended, so every read also
-//! compares the coarse wall clock (a few nanoseconds: a memory read in the
-//! vDSO) with the token's wall-clock deadline. After a resume, or a jump of
-//! the wall clock, a token past its deadline is never served as fresh.
+//! compares the wall clock (in whole seconds, kept by a background thread
+//! every 100 ms: one relaxed atomic load) with the token's wall-clock
+//! deadline. After a resume, or a jump of the wall clock, a token past its
+//! deadline is served as fresh for at most 100 ms more.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -131,21 +132,53 @@ impl Snapshot {
     }
 }
 
-/// The wall clock in whole seconds, as cheaply as the platform allows: on
-/// Linux `CLOCK_REALTIME_COARSE`, read from the vDSO without a system call
-/// (a few milliseconds coarse, which the whole-second deadline absorbs).
+/// The wall clock in whole seconds, for the hot path: one relaxed load of a
+/// value a background thread refreshes every [`WALL_TICK`]. Reading the
+/// clock itself costs more than the rest of a read (about 5 ns for the
+/// vDSO's coarse clock on a virtual machine). After a resume, the thread
+/// wakes within one tick, so a token past its deadline is served for at
+/// most that long, instead of until the monotonic withdrawal timer
+/// catches up (which can be hours).
 #[inline]
 fn coarse_unix_secs() -> u64 {
-    #[cfg(target_os = "linux")]
-    {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `ts` is a valid, writable timespec; the clock id is valid
-        // on every Linux since 2.6.32.
-        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
-            return ts.tv_sec.max(0) as u64;
-        }
+    match WALL.load(Ordering::Relaxed) {
+        0 => start_wall_clock(),
+        secs => secs,
     }
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The last wall-clock reading in whole Unix seconds (0: not started).
+static WALL: AtomicU64 = AtomicU64::new(0);
+
+/// How often the wall clock is read for the hot path.
+const WALL_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn unix_secs_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs().max(1))
+}
+
+/// Starts the thread that keeps [`WALL`] current (once per process), and
+/// returns the time now.
+#[cold]
+fn start_wall_clock() -> u64 {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    let now = unix_secs_now();
+    STARTED.call_once(|| {
+        WALL.store(now, Ordering::Relaxed);
+        let spawned = std::thread::Builder::new()
+            .name("token-broker-clock".into())
+            .spawn(|| loop {
+                std::thread::sleep(WALL_TICK);
+                WALL.store(unix_secs_now(), Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            // No thread: every read asks the clock itself (slower, exact).
+            WALL.store(0, Ordering::Relaxed);
+        }
+    });
+    now
 }
 
 #[cfg(test)]

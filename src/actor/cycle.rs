@@ -76,10 +76,22 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-pub(crate) async fn run(cfg: Arc<Config>, input: CycleInput, requests: Arc<AtomicU64>) -> CycleOutcome {
-    match run_inner(&cfg, input, &requests).await {
+/// How a cycle ended, and whether it found the store moved past the
+/// unwritten tokens it was given (they are stale then: never to be written).
+pub(crate) struct CycleEnd {
+    pub outcome: CycleOutcome,
+    pub unsaved_abandoned: bool,
+}
+
+pub(crate) async fn run(cfg: Arc<Config>, input: CycleInput, requests: Arc<AtomicU64>) -> CycleEnd {
+    let mut unsaved_abandoned = false;
+    let outcome = match run_inner(&cfg, input, &requests, &mut unsaved_abandoned).await {
         Ok(outcome) => outcome,
         Err(e) => CycleOutcome::Failed(e),
+    };
+    CycleEnd {
+        outcome,
+        unsaved_abandoned,
     }
 }
 
@@ -87,23 +99,27 @@ async fn run_inner(
     cfg: &Arc<Config>,
     mut input: CycleInput,
     requests: &AtomicU64,
+    unsaved_abandoned: &mut bool,
 ) -> Result<CycleOutcome, BrokerError> {
     // The lock covers re-read, refresh and write; it is released when it
-    // drops, on every path but one: tokens that could not be written.
+    // drops, on every path but one: tokens that could not be written, which
+    // keep it until they are.
     let held_lock = input.held_lock.take();
     let lock = match held_lock {
         Some(lock) => lock,
-        None => take_lock(cfg).await?,
+        None => take_lock(cfg, input.unsaved.is_some()).await?,
     };
     let store = cfg.store.clone();
-    let (lock, on_disk, version, marker) = blocking(move || {
-        let tokens = store.load()?;
-        Ok((lock, tokens, store.version(), store.interrupted_refresh()))
-    })
-    .await?;
+    let read = blocking(move || Ok((store.load(), store.version(), store.interrupted_refresh()))).await;
+    let (on_disk, version, marker) = match read {
+        Ok((Ok(tokens), version, marker)) => (tokens, version, marker),
+        Ok((Err(e), _, _)) => return keep_unsaved(input.unsaved, lock, e.into()),
+        Err(e) => return keep_unsaved(input.unsaved, lock, e),
+    };
 
     if let (Some(held), Some(now)) = (&input.held.account_id, &on_disk.account_id) {
         if held != now {
+            *unsaved_abandoned = input.unsaved.is_some();
             warn!("the credentials now belong to another account; spending nothing");
             return Err(BrokerError::AccountChanged {
                 location: cfg.location.clone(),
@@ -119,6 +135,7 @@ async fn run_inner(
         if !on_disk.differs_from(&unsaved.replaces) {
             return save(cfg, unsaved.tokens, on_disk, lock).await;
         }
+        *unsaved_abandoned = true;
         warn!("tokens from an earlier refresh were never written, and someone else has since changed the store; adopting theirs");
     }
 
@@ -369,12 +386,22 @@ async fn run_inner(
     }
 }
 
+/// A cycle that could not even read the store: unwritten tokens it was
+/// given stay unwritten, and keep the lock; without them the error stands.
+fn keep_unsaved(unsaved: Option<Unsaved>, lock: StoreLock, error: BrokerError) -> Result<CycleOutcome, BrokerError> {
+    match unsaved {
+        Some(unsaved) => Ok(CycleOutcome::Unsaved(Box::new(unsaved), Some(lock), after_spend(error))),
+        None => Err(error),
+    }
+}
+
 /// Takes the brokers' lock, in slices, so that a shutdown asked for while
 /// another broker holds it ends the wait at once, before anything is spent.
-async fn take_lock(cfg: &Arc<Config>) -> Result<StoreLock, BrokerError> {
+/// A cycle that only writes tokens already paid for (`write_only`) goes on.
+async fn take_lock(cfg: &Arc<Config>, write_only: bool) -> Result<StoreLock, BrokerError> {
     let deadline = crate::policy::instant_after(cfg.lock_timeout);
     loop {
-        if cfg.stopping.load(Ordering::SeqCst) {
+        if !write_only && cfg.stopping.load(Ordering::SeqCst) {
             return Err(BrokerError::Stopped {
                 location: cfg.location.clone(),
             });

@@ -190,6 +190,8 @@ pub struct TokenActor {
     fresh_timer: Option<SpawnHandle>,
     /// With `keep_fresh`: the next attempt after a failed one.
     retry_timer: Option<SpawnHandle>,
+    /// The next attempt to write unwritten tokens.
+    unsaved_timer: Option<SpawnHandle>,
     requests: Arc<AtomicU64>,
     counters: Counters,
     shutting_down: bool,
@@ -239,6 +241,7 @@ impl TokenActor {
             published,
             fresh_timer: None,
             retry_timer: None,
+            unsaved_timer: None,
             requests: Arc::new(AtomicU64::new(0)),
             counters: Counters::default(),
             shutting_down: false,
@@ -324,6 +327,27 @@ impl TokenActor {
                 act.keep_fresh(ctx);
             }));
         }
+    }
+
+    /// Unwritten rotated tokens are written again when the backoff ends,
+    /// whether or not anyone asks (they hold the brokers' lock meanwhile).
+    fn retry_unsaved(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.unsaved_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        if self.unsaved.is_none() || self.in_flight || self.shutting_down {
+            return;
+        }
+        let wait = self
+            .failure
+            .retry_at
+            .map_or(Duration::ZERO, |at| at.saturating_duration_since(Instant::now()));
+        self.unsaved_timer = Some(ctx.run_later(wait, |act, ctx| {
+            act.unsaved_timer = None;
+            if act.unsaved.is_some() && !act.in_flight && !act.shutting_down {
+                act.start_cycle(ctx);
+            }
+        }));
     }
 
     fn may_attempt(&self) -> bool {
@@ -431,10 +455,14 @@ impl TokenActor {
         };
         let span = info_span!(parent: &self.span, "refresh");
         let fut = cycle::run(self.cfg.clone(), input, self.requests.clone()).instrument(span);
-        ctx.spawn(
-            fut.into_actor(self)
-                .map(|outcome, act, ctx| act.finish_cycle(outcome, ctx)),
-        );
+        ctx.spawn(fut.into_actor(self).map(|end, act, ctx| {
+            if end.unsaved_abandoned {
+                // The store moved past them: never to be written.
+                act.unsaved = None;
+                act.unsaved_lock = None;
+            }
+            act.finish_cycle(end.outcome, ctx)
+        }));
     }
 
     fn finish_cycle(&mut self, outcome: CycleOutcome, ctx: &mut Context<Self>) {
@@ -521,6 +549,7 @@ impl TokenActor {
             return;
         }
         self.keep_fresh(ctx);
+        self.retry_unsaved(ctx);
     }
 
     fn record_failure(&mut self, err: BrokerError, retry_after: Option<Duration>) -> BrokerError {

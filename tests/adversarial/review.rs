@@ -234,3 +234,76 @@ async fn a_refusal_by_another_endpoint_stops_no_one() {
     assert!(fx.sim.is_live(token.expose()));
     assert_eq!(fx.sim.token_requests(), 1);
 }
+
+/// Second review, 1: a broker holds tokens it could not write, and the
+/// file becomes unreadable for a while (an editor truncated it). Its next
+/// attempt cannot even read the file: it must keep the tokens *and* the
+/// lock, so that no other broker spends the old refresh token meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritten_tokens_keep_the_lock_while_the_file_is_unreadable() {
+    let fx = Fixture::codex();
+    let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+    let original = std::fs::read(&path).unwrap();
+    let store = Arc::new(Failing {
+        inner: CodexAuthFile::new(&path),
+        failures_left: AtomicU32::new(u32::MAX),
+    });
+    let one = TokenBroker::codex()
+        .store(store.clone())
+        .token_url(fx.sim.token_url())
+        .winner_wait(TEST_WINNER_WAIT)
+        .build()
+        .unwrap();
+    assert!(one.token().await.is_err(), "its write failed");
+    std::fs::write(&path, b"{ half-written").unwrap();
+    // Its retry (after the 1 s backoff) cannot read the file.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    std::fs::write(&path, &original).unwrap();
+    let two = fx
+        .codex_broker(&path)
+        .lock_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let err = two.token().await.unwrap_err();
+    assert!(err.to_string().contains("another process is refreshing"), "{err}");
+    two.shutdown().await;
+    assert_eq!(fx.sim.counts().reused, 0, "{:?}", fx.sim.spends());
+    store.failures_left.store(0, Ordering::SeqCst);
+    one.finish().await.unwrap();
+    assert!(fx
+        .sim
+        .is_unspent(read_json(&path)["tokens"]["refresh_token"].as_str().unwrap()));
+}
+
+/// Second review, 3: without keep-fresh, tokens that could not be written
+/// are still written when the backoff ends, not only when someone asks
+/// (meanwhile they hold the brokers' lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritten_tokens_are_retried_unasked() {
+    let fx = Fixture::codex();
+    let path = fx.write_codex(&fx.sim.sign_in(-1.0));
+    let store = Arc::new(Failing {
+        inner: CodexAuthFile::new(&path),
+        failures_left: AtomicU32::new(4),
+    });
+    let broker = TokenBroker::codex()
+        .store(store.clone())
+        .token_url(fx.sim.token_url())
+        .keep_fresh(false)
+        .build()
+        .unwrap();
+    assert!(broker.token().await.is_err(), "its write failed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !fx
+        .sim
+        .is_unspent(read_json(&path)["tokens"]["refresh_token"].as_str().unwrap())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kept tokens were never written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.finish().await.unwrap();
+    assert_eq!(fx.sim.token_requests(), 1);
+}

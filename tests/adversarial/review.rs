@@ -65,6 +65,22 @@ impl Store for Failing {
     }
 }
 
+/// A Codex broker over `path` whose next `failures` saves fail, with the
+/// short test winner wait.
+fn failing_broker(fx: &Fixture, path: &std::path::Path, failures: u32) -> (Arc<Failing>, TokenBroker) {
+    let store = Arc::new(Failing {
+        inner: CodexAuthFile::new(path),
+        failures_left: AtomicU32::new(failures),
+    });
+    let broker = TokenBroker::codex()
+        .store(store.clone())
+        .token_url(fx.sim.token_url())
+        .winner_wait(TEST_WINNER_WAIT)
+        .build()
+        .unwrap();
+    (store, broker)
+}
+
 /// Review 1: the file holds other tokens of the same account (D) that the
 /// broker has not re-read yet; the upstream API rejects the broker's token;
 /// the refresh spends D's refresh token and its result T cannot be written.
@@ -153,16 +169,7 @@ async fn a_second_broker_in_the_process_never_spends_what_the_first_holds() {
     let fx = Fixture::codex();
     let path = fx.write_codex(&fx.sim.sign_in(-1.0));
     // Its writes fail until the test lets them succeed.
-    let store = Arc::new(Failing {
-        inner: CodexAuthFile::new(&path),
-        failures_left: AtomicU32::new(u32::MAX),
-    });
-    let one = TokenBroker::codex()
-        .store(store.clone())
-        .token_url(fx.sim.token_url())
-        .winner_wait(TEST_WINNER_WAIT)
-        .build()
-        .unwrap();
+    let (store, one) = failing_broker(&fx, &path, u32::MAX);
     assert!(one.token().await.is_err(), "its write failed");
     let two = fx
         .codex_broker(&path)
@@ -244,16 +251,7 @@ async fn unwritten_tokens_keep_the_lock_while_the_file_is_unreadable() {
     let fx = Fixture::codex();
     let path = fx.write_codex(&fx.sim.sign_in(-1.0));
     let original = std::fs::read(&path).unwrap();
-    let store = Arc::new(Failing {
-        inner: CodexAuthFile::new(&path),
-        failures_left: AtomicU32::new(u32::MAX),
-    });
-    let one = TokenBroker::codex()
-        .store(store.clone())
-        .token_url(fx.sim.token_url())
-        .winner_wait(TEST_WINNER_WAIT)
-        .build()
-        .unwrap();
+    let (store, one) = failing_broker(&fx, &path, u32::MAX);
     assert!(one.token().await.is_err(), "its write failed");
     std::fs::write(&path, b"{ half-written").unwrap();
     // Its retry (after the 1 s backoff) cannot read the file.

@@ -8,7 +8,7 @@
 //! between cores, no lock. The actor withdraws the token with a timer when
 //! its refresh-ahead window opens; that timer runs on the monotonic clock,
 //! which stands still while the machine is suspended, so every read also
-//! compares the wall clock (in whole seconds, kept by a background thread
+//! compares the wall clock (in milliseconds, kept by a background thread
 //! every 100 ms: one relaxed atomic load) with the token's wall-clock
 //! deadline. After a resume, or a jump of the wall clock, a token past its
 //! deadline is served as fresh for at most 100 ms more.
@@ -32,7 +32,7 @@ pub(crate) struct Snapshot {
     /// Bumped after every change of `token`.
     generation: AtomicU64,
     token: ArcSwapOption<AccessToken>,
-    /// Whole Unix seconds from which `token` is no longer fresh
+    /// Unix milliseconds from which `token` is no longer fresh
     /// ([`NO_DEADLINE`]: until withdrawn).
     fresh_until: AtomicU64,
 }
@@ -68,7 +68,7 @@ impl Snapshot {
     /// until withdrawn), or withdraws the current one (`None`).
     pub(crate) fn publish(&self, token: Option<&AccessToken>, until: Option<SystemTime>) {
         let until = until.map_or(NO_DEADLINE, |at| {
-            at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+            at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
         });
         self.fresh_until.store(until, Ordering::Relaxed);
         self.token.store(token.map(|t| Arc::new(t.clone())));
@@ -90,7 +90,7 @@ impl Snapshot {
                         entry.token = self.load_private_copy();
                         entry.fresh_until = self.fresh_until.load(Ordering::Relaxed);
                     }
-                    if entry.fresh_until != NO_DEADLINE && coarse_unix_secs() >= entry.fresh_until {
+                    if entry.fresh_until != NO_DEADLINE && wall_ms() >= entry.fresh_until {
                         return None;
                     }
                     return entry.token.clone();
@@ -106,7 +106,7 @@ impl Snapshot {
                     fresh_until,
                     owner: Arc::downgrade(self),
                 });
-                token.filter(|_| fresh_until == NO_DEADLINE || coarse_unix_secs() < fresh_until)
+                token.filter(|_| fresh_until == NO_DEADLINE || wall_ms() < fresh_until)
             })
             // The thread is shutting down: read without caching.
             .unwrap_or_else(|_| {
@@ -115,7 +115,7 @@ impl Snapshot {
                     .load()
                     .as_deref()
                     .cloned()
-                    .filter(|_| until == NO_DEADLINE || coarse_unix_secs() < until)
+                    .filter(|_| until == NO_DEADLINE || wall_ms() < until)
             })
     }
 
@@ -132,31 +132,31 @@ impl Snapshot {
     }
 }
 
-/// The wall clock in whole seconds, for the hot path: one relaxed load of a
-/// value a background thread refreshes every [`WALL_TICK`]. Reading the
+/// The wall clock in Unix milliseconds, for the hot path: one relaxed load
+/// of a value a background thread refreshes every [`WALL_TICK`]. Reading the
 /// clock itself costs more than the rest of a read (about 5 ns for the
 /// vDSO's coarse clock on a virtual machine). After a resume, the thread
 /// wakes within one tick, so a token past its deadline is served for at
 /// most that long, instead of until the monotonic withdrawal timer
 /// catches up (which can be hours).
 #[inline]
-fn coarse_unix_secs() -> u64 {
+fn wall_ms() -> u64 {
     match WALL.load(Ordering::Relaxed) {
         0 => start_wall_clock(),
-        secs => secs,
+        ms => ms,
     }
 }
 
-/// The last wall-clock reading in whole Unix seconds (0: not started).
+/// The last wall-clock reading in Unix milliseconds (0: not started).
 static WALL: AtomicU64 = AtomicU64::new(0);
 
 /// How often the wall clock is read for the hot path.
 const WALL_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
-fn unix_secs_now() -> u64 {
+fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_secs().max(1))
+        .map_or(1, |d| (d.as_millis() as u64).max(1))
 }
 
 /// Starts the thread that keeps [`WALL`] current (once per process), and
@@ -164,14 +164,14 @@ fn unix_secs_now() -> u64 {
 #[cold]
 fn start_wall_clock() -> u64 {
     static STARTED: std::sync::Once = std::sync::Once::new();
-    let now = unix_secs_now();
+    let now = unix_ms_now();
     STARTED.call_once(|| {
         WALL.store(now, Ordering::Relaxed);
         let spawned = std::thread::Builder::new()
             .name("token-broker-clock".into())
             .spawn(|| loop {
                 std::thread::sleep(WALL_TICK);
-                WALL.store(unix_secs_now(), Ordering::Relaxed);
+                WALL.store(unix_ms_now(), Ordering::Relaxed);
             });
         if spawned.is_err() {
             // No thread: every read asks the clock itself (slower, exact).

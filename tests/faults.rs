@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -290,46 +289,6 @@ async fn a_caller_that_gives_up_does_not_cancel_the_refresh() {
     broker.shutdown().await;
 }
 
-/// A store that fails its next `save` calls, as a full disk would.
-#[derive(Debug)]
-struct FailingSaves {
-    inner: token_broker::store::MemoryStore,
-    failures_left: std::sync::atomic::AtomicU32,
-}
-
-impl token_broker::store::Store for FailingSaves {
-    fn location(&self) -> &str {
-        "failing-store"
-    }
-    fn load(&self) -> Result<token_broker::TokenSet, token_broker::store::StoreError> {
-        self.inner.load()
-    }
-    fn save(
-        &self,
-        tokens: &token_broker::TokenSet,
-        replaces: &token_broker::TokenSet,
-    ) -> Result<(), token_broker::store::StoreError> {
-        use std::sync::atomic::Ordering;
-        if self
-            .failures_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(token_broker::store::StoreError::Write {
-                path: "failing-store".into(),
-                cause: "no space left on device".into(),
-            });
-        }
-        self.inner.save(tokens, replaces)
-    }
-    fn version(&self) -> Option<token_broker::store::StoreVersion> {
-        self.inner.version()
-    }
-    fn lock(&self, timeout: Duration) -> Result<token_broker::store::StoreLock, token_broker::store::StoreError> {
-        self.inner.lock(timeout)
-    }
-}
-
 /// New tokens that cannot be written are never handed out and never lost:
 /// callers get the write error, and the next attempt writes the tokens it
 /// already has instead of spending the (now rotated) refresh token again.
@@ -340,11 +299,8 @@ async fn tokens_that_cannot_be_written_are_kept_and_written_later() {
     let issued = fx.sim.sign_in(-1.0);
     let mut tokens = token_broker::TokenSet::new(&issued.access_token, Some(&issued.refresh_token)).unwrap();
     tokens.account_id = Some(issued.account_id.clone());
-    let store = Arc::new(FailingSaves {
-        inner: token_broker::store::MemoryStore::new(tokens),
-        // One more failure than the broker's retries under the lock.
-        failures_left: std::sync::atomic::AtomicU32::new(4),
-    });
+    let store = // One more failure than the broker's retries under the lock.
+    FailingSaves::new(token_broker::store::MemoryStore::new(tokens), 4);
     let broker = token_broker::TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())
@@ -387,11 +343,8 @@ async fn unwritten_tokens_never_overwrite_newer_ones() {
         t.account_id = Some(i.account_id.clone());
         t
     };
-    let store = Arc::new(FailingSaves {
-        inner: token_broker::store::MemoryStore::new(set(&issued)),
-        // One more failure than the broker's retries under the lock.
-        failures_left: std::sync::atomic::AtomicU32::new(4),
-    });
+    let store = // One more failure than the broker's retries under the lock.
+    FailingSaves::new(token_broker::store::MemoryStore::new(set(&issued)), 4);
     let broker = token_broker::TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())

@@ -409,9 +409,8 @@ async fn take_lock(cfg: &Arc<Config>, write_only: bool) -> Result<StoreLock, Bro
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let store = cfg.store.clone();
         match blocking(move || store.lock(left.min(LOCK_SLICE))).await {
-            Err(BrokerError::Store(StoreError::LockTimeout { path, .. })) if left > LOCK_SLICE => {
-                let _ = path;
-            }
+            // A slice ended with time left: try again (and look at `stopping`).
+            Err(BrokerError::Store(StoreError::LockTimeout { .. })) if left > LOCK_SLICE => {}
             Err(BrokerError::Store(StoreError::LockTimeout { path, .. })) => {
                 return Err(BrokerError::Store(StoreError::LockTimeout {
                     path,

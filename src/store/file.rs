@@ -19,7 +19,8 @@ pub struct FileVersion {
     modified: Option<SystemTime>,
 }
 
-/// An exclusive advisory lock on a sibling lock file (`auth.json.lock`).
+/// An exclusive advisory lock on a sibling lock file (the brokers'
+/// `auth.json.broker.lock`, plus the credentials file's own inode).
 ///
 /// The operating system drops the lock when the holder's file descriptor
 /// closes, including when the process dies: a killed broker never leaves a

@@ -1,77 +1,24 @@
 //! See `tests/adversarial.rs`: findings of the hostile review of the fixes
 //! themselves (the review's numbering). Each failed before its fix.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use token_broker::credentials::{AccessToken, RefreshToken};
 use token_broker::sim::{codex_auth_json, Fault, ProviderServer, SimConfig};
-use token_broker::store::{CodexAuthFile, RefreshRecord, Store, StoreError, StoreLock, StoreVersion};
-use token_broker::{TokenBroker, TokenSet};
+use token_broker::store::CodexAuthFile;
+use token_broker::TokenBroker;
 
 use crate::common::*;
 
-/// A Codex file whose next `failures_left` saves fail (a full disk).
-#[derive(Debug)]
-struct Failing {
-    inner: CodexAuthFile,
-    failures_left: AtomicU32,
-}
-
-impl Store for Failing {
-    fn location(&self) -> &str {
-        self.inner.location()
-    }
-    fn load(&self) -> Result<TokenSet, StoreError> {
-        self.inner.load()
-    }
-    fn save(&self, tokens: &TokenSet, replaces: &TokenSet) -> Result<(), StoreError> {
-        let fail = self
-            .failures_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if fail {
-            return Err(StoreError::Write {
-                path: "failing".into(),
-                cause: "no space left on device".into(),
-            });
-        }
-        self.inner.save(tokens, replaces)
-    }
-    fn version(&self) -> Option<StoreVersion> {
-        self.inner.version()
-    }
-    fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError> {
-        self.inner.lock(timeout)
-    }
-    fn mark_refreshing(&self, token: &RefreshToken) -> Result<(), StoreError> {
-        self.inner.mark_refreshing(token)
-    }
-    fn clear_refreshing(&self) -> Result<(), StoreError> {
-        self.inner.clear_refreshing()
-    }
-    fn record_refused(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.record_refused(key)
-    }
-    fn refused_at(&self, key: &str) -> Option<std::time::SystemTime> {
-        self.inner.refused_at(key)
-    }
-    fn recover_interrupted(&self) -> Option<TokenSet> {
-        self.inner.recover_interrupted()
-    }
-    fn interrupted_refresh(&self) -> Option<RefreshRecord> {
-        self.inner.interrupted_refresh()
-    }
-}
+/// A Codex file whose saves fail (a full disk).
+type Failing = FailingSaves<CodexAuthFile>;
 
 /// A Codex broker over `path` whose next `failures` saves fail, with the
 /// short test winner wait.
 fn failing_broker(fx: &Fixture, path: &std::path::Path, failures: u32) -> (Arc<Failing>, TokenBroker) {
-    let store = Arc::new(Failing {
-        inner: CodexAuthFile::new(path),
-        failures_left: AtomicU32::new(failures),
-    });
+    let store = FailingSaves::new(CodexAuthFile::new(path), failures);
     let broker = TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())
@@ -90,10 +37,7 @@ async fn unwritten_tokens_replace_what_they_replaced(watch: Duration) {
     let fx = Fixture::codex();
     let held = fx.sim.sign_in(3600.0);
     let path = fx.write_codex(&held);
-    let store = Arc::new(Failing {
-        inner: CodexAuthFile::new(&path),
-        failures_left: AtomicU32::new(0),
-    });
+    let store = FailingSaves::new(CodexAuthFile::new(&path), 0);
     let broker = TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())
@@ -280,10 +224,7 @@ async fn unwritten_tokens_keep_the_lock_while_the_file_is_unreadable() {
 async fn unwritten_tokens_are_retried_unasked() {
     let fx = Fixture::codex();
     let path = fx.write_codex(&fx.sim.sign_in(-1.0));
-    let store = Arc::new(Failing {
-        inner: CodexAuthFile::new(&path),
-        failures_left: AtomicU32::new(4),
-    });
+    let store = FailingSaves::new(CodexAuthFile::new(&path), 4);
     let broker = TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())

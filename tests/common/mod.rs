@@ -109,3 +109,74 @@ pub fn hold_broker_lock(path: &Path) -> std::fs::File {
     lock.lock().unwrap();
     lock
 }
+
+/// A store whose next `failures_left` saves fail, as a full disk would;
+/// everything else goes to `inner`.
+#[derive(Debug)]
+pub struct FailingSaves<S> {
+    pub inner: S,
+    pub failures_left: std::sync::atomic::AtomicU32,
+}
+
+impl<S> FailingSaves<S> {
+    pub fn new(inner: S, failures: u32) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(FailingSaves {
+            inner,
+            failures_left: std::sync::atomic::AtomicU32::new(failures),
+        })
+    }
+}
+
+impl<S: token_broker::store::Store> token_broker::store::Store for FailingSaves<S> {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn load(&self) -> Result<token_broker::TokenSet, token_broker::store::StoreError> {
+        self.inner.load()
+    }
+    fn save(
+        &self,
+        tokens: &token_broker::TokenSet,
+        replaces: &token_broker::TokenSet,
+    ) -> Result<(), token_broker::store::StoreError> {
+        use std::sync::atomic::Ordering;
+        let fail = self
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(token_broker::store::StoreError::Write {
+                path: "failing-store".into(),
+                cause: "no space left on device".into(),
+            });
+        }
+        self.inner.save(tokens, replaces)
+    }
+    fn version(&self) -> Option<token_broker::store::StoreVersion> {
+        self.inner.version()
+    }
+    fn lock(&self, timeout: Duration) -> Result<token_broker::store::StoreLock, token_broker::store::StoreError> {
+        self.inner.lock(timeout)
+    }
+    fn mark_refreshing(
+        &self,
+        token: &token_broker::credentials::RefreshToken,
+    ) -> Result<(), token_broker::store::StoreError> {
+        self.inner.mark_refreshing(token)
+    }
+    fn clear_refreshing(&self) -> Result<(), token_broker::store::StoreError> {
+        self.inner.clear_refreshing()
+    }
+    fn record_refused(&self, key: &str) -> Result<(), token_broker::store::StoreError> {
+        self.inner.record_refused(key)
+    }
+    fn refused_at(&self, key: &str) -> Option<std::time::SystemTime> {
+        self.inner.refused_at(key)
+    }
+    fn recover_interrupted(&self) -> Option<token_broker::TokenSet> {
+        self.inner.recover_interrupted()
+    }
+    fn interrupted_refresh(&self) -> Option<token_broker::store::RefreshRecord> {
+        self.inner.interrupted_refresh()
+    }
+}

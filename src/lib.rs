@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 pub mod actor;
+pub mod clock;
 pub mod credentials;
 mod error;
 mod handle;

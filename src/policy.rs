@@ -154,6 +154,66 @@ pub fn freshness(tokens: &TokenSet, now: SystemTime, policy: impl Into<RefreshPo
     }
 }
 
+/// The largest share of the refresh-ahead window by which a refresh is
+/// delayed at random, so that many credentials that fall due in the same
+/// minute do not all refresh at once. Half the window always stays for the
+/// refresh itself, and a neighbour's mark is never passed.
+pub const WINDOW_JITTER: f64 = 0.5;
+
+/// [`freshness`] with the refresh point moved later by `jitter` (a fraction
+/// in `[0, 1)`) of at most [`WINDOW_JITTER`] of the window, never past a
+/// neighbour's mark. `jitter = 0` is [`freshness`] exactly, and a jittered
+/// token is never `Fresh` where the plain one is `Due` for longer than the
+/// cut: every refresh point stays inside the window.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use token_broker::policy::{freshness_jittered, Freshness};
+/// use token_broker::credentials::{Expiry, ExpirySource, TokenSet};
+/// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+/// let mut set = TokenSet::new("opaque", None).unwrap();
+/// // Eight minutes left, a ten-minute window: due at once without jitter...
+/// set.expiry = Some(Expiry { at: now + Duration::from_secs(480), lifetime: None, source: ExpirySource::Stored });
+/// let window = Duration::from_secs(600);
+/// assert!(matches!(freshness_jittered(&set, now, window, 0.0), Freshness::Due { .. }));
+/// // ...and still fresh for a credential whose refresh was spread 40% later.
+/// assert!(matches!(freshness_jittered(&set, now, window, 0.99), Freshness::Fresh { .. }));
+/// ```
+pub fn freshness_jittered(tokens: &TokenSet, now: SystemTime, policy: impl Into<RefreshPolicy>, jitter: f64) -> Freshness {
+    let policy = policy.into();
+    let Some(expiry) = tokens.expiry else {
+        return Freshness::Unknown;
+    };
+    if now >= expiry.at {
+        return Freshness::Expired;
+    }
+    let lifetime = expiry
+        .lifetime
+        .or_else(|| tokens.last_refresh.and_then(|at| expiry.at.duration_since(at).ok()));
+    let ahead = policy.ahead(lifetime);
+    let ahead = ahead.saturating_sub(policy.jitter_cut(ahead, jitter));
+    let refresh_at = expiry.at.checked_sub(ahead).unwrap_or(SystemTime::UNIX_EPOCH);
+    if now < refresh_at {
+        Freshness::Fresh { refresh_at }
+    } else {
+        Freshness::Due { expires_at: expiry.at }
+    }
+}
+
+impl RefreshPolicy {
+    /// How much later than `ahead` before expiry a refresh with `jitter`
+    /// happens: at most [`WINDOW_JITTER`] of `ahead`, and never past the
+    /// neighbour's mark (plus [`NEIGHBOUR_MARGIN`]).
+    pub fn jitter_cut(&self, ahead: Duration, jitter: f64) -> Duration {
+        let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 };
+        let mut most = ahead.mul_f64(WINDOW_JITTER);
+        if let Some(mark) = self.neighbour_mark {
+            most = most.min(ahead.saturating_sub(mark.saturating_add(NEIGHBOUR_MARGIN)));
+        }
+        most.mul_f64(jitter)
+    }
+}
+
 /// How far "never" is when a duration is too large to add: a century.
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
@@ -184,10 +244,24 @@ pub fn instant_after(wait: Duration) -> Instant {
 /// [`MIN_BACKOFF`] and `min(MAX_BACKOFF, MIN_BACKOFF * 2^(failures-1))`, or
 /// the server's `Retry-After` when that is longer (capped at `MAX_BACKOFF`).
 pub fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
+    backoff_with(failures, retry_after, fastrand::f64())
+}
+
+/// [`backoff`] with the jitter given: `jitter` in `[0, 1)` picks the wait
+/// between [`MIN_BACKOFF`] and the ceiling.
+///
+/// ```
+/// use std::time::Duration;
+/// use token_broker::policy::{backoff_with, MIN_BACKOFF};
+/// assert_eq!(backoff_with(3, None, 0.0), MIN_BACKOFF);
+/// assert_eq!(backoff_with(3, None, 0.5), Duration::from_millis(2500));
+/// assert_eq!(backoff_with(1, Some(Duration::from_secs(30)), 0.0), Duration::from_secs(30));
+/// ```
+pub fn backoff_with(failures: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+    let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 };
     let exp = failures.saturating_sub(1).min(16);
     let ceiling = MIN_BACKOFF.saturating_mul(1u32 << exp).min(MAX_BACKOFF);
-    let span = ceiling.saturating_sub(MIN_BACKOFF).as_millis() as u64;
-    let jittered = MIN_BACKOFF + Duration::from_millis(fastrand::u64(0..=span));
+    let jittered = MIN_BACKOFF + ceiling.saturating_sub(MIN_BACKOFF).mul_f64(jitter);
     match retry_after {
         Some(server) => jittered.max(server.min(MAX_BACKOFF)),
         None => jittered,
@@ -262,6 +336,35 @@ mod tests {
     }
 
     #[test]
+    fn jitter_spreads_refreshes_inside_the_window_and_before_the_mark() {
+        let s = |secs| Duration::from_secs(secs);
+        let plain = RefreshPolicy::new(s(600));
+        assert_eq!(plain.jitter_cut(s(600), 0.0), Duration::ZERO);
+        assert_eq!(plain.jitter_cut(s(600), 0.5), s(150));
+        assert_eq!(plain.jitter_cut(s(600), 1.0), s(300));
+        assert_eq!(plain.jitter_cut(s(600), f64::NAN), Duration::ZERO);
+        let codex = plain.before_neighbour(CODEX_REFRESH_MARK);
+        // Ten minutes ahead, the mark at 5m30s: at most 4m30s later.
+        assert_eq!(codex.jitter_cut(s(600), 1.0), s(270));
+        // Ahead exactly at the mark: no room, no jitter.
+        assert_eq!(codex.jitter_cut(s(330), 0.9), Duration::ZERO);
+        let now = SystemTime::UNIX_EPOCH + s(1_000_000);
+        for j in [0.0, 0.3, 0.999] {
+            // Whatever the jitter, a token is never fresh past the mark.
+            let t = set(now + s(331), None);
+            assert!(matches!(
+                freshness_jittered(&t, now, codex, j),
+                Freshness::Due { .. }
+            ));
+            assert_eq!(freshness_jittered(&set(now, None), now, codex, j), Freshness::Expired);
+        }
+        assert_eq!(
+            freshness_jittered(&set(now + s(700), None), now, plain, 0.0),
+            freshness(&set(now + s(700), None), now, plain)
+        );
+    }
+
+    #[test]
     fn backoff_stays_in_bounds() {
         for failures in 0..40 {
             let d = backoff(failures, None);
@@ -269,5 +372,8 @@ mod tests {
         }
         assert_eq!(backoff(1, Some(Duration::from_secs(30))), Duration::from_secs(30));
         assert_eq!(backoff(1, Some(Duration::from_secs(9999))), MAX_BACKOFF);
+        assert_eq!(backoff_with(40, None, 1.0), MAX_BACKOFF);
+        assert_eq!(backoff_with(2, None, 1.0), Duration::from_secs(2));
+        assert_eq!(backoff_with(0, None, 0.99), MIN_BACKOFF);
     }
 }

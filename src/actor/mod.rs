@@ -11,6 +11,8 @@
 //! the current token is still usable get it at once.
 
 mod cycle;
+#[allow(dead_code)] // TODO(integration): wired into the shell next.
+mod machine;
 
 use std::cell::RefCell;
 use std::rc::Rc;

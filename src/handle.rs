@@ -15,7 +15,10 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use crate::actor::{Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_WINNER_WAIT};
+use crate::actor::{
+    Config, GetStatus, GetToken, Published, Reject, Reload, Rules, Shutdown, TokenActor, DEFAULT_WINNER_WAIT,
+};
+use crate::clock::{Clock, Jitter, RandomJitter, SystemClock};
 use crate::credentials::AccessToken;
 use crate::error::BrokerError;
 use crate::policy::{RefreshPolicy, CODEX_REFRESH_MARK, DEFAULT_REFRESH_AHEAD};
@@ -272,6 +275,8 @@ pub struct BrokerBuilder {
     watch_interval: Duration,
     winner_wait: Duration,
     keep_fresh: Option<bool>,
+    clock: Option<Arc<dyn Clock>>,
+    jitter: Option<Arc<dyn Jitter>>,
 }
 
 impl BrokerBuilder {
@@ -289,6 +294,8 @@ impl BrokerBuilder {
             watch_interval: DEFAULT_WATCH_INTERVAL,
             winner_wait: DEFAULT_WINNER_WAIT,
             keep_fresh: None,
+            clock: None,
+            jitter: None,
         }
     }
 
@@ -377,6 +384,28 @@ impl BrokerBuilder {
         self
     }
 
+    /// Where the broker gets the time (default: the system's wall clock).
+    /// Every decision (fresh, due, expired, backoff ended) is taken at the
+    /// time this clock says; timers sleep for the difference. With a clock
+    /// other than the system's, the published token is withdrawn by the
+    /// actor's timer alone, not checked against the wall clock on each read.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Where the broker gets its randomness (default: uniform). Refreshes
+    /// are spread over up to half of the refresh-ahead window (never past
+    /// the Codex CLI's mark on a Codex file), so that thousands of
+    /// credentials that fall due in the same minute do not refresh at once;
+    /// backoff after failures is jittered too.
+    /// [`FixedJitter(0.0)`](crate::clock::FixedJitter) refreshes every
+    /// token at the start of its window and backs off by the minimum.
+    pub fn jitter(mut self, jitter: Arc<dyn Jitter>) -> Self {
+        self.jitter = Some(jitter);
+        self
+    }
+
     /// Reads the credentials and starts the broker's actor.
     ///
     /// Blocks briefly: it reads the credentials file and starts the actor's
@@ -447,12 +476,21 @@ impl BrokerBuilder {
                 );
             }
         }
+        let rules = Rules {
+            policy,
+            keep_fresh: self.keep_fresh.unwrap_or(codex),
+            location: location.clone(),
+            login_hint,
+            token_url: token_url.clone(),
+        };
         let cfg = Arc::new(Config {
             store,
             provider: Arc::new(Provider::new(token_url, client_id, dialect).with_timeout(self.http_timeout)),
-            policy,
+            rules,
+            wall_clock: self.clock.is_none(),
+            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            jitter: self.jitter.unwrap_or_else(|| Arc::new(RandomJitter)),
             winner_wait: self.winner_wait,
-            keep_fresh: self.keep_fresh.unwrap_or(codex),
             stopping: Arc::default(),
             lock_timeout: self.lock_timeout.unwrap_or_else(|| {
                 self.http_timeout
@@ -462,7 +500,6 @@ impl BrokerBuilder {
             }),
             watch_interval: self.watch_interval,
             location: location.clone(),
-            login_hint,
         });
         let published: Published = crate::snapshot::Snapshot::new();
         let actor_published = published.clone();

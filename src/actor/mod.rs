@@ -11,14 +11,13 @@
 //! the current token is still usable get it at once.
 
 mod cycle;
-#[allow(dead_code)] // TODO(integration): wired into the shell next.
 mod machine;
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use actix::dev::MessageResponse;
 use actix::prelude::*;
@@ -27,13 +26,17 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use cycle::DEFAULT_WINNER_WAIT;
 
-use crate::credentials::{AccessToken, RefreshToken, TokenSet};
+use crate::clock::{Clock, Jitter};
+use crate::credentials::{AccessToken, TokenSet};
 use crate::error::BrokerError;
-use crate::policy::{backoff, freshness, Freshness, RefreshPolicy};
 use crate::provider::Provider;
-use crate::status::{Counters, State, Status};
+use crate::status::Status;
 use crate::store::{Store, StoreVersion};
-use cycle::{CycleInput, CycleOutcome, Unsaved};
+use cycle::{CycleInput, CycleOutcome};
+pub(crate) use machine::Rules;
+use machine::{
+    Adoption, Begin, Decision, Login, Machine, Outcome, Settle, Shutdown as MachineShutdown, MIN_USEFUL_LIFETIME,
+};
 
 /// The token handed to callers, as published for the handle's fast path.
 pub(crate) type Published = Arc<crate::snapshot::Snapshot>;
@@ -43,21 +46,25 @@ pub(crate) type Published = Arc<crate::snapshot::Snapshot>;
 pub(crate) struct Config {
     pub store: Arc<dyn Store>,
     pub provider: Arc<Provider>,
-    pub policy: RefreshPolicy,
     pub lock_timeout: Duration,
     /// How long a broker whose refresh token was refused waits for the
     /// winner's tokens before it reports that a sign-in is needed.
     pub winner_wait: Duration,
-    /// Refresh when the refresh-ahead window opens even when nobody asks.
-    pub keep_fresh: bool,
     /// Set when a shutdown is asked for: a cycle that has not spent the
     /// refresh token yet spends nothing.
     pub stopping: Arc<std::sync::atomic::AtomicBool>,
     /// How often to check the store for outside changes (zero: never).
     pub watch_interval: Duration,
     pub location: String,
-    /// What a person should do when a new sign-in is needed.
-    pub login_hint: String,
+    /// What the state machine needs: policy, keep-fresh, names for errors.
+    pub rules: Rules,
+    /// Where the time comes from.
+    pub clock: Arc<dyn Clock>,
+    /// Whether `clock` is the system's wall clock (the fast path checks
+    /// deadlines against it).
+    pub wall_clock: bool,
+    /// Where refresh-ahead and backoff jitter come from.
+    pub jitter: Arc<dyn Jitter>,
 }
 
 /// Ask for a valid access token. Answers at once when the current token is
@@ -96,10 +103,6 @@ pub struct GetStatus;
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), BrokerError>")]
 pub struct Shutdown;
-
-/// A refreshed access token with less than this left on arrival counts as
-/// a provider fault (with backoff) rather than a success to build on.
-const MIN_USEFUL_LIFETIME: Duration = Duration::from_millis(100);
 
 /// The reply channel of a message waiting for a token.
 type Waiter = oneshot::Sender<Result<AccessToken, BrokerError>>;
@@ -141,62 +144,24 @@ where
     }
 }
 
-/// The most refresh cycles one group of waiting callers may cause.
-const MAX_CYCLES_PER_WAIT: u32 = 3;
-
-/// Why the last refresh attempt failed, and when to try again.
-#[derive(Debug, Default)]
-struct Failure {
-    count: u32,
-    retry_at: Option<Instant>,
-    last: Option<BrokerError>,
-}
-
-/// The provider refused the refresh token: remembered per store version so
-/// that it is never sent again, and forgotten when the store changes.
-#[derive(Debug)]
-struct LoginRequired {
-    reason: String,
-    dead_refresh: Option<RefreshToken>,
-    version: Option<StoreVersion>,
-}
-
-/// The actor that owns one credential.
+/// The actor that owns one credential: the thin shell around the pure
+/// [`Machine`] that does the I/O it asks for (run a refresh cycle, publish
+/// the token, answer callers, set its one timer).
 pub struct TokenActor {
     cfg: Arc<Config>,
-    tokens: TokenSet,
-    version: Option<StoreVersion>,
-    /// The current access token was rejected by the upstream API.
-    rejected: bool,
-    /// The current token is published as fresh (see [`Self::publish`]).
-    fresh: bool,
-    /// Until when, by the wall clock (`None`: no expiry known).
-    fresh_until: Option<SystemTime>,
-    login: Option<LoginRequired>,
-    failure: Failure,
-    /// Tokens a refresh returned that are not on disk yet.
-    unsaved: Option<Unsaved>,
-    /// The brokers' lock, held from that refresh until they are written.
+    machine: Machine,
+    /// The brokers' lock, held from a refresh whose tokens could not be
+    /// written until they are.
     unsaved_lock: Option<crate::store::StoreLock>,
-    in_flight: bool,
     /// A re-read of the store is under way.
     reloading: bool,
-    /// Extra cycles run for the current waiters (bounded).
-    waiter_cycles: u32,
-    /// The store now holds another account's tokens: serve nothing.
-    account_changed: bool,
     /// Callers waiting for the refresh in flight: the reply channels of
     /// their messages, answered directly (no task or channel of our own).
     waiters: Waiters,
     published: Published,
-    fresh_timer: Option<SpawnHandle>,
-    /// With `keep_fresh`: the next attempt after a failed one.
-    retry_timer: Option<SpawnHandle>,
-    /// The next attempt to write unwritten tokens.
-    unsaved_timer: Option<SpawnHandle>,
+    /// When the machine next wants to look at the time.
+    timer: Option<SpawnHandle>,
     requests: Arc<AtomicU64>,
-    counters: Counters,
-    shutting_down: bool,
     stop_waiters: Vec<oneshot::Sender<Result<(), BrokerError>>>,
     span: tracing::Span,
 }
@@ -205,48 +170,26 @@ impl std::fmt::Debug for TokenActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenActor")
             .field("location", &self.cfg.location)
-            .field("access", &self.tokens.access_token)
-            .field("in_flight", &self.in_flight)
+            .field("access", &self.machine.tokens().access_token)
+            .field("refreshing", &self.machine.refreshing())
             .field("waiters", &self.waiters.borrow().len())
             .finish_non_exhaustive()
     }
 }
 
-/// What to do with one request for a token.
-enum Decision {
-    Serve(AccessToken),
-    ServeAndRefresh(AccessToken),
-    /// Wait for the refresh in flight, starting one if none is.
-    Wait,
-    Fail(BrokerError),
-}
-
 impl TokenActor {
     pub(crate) fn new(cfg: Arc<Config>, tokens: TokenSet, version: Option<StoreVersion>, published: Published) -> Self {
         let span = info_span!("credential", location = %cfg.location);
+        let machine = Machine::new(tokens, version, crate::clock::fraction(&*cfg.jitter));
         TokenActor {
             cfg,
-            tokens,
-            version,
-            rejected: false,
-            fresh: false,
-            fresh_until: None,
-            login: None,
-            failure: Failure::default(),
-            unsaved: None,
+            machine,
             unsaved_lock: None,
-            in_flight: false,
             reloading: false,
-            waiter_cycles: 0,
-            account_changed: false,
             waiters: Waiters::default(),
             published,
-            fresh_timer: None,
-            retry_timer: None,
-            unsaved_timer: None,
+            timer: None,
             requests: Arc::new(AtomicU64::new(0)),
-            counters: Counters::default(),
-            shutting_down: false,
             stop_waiters: Vec::new(),
             span,
         }
@@ -257,153 +200,46 @@ impl TokenActor {
         self.stop_waiters.push(tx);
     }
 
-    fn freshness(&self, now: SystemTime) -> Freshness {
-        if self.rejected {
-            return Freshness::Expired;
-        }
-        freshness(&self.tokens, now, self.cfg.policy)
+    fn now(&self) -> SystemTime {
+        self.cfg.clock.now()
     }
 
-    /// Publishes the current token for the fast path while it is fresh, and
-    /// schedules its withdrawal when the refresh-ahead window opens.
-    fn publish(&mut self, ctx: &mut Context<Self>) {
-        if let Some(timer) = self.fresh_timer.take() {
+    fn jitter(&self) -> f64 {
+        crate::clock::fraction(&*self.cfg.jitter)
+    }
+
+    /// Publishes what the machine says is fresh for the fast path, and sets
+    /// the one timer for when it next wants to look at the time (the token's
+    /// freshness ends, a backoff ends): starting a cycle then if it says so.
+    fn refresh_view(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.timer.take() {
             ctx.cancel_future(timer);
         }
-        let now = SystemTime::now();
-        self.fresh = false;
-        if self.account_changed {
-            self.published.publish(None, None);
+        let now = self.now();
+        let publication = self.machine.publication(&self.cfg.rules, now);
+        // The fast path checks deadlines against the system's wall clock;
+        // with another clock, the timer alone withdraws the token.
+        let until = publication.until.filter(|_| self.cfg.wall_clock);
+        self.published.publish(publication.token.as_ref(), until);
+        if self.machine.tick(&self.cfg.rules, now) {
+            debug!(parent: &self.span, "refreshing unasked (the refresh-ahead window is open, or unwritten tokens wait)");
+            self.start_cycle(ctx);
             return;
         }
-        match self.freshness(now) {
-            Freshness::Fresh { refresh_at } => {
-                self.fresh = true;
-                self.fresh_until = Some(refresh_at);
-                self.published
-                    .publish(Some(&self.tokens.access_token), Some(refresh_at));
-                let wait = refresh_at.duration_since(now).unwrap_or_default();
-                self.fresh_timer = Some(ctx.run_later(wait, |act, ctx| {
-                    act.fresh_timer = None;
-                    act.publish(ctx);
-                    act.keep_fresh(ctx);
+        if let Some(at) = self.machine.wake_at(&self.cfg.rules, now) {
+            // A time already past with nothing to start would spin.
+            if let Ok(wait) = at.duration_since(now) {
+                self.timer = Some(ctx.run_later(wait, |act, ctx| {
+                    act.timer = None;
+                    act.refresh_view(ctx);
                 }));
             }
-            Freshness::Unknown => {
-                self.fresh = true;
-                self.fresh_until = None;
-                self.published.publish(Some(&self.tokens.access_token), None);
-            }
-            Freshness::Due { .. } | Freshness::Expired => self.published.publish(None, None),
-        }
-    }
-
-    /// With `keep_fresh`, starts a refresh once the refresh-ahead window is
-    /// open although nobody asked, so that another program sharing the
-    /// credential (the Codex CLI) always finds a fresh token and never
-    /// refreshes on its own. After a failure, tries again when the backoff
-    /// ends; after a refusal, only once the store changes.
-    fn keep_fresh(&mut self, ctx: &mut Context<Self>) {
-        if let Some(timer) = self.retry_timer.take() {
-            ctx.cancel_future(timer);
-        }
-        if !self.cfg.keep_fresh || self.in_flight || self.shutting_down || self.account_changed {
-            return;
-        }
-        if !matches!(
-            self.freshness(SystemTime::now()),
-            Freshness::Due { .. } | Freshness::Expired
-        ) {
-            return;
-        }
-        if !self.store_changed_since_login_required() {
-            return;
-        }
-        if self.may_attempt() {
-            debug!(parent: &self.span, "the refresh-ahead window is open; refreshing to keep the credential fresh");
-            self.start_cycle(ctx);
-        } else if let Some(at) = self.failure.retry_at {
-            let wait = at.saturating_duration_since(Instant::now());
-            self.retry_timer = Some(ctx.run_later(wait, |act, ctx| {
-                act.retry_timer = None;
-                act.keep_fresh(ctx);
-            }));
-        }
-    }
-
-    /// Unwritten rotated tokens are written again when the backoff ends,
-    /// whether or not anyone asks (they hold the brokers' lock meanwhile).
-    fn retry_unsaved(&mut self, ctx: &mut Context<Self>) {
-        if let Some(timer) = self.unsaved_timer.take() {
-            ctx.cancel_future(timer);
-        }
-        if self.unsaved.is_none() || self.in_flight || self.shutting_down {
-            return;
-        }
-        let wait = self
-            .failure
-            .retry_at
-            .map_or(Duration::ZERO, |at| at.saturating_duration_since(Instant::now()));
-        self.unsaved_timer = Some(ctx.run_later(wait, |act, ctx| {
-            act.unsaved_timer = None;
-            if act.unsaved.is_some() && !act.in_flight && !act.shutting_down {
-                act.start_cycle(ctx);
-            }
-        }));
-    }
-
-    fn may_attempt(&self) -> bool {
-        !self.in_flight && self.failure.retry_at.is_none_or(|at| Instant::now() >= at)
-    }
-
-    fn store_changed_since_login_required(&self) -> bool {
-        match &self.login {
-            Some(login) => self.cfg.store.version() != login.version,
-            None => true,
-        }
-    }
-
-    fn decide(&self) -> Decision {
-        if self.fresh && crate::snapshot::Snapshot::before(self.fresh_until) {
-            // Published as fresh, and the wall clock agrees (the withdrawal
-            // timer runs on the monotonic clock, which a suspend stops).
-            return Decision::Serve(self.tokens.access_token.clone());
-        }
-        if self.account_changed {
-            return Decision::Fail(self.account_error());
-        }
-        let state = self.freshness(SystemTime::now());
-        if state.is_usable() {
-            let token = self.tokens.access_token.clone();
-            let refresh = matches!(state, Freshness::Due { .. })
-                && self.may_attempt()
-                && self.store_changed_since_login_required();
-            return if refresh {
-                Decision::ServeAndRefresh(token)
-            } else {
-                Decision::Serve(token)
-            };
-        }
-        if self.in_flight {
-            return Decision::Wait;
-        }
-        if let Some(login) = &self.login {
-            if !self.store_changed_since_login_required() {
-                return Decision::Fail(self.login_error(&login.reason));
-            }
-            // The file changed since the provider refused us: a cycle will
-            // re-read it, adopting new tokens or confirming the sign-in.
-            return Decision::Wait;
-        }
-        match (&self.failure.last, self.failure.retry_at) {
-            (Some(err), Some(at)) if Instant::now() < at => Decision::Fail(with_retry_in(err.clone(), at)),
-            _ => Decision::Wait,
         }
     }
 
     fn answer(&mut self, ctx: &mut Context<Self>) -> TokenReply {
-        self.counters.actor_requests += 1;
-        match self.decide() {
+        self.machine.count_request();
+        match self.machine.decide(&self.cfg.rules, self.now()) {
             Decision::Serve(token) => TokenReply::Ready(Ok(token)),
             Decision::ServeAndRefresh(token) => {
                 self.start_cycle(ctx);
@@ -411,256 +247,135 @@ impl TokenActor {
             }
             Decision::Fail(err) => TokenReply::Ready(Err(err)),
             Decision::Wait => {
-                if !self.in_flight {
-                    self.start_cycle(ctx);
-                }
+                self.start_cycle(ctx);
                 TokenReply::Wait(self.waiters.clone())
             }
         }
     }
 
-    fn account_error(&self) -> BrokerError {
-        BrokerError::AccountChanged {
-            location: self.cfg.location.clone(),
-        }
-    }
-
     /// Checks whether someone else rewrote the store, and re-reads it if so.
     fn poll_store(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight || self.reloading {
+        if self.machine.refreshing() || self.reloading {
             return;
         }
-        if self.cfg.store.version() != self.version {
+        if self.cfg.store.version().as_ref() != self.machine.seen() {
             ctx.notify(Reload);
         }
     }
 
-    fn login_error(&self, reason: &str) -> BrokerError {
-        BrokerError::LoginRequired {
-            location: self.cfg.location.clone(),
-            reason: reason.to_owned(),
-            hint: self.cfg.login_hint.clone(),
+    /// Starts a refresh cycle unless one runs. It runs inside the actor's
+    /// context, not a caller's future, so a caller that gives up never cuts
+    /// it short.
+    fn start_cycle(&mut self, ctx: &mut Context<Self>) {
+        if let Some(begin) = self.machine.begin() {
+            self.run_cycle(begin, ctx);
         }
     }
 
-    /// Starts the one refresh cycle. Runs inside the actor's context, not a
-    /// caller's future, so a caller that gives up never cuts it short.
-    fn start_cycle(&mut self, ctx: &mut Context<Self>) {
-        debug_assert!(!self.in_flight);
-        self.in_flight = true;
+    fn run_cycle(&mut self, begin: Begin, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.timer.take() {
+            ctx.cancel_future(timer);
+        }
         let input = CycleInput {
-            held: self.tokens.clone(),
-            rejected: self.rejected.then(|| self.tokens.access_token.clone()),
-            dead_refresh: self.login.as_ref().and_then(|l| l.dead_refresh.clone()),
-            unsaved: self.unsaved.clone(),
+            held: begin.held,
+            rejected: begin.rejected,
+            dead_refresh: begin.dead_refresh,
+            unsaved: begin.unsaved,
             held_lock: self.unsaved_lock.take(),
         };
         let span = info_span!(parent: &self.span, "refresh");
         let fut = cycle::run(self.cfg.clone(), input, self.requests.clone()).instrument(span);
-        ctx.spawn(fut.into_actor(self).map(|end, act, ctx| {
-            if end.unsaved_abandoned {
-                // The store moved past them: never to be written.
-                act.unsaved = None;
-                act.unsaved_lock = None;
-            }
-            act.finish_cycle(end.outcome, ctx)
-        }));
+        ctx.spawn(fut.into_actor(self).map(|end, act, ctx| act.finish_cycle(end, ctx)));
     }
 
-    fn finish_cycle(&mut self, outcome: CycleOutcome, ctx: &mut Context<Self>) {
-        self.in_flight = false;
-        // What the callers waiting for this cycle get: `None` means "the
-        // current token if it is usable, else one more cycle".
-        let answer = match outcome {
-            CycleOutcome::Adopted(tokens, version) => {
-                self.counters.adoptions += 1;
-                self.install(tokens, version);
-                None
-            }
-            CycleOutcome::Refreshed(tokens, version) => {
-                self.counters.refreshes += 1;
-                let token = tokens.access_token.clone();
-                let short_lived = tokens
-                    .expiry
-                    .is_some_and(|e| e.at <= SystemTime::now() + MIN_USEFUL_LIFETIME);
-                self.install(tokens, version);
-                if short_lived {
-                    // Refreshing again at once would get the same: back off
-                    // as after any provider fault, or a keep-fresh broker
-                    // would refresh in a loop.
-                    warn!(parent: &self.span, "the new access token was already expired on arrival; backing off");
-                    let fault = BrokerError::Unavailable {
-                        location: self.cfg.location.clone(),
-                        cause: crate::provider::RefreshError::Transient {
-                            endpoint: self.cfg.provider.token_url().to_owned(),
-                            kind: crate::provider::Failure::ExpiredOnArrival,
-                            retry_after: None,
-                        },
-                        retry_in: None,
-                    };
-                    self.record_failure(fault, None);
-                }
-                // The waiters asked for the result of this refresh: they get
-                // it even if the local clock already calls it expired (clock
-                // skew, absurdly short lifetimes), and the actor never loops.
-                Some(Ok(token))
-            }
-            CycleOutcome::Unchanged(version) => {
-                self.version = version;
-                None
-            }
+    fn finish_cycle(&mut self, end: cycle::CycleEnd, ctx: &mut Context<Self>) {
+        let before = self.machine.tokens().access_token.clone();
+        let outcome = match end.outcome {
+            CycleOutcome::Adopted(tokens, version) => Outcome::Adopted(tokens, version),
+            CycleOutcome::Refreshed(tokens, version) => Outcome::Refreshed(tokens, version),
+            CycleOutcome::Unchanged(version) => Outcome::Unchanged(version),
             CycleOutcome::LoginRequired {
                 reason,
                 dead_refresh,
                 version,
             } => {
-                self.counters.failures += 1;
                 warn!(parent: &self.span, %reason, "login required");
-                let err = self.login_error(&reason);
-                self.login = Some(LoginRequired {
+                Outcome::LoginRequired(Login {
                     reason,
                     dead_refresh,
                     version,
-                });
-                Some(Err(err))
+                })
             }
             CycleOutcome::Unsaved(unsaved, lock, err) => {
-                self.unsaved = Some(*unsaved);
                 self.unsaved_lock = lock;
-                Some(Err(self.record_failure(err, None)))
+                Outcome::Unsaved(unsaved, err)
             }
-            CycleOutcome::Failed(err @ BrokerError::AccountChanged { .. }) => {
-                self.account_changed = true;
-                Some(Err(err))
-            }
-            CycleOutcome::Failed(err) => {
-                let retry_after = match &err {
-                    BrokerError::Unavailable {
-                        cause: crate::provider::RefreshError::Transient { retry_after, .. },
-                        ..
-                    } => *retry_after,
-                    _ => None,
-                };
-                Some(Err(self.record_failure(err, retry_after)))
-            }
+            CycleOutcome::Failed(err) => Outcome::Failed(err),
         };
-        self.publish(ctx);
-        self.settle_waiters(answer, ctx);
-        if self.shutting_down && !self.in_flight {
+        let waiting = !self.waiters.borrow().is_empty();
+        let now = self.now();
+        let jitter = self.jitter();
+        let settle = self
+            .machine
+            .apply(&self.cfg.rules, outcome, end.unsaved_abandoned, waiting, now, jitter);
+        if self.machine.unsaved().is_none() {
+            // Written, or stale: the lock kept for them goes.
+            self.unsaved_lock = None;
+        }
+        let tokens = self.machine.tokens();
+        if tokens.access_token != before {
+            info!(parent: &self.span, access = %tokens.access_token.fingerprint(), "new access token installed");
+            if tokens.expiry.is_some_and(|e| e.at <= now + MIN_USEFUL_LIFETIME) {
+                warn!(parent: &self.span, "the new access token was already expired on arrival; backing off");
+            }
+        }
+        match settle {
+            Some(Settle::Again(begin)) => {
+                // The machine is already in the next cycle for the waiters.
+                self.publish_only();
+                self.run_cycle(*begin, ctx);
+                return;
+            }
+            Some(Settle::Answer(result)) => {
+                let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+                debug!(parent: &self.span, waiters = waiters.len(), ok = result.is_ok(), "answering waiters");
+                for waiter in waiters {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+            None => {}
+        }
+        if self.machine.should_stop() {
             ctx.stop();
             return;
         }
-        self.keep_fresh(ctx);
-        self.retry_unsaved(ctx);
+        self.refresh_view(ctx);
     }
 
-    fn record_failure(&mut self, err: BrokerError, retry_after: Option<Duration>) -> BrokerError {
-        self.counters.failures += 1;
-        self.failure.count += 1;
-        let wait = backoff(self.failure.count, retry_after);
-        let at = Instant::now() + wait;
-        self.failure.retry_at = Some(at);
-        let err = with_retry_in(err, at);
-        self.failure.last = Some(err.clone());
-        err
-    }
-
-    /// Adopts a token set (written by us or by someone else).
-    fn install(&mut self, tokens: TokenSet, version: Option<StoreVersion>) {
-        if tokens.access_token != self.tokens.access_token {
-            self.rejected = false;
-        }
-        info!(parent: &self.span, access = %tokens.access_token.fingerprint(), "new access token installed");
-        self.tokens = tokens;
-        self.version = version;
-        // Tokens we failed to write are either these (now written) or stale:
-        // writing them later would overwrite newer ones.
-        self.unsaved = None;
-        self.unsaved_lock = None;
-        self.login = None;
-        self.account_changed = false;
-        self.failure = Failure::default();
-    }
-
-    /// Answers everyone waiting for the cycle that just ended.
-    fn settle_waiters(&mut self, answer: Option<Result<AccessToken, BrokerError>>, ctx: &mut Context<Self>) {
-        if self.waiters.borrow().is_empty() {
-            return;
-        }
-        let usable = !self.account_changed && self.freshness(SystemTime::now()).is_usable();
-        let result = match answer {
-            // A failed refresh leaves a still-valid token usable.
-            Some(Err(_)) if usable && !self.account_changed => Ok(self.tokens.access_token.clone()),
-            Some(result) => result,
-            None if usable => Ok(self.tokens.access_token.clone()),
-            None if self.waiter_cycles < MAX_CYCLES_PER_WAIT => {
-                // The cycle started before the token was rejected, or adopted
-                // tokens that need a refresh themselves: one more, with what
-                // we know now.
-                self.waiter_cycles += 1;
-                self.start_cycle(ctx);
-                return;
-            }
-            None => Err(BrokerError::Unavailable {
-                location: self.cfg.location.clone(),
-                cause: crate::provider::RefreshError::Transient {
-                    endpoint: self.cfg.provider.token_url().to_owned(),
-                    kind: crate::provider::Failure::NoUsableToken(MAX_CYCLES_PER_WAIT),
-                    retry_after: None,
-                },
-                retry_in: None,
-            }),
-        };
-        self.waiter_cycles = 0;
-        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
-        debug!(parent: &self.span, waiters = waiters.len(), ok = result.is_ok(), "answering waiters");
-        for waiter in waiters {
-            let _ = waiter.send(result.clone());
-        }
+    /// Publishes without touching the timer (a cycle is about to run).
+    fn publish_only(&mut self) {
+        let publication = self.machine.publication(&self.cfg.rules, self.now());
+        let until = publication.until.filter(|_| self.cfg.wall_clock);
+        self.published.publish(publication.token.as_ref(), until);
     }
 
     fn status(&self) -> Status {
-        let state = if self.account_changed {
-            State::AccountChanged
-        } else if self.login.is_some() && !self.freshness(SystemTime::now()).is_usable() {
-            State::LoginRequired
-        } else {
-            match self.freshness(SystemTime::now()) {
-                Freshness::Fresh { .. } | Freshness::Unknown => State::Valid,
-                Freshness::Due { .. } => State::RefreshDue,
-                Freshness::Expired if self.login.is_some() => State::LoginRequired,
-                Freshness::Expired => State::Expired,
-            }
-        };
-        let mut counters = self.counters;
+        let (state, last_error) = self.machine.status(&self.cfg.rules, self.now());
+        let tokens = self.machine.tokens();
+        let mut counters = self.machine.counters();
         counters.token_requests = self.requests.load(Ordering::Relaxed);
         Status {
             location: self.cfg.location.clone(),
             state,
-            account_id: self.tokens.account_id.clone(),
-            expires_at: self.tokens.expiry.map(|e| e.at),
-            last_refresh: self.tokens.last_refresh,
-            has_refresh_token: self.tokens.refresh_token.is_some(),
-            refreshing: self.in_flight,
-            access_token_fingerprint: self.tokens.access_token.fingerprint(),
-            last_error: self
-                .account_changed
-                .then(|| self.account_error().to_string())
-                .or_else(|| self.login.as_ref().map(|l| self.login_error(&l.reason).to_string()))
-                .or_else(|| self.failure.last.as_ref().map(ToString::to_string)),
+            account_id: tokens.account_id.clone(),
+            expires_at: tokens.expiry.map(|e| e.at),
+            last_refresh: tokens.last_refresh,
+            has_refresh_token: tokens.refresh_token.is_some(),
+            refreshing: self.machine.refreshing(),
+            access_token_fingerprint: tokens.access_token.fingerprint(),
+            last_error,
             counters,
         }
-    }
-}
-
-fn with_retry_in(err: BrokerError, at: Instant) -> BrokerError {
-    match err {
-        BrokerError::Unavailable { location, cause, .. } => BrokerError::Unavailable {
-            location,
-            cause,
-            retry_in: Some(at.saturating_duration_since(Instant::now())),
-        },
-        other => other,
     }
 }
 
@@ -671,12 +386,11 @@ impl Actor for TokenActor {
         // Callers are bounded by the application; let them queue rather than
         // bounce between the mailbox and their executors.
         ctx.set_mailbox_capacity(1 << 20);
-        self.publish(ctx);
-        self.keep_fresh(ctx);
+        self.refresh_view(ctx);
         if !self.cfg.watch_interval.is_zero() {
             ctx.run_interval(self.cfg.watch_interval, |act, ctx| act.poll_store(ctx));
         }
-        debug!(parent: &self.span, access = %self.tokens.access_token.fingerprint(), "token actor started");
+        debug!(parent: &self.span, access = %self.machine.tokens().access_token.fingerprint(), "token actor started");
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -689,16 +403,7 @@ impl Actor for TokenActor {
         }
         // Rotated tokens that never reached the store die with the actor:
         // whoever stopped it must hear so (a CLI must not exit 0).
-        let outcome = match &self.unsaved {
-            None => Ok(()),
-            Some(_) => Err(match &self.failure.last {
-                Some(err @ BrokerError::Store(_)) => err.clone(),
-                _ => BrokerError::Store(crate::store::StoreError::Write {
-                    path: self.cfg.location.clone().into(),
-                    cause: "the new tokens of a refresh could not be written before the broker stopped".into(),
-                }),
-            }),
-        };
+        let outcome = self.machine.stop(&self.cfg.rules);
         if outcome.is_err() {
             tracing::error!(parent: &self.span, "stopping with refreshed tokens that could not be written: the rotated refresh token is lost");
         }
@@ -721,10 +426,9 @@ impl Handler<Reject> for TokenActor {
     type Result = TokenReply;
 
     fn handle(&mut self, msg: Reject, ctx: &mut Self::Context) -> Self::Result {
-        if msg.token == self.tokens.access_token && !self.rejected {
+        if self.machine.reject(&msg.token) {
             info!(parent: &self.span, access = %msg.token.fingerprint(), "the upstream API rejected the current access token");
-            self.rejected = true;
-            self.publish(ctx);
+            self.publish_only();
         }
         self.answer(ctx)
     }
@@ -749,48 +453,35 @@ impl Handler<Reload> for TokenActor {
         };
         Box::pin(read.into_actor(self).map(|(result, version), act, ctx| {
             act.reloading = false;
-            // Remember what we saw even if it is unusable, so that one bad
-            // write is reported once, not on every poll.
-            act.version = version;
             let tokens = match result {
                 Ok(tokens) => tokens,
                 Err(e) => {
+                    // Remember what we saw even if it is unusable, so that
+                    // one bad write is reported once, not on every poll.
+                    act.machine.saw(version);
                     warn!(parent: &act.span, error = %e, "could not re-read the credentials; keeping the current tokens");
                     return Err(e.into());
                 }
             };
-            if let (Some(held), Some(now)) = (&act.tokens.account_id, &tokens.account_id) {
-                if held != now {
+            let jitter = act.jitter();
+            let adoption = act.machine.adopt(&act.cfg.rules, tokens, version, jitter);
+            let result = match adoption {
+                Adoption::AccountChanged(err) => {
                     warn!(parent: &act.span, "the credentials now belong to another account; serving nothing until restart");
-                    act.account_changed = true;
-                    act.publish(ctx);
-                    return Err(act.account_error());
+                    Err(err)
                 }
+                Adoption::Adopted => {
+                    info!(parent: &act.span, access = %act.machine.tokens().access_token.fingerprint(), "the credentials were changed by someone else; adopting them");
+                    Ok(())
+                }
+                Adoption::Kept => Ok(()),
+            };
+            if act.machine.refreshing() {
+                act.publish_only();
+            } else {
+                act.refresh_view(ctx);
             }
-            if act.in_flight {
-                // The cycle re-reads under the lock and settles it.
-                return Ok(());
-            }
-            if act
-                .unsaved
-                .as_ref()
-                .is_some_and(|unsaved| !tokens.differs_from(&unsaved.replaces))
-            {
-                // The file still holds what our unwritten tokens replace:
-                // they are the newer ones, and the next cycle writes them.
-                act.publish(ctx);
-                return Ok(());
-            }
-            if tokens.differs_from(&act.tokens) {
-                info!(parent: &act.span, "the credentials were changed by someone else; adopting them");
-                act.counters.adoptions += 1;
-                act.install(tokens, version);
-            } else if act.account_changed {
-                act.account_changed = false;
-            }
-            act.publish(ctx);
-            act.keep_fresh(ctx);
-            Ok(())
+            result
         }))
     }
 }
@@ -807,19 +498,19 @@ impl Handler<Shutdown> for TokenActor {
     type Result = ResponseFuture<Result<(), BrokerError>>;
 
     fn handle(&mut self, _msg: Shutdown, ctx: &mut Self::Context) -> Self::Result {
-        self.shutting_down = true;
         // A cycle in flight that has not spent yet stops before it does.
         self.cfg.stopping.store(true, Ordering::SeqCst);
         let (tx, rx) = oneshot::channel();
         self.stop_waiters.push(tx);
-        if !self.in_flight {
-            if self.unsaved.is_some() {
-                // One last attempt to write refreshed tokens we still hold,
-                // whatever the backoff says: after this they are lost.
-                self.start_cycle(ctx);
-            } else {
-                ctx.stop();
-            }
+        if let Some(timer) = self.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        match self.machine.shutdown() {
+            MachineShutdown::Stop => ctx.stop(),
+            // One last attempt to write refreshed tokens we still hold,
+            // whatever the backoff says: after this they are lost.
+            MachineShutdown::WriteFirst => self.start_cycle(ctx),
+            MachineShutdown::Wait => {}
         }
         Box::pin(async move { rx.await.unwrap_or(Ok(())) })
     }

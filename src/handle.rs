@@ -51,11 +51,14 @@ use crate::store::{CodexAuthFile, OAuth2File, Store};
 /// token, a thousand concurrent callers, one refresh.
 ///
 /// ```
+/// # // Needs the `sim` feature (on by default).
+/// # #[cfg(feature = "sim")]
+/// # mod example {
 /// use token_broker::sim::{codex_auth_json, ProviderServer, SimConfig};
 /// use token_broker::TokenBroker;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let provider = ProviderServer::start(SimConfig::default())?;
 /// let dir = tempfile::tempdir()?;
 /// let path = dir.path().join("auth.json");
@@ -77,6 +80,11 @@ use crate::store::{CodexAuthFile, OAuth2File, Store};
 /// assert_eq!(provider.token_requests(), 1);
 /// broker.shutdown().await;
 /// # Ok(())
+/// # }
+/// # }
+/// # fn main() {
+/// #     #[cfg(feature = "sim")]
+/// #     example::main().unwrap();
 /// # }
 /// ```
 #[derive(Clone)]

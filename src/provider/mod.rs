@@ -723,7 +723,7 @@ mod tests {
         assert_eq!(decoded, b"a+b:c%2Fd");
     }
 
-    use crate::sim::unsigned_jwt as jwt;
+    use crate::credentials::unsigned_jwt as jwt;
 
     #[test]
     fn a_refresh_keeps_what_the_provider_left_out() {

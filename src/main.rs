@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+mod cli;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use token_broker::provider::ClientAuth;
 use token_broker::{BrokerError, TokenBroker};
@@ -612,7 +614,7 @@ fn fail(json: bool, e: &CliError) -> ExitCode {
 
 fn exit_code(e: &CliError) -> i32 {
     match e {
-        CliError::Broker(e) | CliError::Reported(e) => e.exit_code(),
+        CliError::Broker(e) | CliError::Reported(e) => cli::exit_code(e),
         CliError::Output(_) | CliError::Simulation(_) | CliError::Unfinished(_) => 1,
         CliError::Interrupted(signal) => 128 + signal,
     }
@@ -621,7 +623,7 @@ fn exit_code(e: &CliError) -> i32 {
 /// The one line that reports `e` on stderr: text, or JSON with `--json`.
 fn error_line(json: bool, e: &CliError) -> String {
     let (kind, message) = match e {
-        CliError::Broker(e) | CliError::Reported(e) => (e.kind(), e.to_string()),
+        CliError::Broker(e) | CliError::Reported(e) => (cli::kind(e), e.to_string()),
         CliError::Output(e) => ("io", format!("could not write the output: {e}")),
         CliError::Simulation(e) => ("simulation", format!("the simulation failed: {e}")),
         CliError::Interrupted(signal) => (

@@ -12,6 +12,7 @@
 //! the credential needs a new sign-in) or [`RefreshError::Transient`]
 //! (retry later). Error text never carries a token.
 
+mod code;
 mod response;
 
 use std::sync::OnceLock;
@@ -20,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use tracing::{debug, warn};
 
+pub use code::ErrorCode;
 pub use response::{parse_error_body, parse_success_body, ErrorBody};
 
 use crate::credentials::{
@@ -135,7 +137,7 @@ pub enum RefreshError {
         /// The HTTP status.
         status: u16,
         /// The error code (`refresh_token_reused`, `invalid_grant`...).
-        code: String,
+        code: ErrorCode,
         /// The server's description, shortened; withheld entirely when it
         /// quotes any secret the request carried, in any encoding.
         description: String,
@@ -170,12 +172,12 @@ pub enum Failure {
     #[error("{0}")]
     Client(String),
     /// A 5xx or 408 answer.
-    #[error("HTTP {status}{}", .code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    #[error("HTTP {status}{}", .code.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
     Status {
         /// The HTTP status.
         status: u16,
         /// The error code in the body, if any.
-        code: Option<String>,
+        code: Option<ErrorCode>,
     },
     /// A 429 answer.
     #[error("rate limited (HTTP 429)")]
@@ -259,16 +261,7 @@ impl RefreshError {
     /// expired, revoked): someone else may have spent it and be about to
     /// write newer tokens. A rejected client or request is not this.
     pub fn refuses_refresh_token(&self) -> bool {
-        matches!(
-            self.code(),
-            Some(
-                "refresh_token_reused"
-                    | "invalid_grant"
-                    | "refresh_token_expired"
-                    | "refresh_token_invalidated"
-                    | "token_expired"
-            )
-        )
+        self.code().is_some_and(ErrorCode::refuses_refresh_token)
     }
 
     /// Whether the provider may have spent the refresh token without our
@@ -278,7 +271,7 @@ impl RefreshError {
     }
 
     /// The error code the server gave, for a rejection.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<&ErrorCode> {
         match self {
             RefreshError::Rejected { code, .. } => Some(code),
             RefreshError::Transient { .. } => None,
@@ -362,7 +355,7 @@ impl Provider {
                 redirect_origin(&self.token_url, location.as_ref()).map(|origin| sent.scrub(&origin, "<withheld>"));
             return Err(fail(Failure::Redirect { status, origin }));
         }
-        let scrub_code = |text: &str| sent.scrub(text, "<withheld>");
+        let scrub_code = |text: &str| ErrorCode::from_scrubbed(sent.scrub(text, "<withheld>"));
         let describe = |text: &str| sent.scrub(text, WITHHELD);
         if (200..300).contains(&status) {
             return parse_success_body(&body).map_err(|why| fail(Failure::Malformed { status, why }));

@@ -119,17 +119,16 @@ impl TokenBroker {
     /// (else `~/.codex/auth.json`), OpenAI's token endpoint (overridden by
     /// `CODEX_REFRESH_TOKEN_URL_OVERRIDE`) and the Codex client id.
     pub fn codex() -> BrokerBuilder {
-        BrokerBuilder::new(Flavor::Codex)
+        BrokerBuilder::new(Dialect::Codex)
     }
 
     /// A builder for any RFC 6749 provider. Set the credentials file with
     /// [`BrokerBuilder::credentials_path`] or a store with
     /// [`BrokerBuilder::store`].
     pub fn oauth2(token_url: impl Into<String>, client_id: impl Into<String>) -> BrokerBuilder {
-        BrokerBuilder::new(Flavor::OAuth2 {
-            token_url: token_url.into(),
-            client_id: client_id.into(),
-        })
+        BrokerBuilder::new(Dialect::OAuth2)
+            .token_url(token_url)
+            .client_id(client_id)
     }
 
     /// A valid access token. Served from the published snapshot without a
@@ -259,16 +258,10 @@ impl Future for TokenFuture {
     }
 }
 
-#[derive(Clone, Debug)]
-enum Flavor {
-    Codex,
-    OAuth2 { token_url: String, client_id: String },
-}
-
 /// Configures and starts a [`TokenBroker`].
 #[derive(Debug)]
 pub struct BrokerBuilder {
-    flavor: Flavor,
+    dialect: Dialect,
     path: Option<PathBuf>,
     store: Option<Arc<dyn Store>>,
     token_url: Option<String>,
@@ -283,9 +276,9 @@ pub struct BrokerBuilder {
 }
 
 impl BrokerBuilder {
-    fn new(flavor: Flavor) -> Self {
+    fn new(dialect: Dialect) -> Self {
         BrokerBuilder {
-            flavor,
+            dialect,
             path: None,
             store: None,
             token_url: None,
@@ -301,7 +294,7 @@ impl BrokerBuilder {
     }
 
     /// The credentials file (a Codex `auth.json` or an OAuth2 credentials
-    /// file, by flavor).
+    /// file, by dialect).
     pub fn credentials_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.path = Some(path.into());
         self
@@ -313,21 +306,21 @@ impl BrokerBuilder {
         self
     }
 
-    /// The token endpoint, overriding the flavor's default and
+    /// The token endpoint, overriding the dialect's default and
     /// `CODEX_REFRESH_TOKEN_URL_OVERRIDE`.
     pub fn token_url(mut self, url: impl Into<String>) -> Self {
         self.token_url = Some(url.into());
         self
     }
 
-    /// The OAuth client id, overriding the flavor's default.
+    /// The OAuth client id, overriding the dialect's default.
     pub fn client_id(mut self, id: impl Into<String>) -> Self {
         self.client_id = Some(id.into());
         self
     }
 
     /// How an RFC 6749 client authenticates (default: none, a public
-    /// client). Ignored by the Codex flavor.
+    /// client). Ignored by the Codex dialect.
     pub fn client_auth(mut self, auth: ClientAuth) -> Self {
         self.client_auth = auth;
         self
@@ -394,42 +387,41 @@ impl BrokerBuilder {
         if self.http_timeout.is_zero() {
             return Err(BrokerError::Config("the HTTP timeout must be more than zero".into()));
         }
-        let (token_url, client_id, dialect, login_hint) = match &self.flavor {
-            Flavor::Codex => (
+        let (token_url, client_id, login_hint) = match self.dialect {
+            Dialect::Codex => (
                 self.token_url
                     .clone()
                     .or_else(|| std::env::var(CODEX_TOKEN_URL_ENV).ok().filter(|v| !v.is_empty()))
                     .unwrap_or_else(|| CODEX_TOKEN_URL.to_owned()),
                 self.client_id.clone().unwrap_or_else(|| CODEX_CLIENT_ID.to_owned()),
-                Dialect::OpenAi,
                 "sign in again with `codex login`".to_owned(),
             ),
-            Flavor::OAuth2 { token_url, client_id } => (
-                self.token_url.clone().unwrap_or_else(|| token_url.clone()),
-                self.client_id.clone().unwrap_or_else(|| client_id.clone()),
-                Dialect::Rfc6749(self.client_auth.clone()),
+            // `TokenBroker::oauth2` always sets both.
+            Dialect::OAuth2 => (
+                self.token_url.clone().unwrap_or_default(),
+                self.client_id.clone().unwrap_or_default(),
                 String::new(),
             ),
         };
         crate::provider::check_token_url(&token_url).map_err(|why| {
             // Only a Codex broker without an explicit URL reads the variable.
-            let from_env = matches!(self.flavor, Flavor::Codex) && self.token_url.is_none();
+            let from_env = self.dialect == Dialect::Codex && self.token_url.is_none();
             BrokerError::Config(if from_env {
                 format!("{why} (from {CODEX_TOKEN_URL_ENV})")
             } else {
                 why
             })
         })?;
-        let store: Arc<dyn Store> = match (self.store, self.path, &self.flavor) {
+        let store: Arc<dyn Store> = match (self.store, self.path, self.dialect) {
             (Some(store), _, _) => store,
-            (None, Some(path), Flavor::Codex) => Arc::new(CodexAuthFile::new(path)),
-            (None, None, Flavor::Codex) => {
+            (None, Some(path), Dialect::Codex) => Arc::new(CodexAuthFile::new(path)),
+            (None, None, Dialect::Codex) => {
                 Arc::new(CodexAuthFile::new(CodexAuthFile::default_path().ok_or_else(|| {
                     BrokerError::Config("neither CODEX_HOME nor HOME is set: pass the auth.json path".into())
                 })?))
             }
-            (None, Some(path), Flavor::OAuth2 { .. }) => Arc::new(OAuth2File::new(path)),
-            (None, None, Flavor::OAuth2 { .. }) => {
+            (None, Some(path), Dialect::OAuth2) => Arc::new(OAuth2File::new(path)),
+            (None, None, Dialect::OAuth2) => {
                 return Err(BrokerError::Config(
                     "an oauth2 broker needs a credentials file path".into(),
                 ))
@@ -443,7 +435,7 @@ impl BrokerBuilder {
         };
         let tokens = store.load()?;
         let version = store.version();
-        let codex = matches!(self.flavor, Flavor::Codex);
+        let codex = self.dialect == Dialect::Codex;
         let mut policy = RefreshPolicy::new(self.refresh_ahead);
         if codex {
             policy = policy.before_neighbour(CODEX_REFRESH_MARK);
@@ -457,7 +449,11 @@ impl BrokerBuilder {
         }
         let cfg = Arc::new(Config {
             store,
-            provider: Arc::new(Provider::new(token_url, client_id, dialect).with_timeout(self.http_timeout)),
+            provider: Arc::new(
+                Provider::new(token_url, client_id, self.dialect)
+                    .with_client_auth(self.client_auth.clone())
+                    .with_timeout(self.http_timeout),
+            ),
             policy,
             winner_wait: self.winner_wait,
             keep_fresh: self.keep_fresh.unwrap_or(codex),

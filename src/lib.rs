@@ -79,6 +79,7 @@ pub use credentials::{AccessToken, TokenSet};
 pub struct ReadmeDoctests;
 pub use error::BrokerError;
 pub use handle::{BrokerBuilder, TokenBroker, TokenFuture};
+pub use provider::Dialect;
 pub use status::{State, Status};
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ mod cli;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use token_broker::provider::ClientAuth;
-use token_broker::{BrokerError, TokenBroker};
+use token_broker::{BrokerError, Dialect, TokenBroker};
 
 /// Hands out OAuth access tokens without ever racing on a refresh token.
 #[derive(Debug, Parser)]
@@ -148,9 +148,9 @@ struct CredentialArgs {
     /// The credentials file [default for codex: $CODEX_HOME/auth.json, else ~/.codex/auth.json].
     #[arg(long, global = true, value_name = "PATH")]
     auth_file: Option<PathBuf>,
-    /// The provider's dialect and file format.
-    #[arg(long, global = true, value_enum, default_value_t = ProviderKind::Codex)]
-    provider: ProviderKind,
+    /// The provider's dialect: its credentials file and refresh requests.
+    #[arg(long, global = true, value_enum, default_value_t = DialectArg::Codex)]
+    provider: DialectArg,
     /// The token endpoint (required for oauth2; overrides the codex default).
     #[arg(long, global = true, value_name = "URL")]
     token_url: Option<String>,
@@ -179,12 +179,22 @@ struct CredentialArgs {
     json: bool,
 }
 
+/// `--provider`: the library's [`Dialect`], as the command line spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ProviderKind {
+enum DialectArg {
     /// The Codex CLI's auth.json and OpenAI's JSON refresh dialect.
     Codex,
     /// A generic OAuth2 credentials file and RFC 6749 form refreshes.
     Oauth2,
+}
+
+impl From<DialectArg> for Dialect {
+    fn from(arg: DialectArg) -> Self {
+        match arg {
+            DialectArg::Codex => Dialect::Codex,
+            DialectArg::Oauth2 => Dialect::OAuth2,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -345,9 +355,10 @@ fn signal_name(signal: i32) -> &'static str {
 
 fn build(args: &CredentialArgs, keep_fresh: bool) -> Result<TokenBroker, BrokerError> {
     let usage = |m: &str| BrokerError::Config(m.to_owned());
-    let mut builder = match args.provider {
-        ProviderKind::Codex => TokenBroker::codex(),
-        ProviderKind::Oauth2 => {
+    let dialect = Dialect::from(args.provider);
+    let mut builder = match dialect {
+        Dialect::Codex => TokenBroker::codex(),
+        Dialect::OAuth2 => {
             let url = args
                 .token_url
                 .as_deref()
@@ -371,7 +382,7 @@ fn build(args: &CredentialArgs, keep_fresh: bool) -> Result<TokenBroker, BrokerE
     if let Some(id) = &args.client_id {
         builder = builder.client_id(id);
     }
-    if args.provider == ProviderKind::Codex && args.refresh_ahead <= token_broker::policy::CODEX_REFRESH_MARK {
+    if dialect == Dialect::Codex && args.refresh_ahead <= token_broker::policy::CODEX_REFRESH_MARK {
         let _ = writeln!(
             std::io::stderr(),
             "token-broker: warning: --refresh-ahead {} is not before the Codex CLI's own 5-minute mark; \

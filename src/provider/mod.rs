@@ -1,12 +1,13 @@
 //! How a refresh is sent to a token endpoint and how its answer is read.
 //!
 //! Two dialects:
-//! - [`Dialect::OpenAi`]: a JSON body `{"client_id","grant_type","refresh_token"}`
-//!   as the Codex CLI sends it; errors shaped
+//! - [`Dialect::Codex`]: OpenAI's JSON body
+//!   `{"client_id","grant_type","refresh_token"}` as the Codex CLI sends
+//!   it; errors shaped
 //!   `{"error":{"message","type","code":"refresh_token_reused"}}`.
-//! - [`Dialect::Rfc6749`]: RFC 6749 section 6, a form-encoded body with
-//!   client authentication `none`, `client_secret_basic` or
-//!   `client_secret_post`; errors shaped `{"error":"invalid_grant"}`.
+//! - [`Dialect::OAuth2`]: RFC 6749 section 6, a form-encoded body with
+//!   client authentication ([`ClientAuth`]) `none`, `client_secret_basic`
+//!   or `client_secret_post`; errors shaped `{"error":"invalid_grant"}`.
 //!
 //! Every failure is classified as [`RefreshError::Rejected`] (permanent:
 //! the credential needs a new sign-in) or [`RefreshError::Transient`]
@@ -51,13 +52,36 @@ pub enum ClientAuth {
     Post(Secret),
 }
 
-/// The wire format of a refresh request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Which kind of provider a credential belongs to. One choice decides the
+/// credentials file's layout, the refresh request's wire format and the
+/// defaults ([`TokenBroker::codex`](crate::TokenBroker::codex) or
+/// [`TokenBroker::oauth2`](crate::TokenBroker::oauth2); the CLI's
+/// `--provider codex|oauth2`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dialect {
-    /// OpenAI's JSON dialect, as the Codex CLI speaks it.
-    OpenAi,
-    /// RFC 6749 section 6, form-encoded.
-    Rfc6749(ClientAuth),
+    /// The Codex CLI's `auth.json`, refreshed in OpenAI's JSON dialect at
+    /// OpenAI's token endpoint, as the Codex CLI does it.
+    Codex,
+    /// A generic OAuth2 credentials file, refreshed per RFC 6749 section 6
+    /// (form-encoded, with [`ClientAuth`]) at any token endpoint.
+    OAuth2,
+}
+
+impl Dialect {
+    /// The dialect's name as the command line and configuration spell it:
+    /// `codex` or `oauth2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Codex => "codex",
+            Dialect::OAuth2 => "oauth2",
+        }
+    }
+}
+
+impl std::fmt::Display for Dialect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a successful refresh returned.
@@ -288,6 +312,8 @@ pub struct Provider {
     token_url: String,
     client_id: String,
     dialect: Dialect,
+    /// Used by [`Dialect::OAuth2`] only.
+    client_auth: ClientAuth,
     timeout: Duration,
     http: OnceLock<Result<reqwest::Client, String>>,
 }
@@ -308,8 +334,25 @@ impl Provider {
             token_url,
             client_id: client_id.into(),
             dialect,
+            client_auth: ClientAuth::None,
             timeout: DEFAULT_HTTP_TIMEOUT,
             http: OnceLock::new(),
+        }
+    }
+
+    /// Sets how an [`Dialect::OAuth2`] client authenticates (default: a
+    /// public client). The Codex dialect sends no client secret.
+    pub fn with_client_auth(mut self, auth: ClientAuth) -> Self {
+        self.client_auth = auth;
+        self
+    }
+
+    /// How the client authenticates: always [`ClientAuth::None`] for the
+    /// Codex dialect.
+    fn client_auth(&self) -> &ClientAuth {
+        match self.dialect {
+            Dialect::Codex => &ClientAuth::None,
+            Dialect::OAuth2 => &self.client_auth,
         }
     }
 
@@ -330,8 +373,8 @@ impl Provider {
     }
 
     /// The dialect.
-    pub fn dialect(&self) -> &Dialect {
-        &self.dialect
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// Spends `refresh_token` once. Call only from the actor.
@@ -349,7 +392,7 @@ impl Provider {
             retry_after,
             body,
         } = within(self.timeout, self.exchange(request)).await.map_err(fail)?;
-        let sent = SentSecrets::new(refresh_token, &self.client_id, &self.dialect);
+        let sent = SentSecrets::new(refresh_token, &self.client_id, self.client_auth());
         if (300..400).contains(&status) {
             let origin =
                 redirect_origin(&self.token_url, location.as_ref()).map(|origin| sent.scrub(&origin, "<withheld>"));
@@ -454,18 +497,18 @@ impl Provider {
         let request = http
             .post(&self.token_url)
             .header(reqwest::header::ACCEPT, "application/json");
-        match &self.dialect {
-            Dialect::OpenAi => request.json(&serde_json::json!({
+        match self.dialect {
+            Dialect::Codex => request.json(&serde_json::json!({
                 "client_id": self.client_id,
                 "grant_type": "refresh_token",
                 "refresh_token": refresh_token.expose(),
             })),
-            Dialect::Rfc6749(auth) => {
+            Dialect::OAuth2 => {
                 let mut form = vec![
                     ("grant_type", "refresh_token"),
                     ("refresh_token", refresh_token.expose()),
                 ];
-                let request = match auth {
+                let request = match self.client_auth() {
                     ClientAuth::None => {
                         form.push(("client_id", &self.client_id));
                         request
@@ -632,7 +675,7 @@ struct SentSecrets {
 }
 
 impl SentSecrets {
-    fn new(refresh_token: &RefreshToken, client_id: &str, dialect: &Dialect) -> Self {
+    fn new(refresh_token: &RefreshToken, client_id: &str, client_auth: &ClientAuth) -> Self {
         let mut forms = Vec::new();
         let mut add_encodings = |secret: &str| {
             let form = form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>();
@@ -654,7 +697,7 @@ impl SentSecrets {
             forms.extend([secret.to_owned(), form.replace('+', "%20"), form, json, json_ascii]);
         };
         add_encodings(refresh_token.expose());
-        if let Dialect::Rfc6749(ClientAuth::Basic(secret) | ClientAuth::Post(secret)) = dialect {
+        if let ClientAuth::Basic(secret) | ClientAuth::Post(secret) = client_auth {
             add_encodings(secret.expose());
             let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
             let header = basic_authorization(client_id, secret.expose());
@@ -775,7 +818,7 @@ mod tests {
     #[test]
     fn scrub_withholds_any_encoding_of_a_secret_and_caps() {
         let refresh = RefreshToken::new("rt/1234 5678+9\"ü\"");
-        let basic = Dialect::Rfc6749(ClientAuth::Basic(Secret::new("client secret/value")));
+        let basic = ClientAuth::Basic(Secret::new("client secret/value"));
         let sent = SentSecrets::new(&refresh, "client", &basic);
         let scrub = |text: &str| sent.scrub(text, WITHHELD);
         assert_eq!(scrub("the refresh token is invalid"), "the refresh token is invalid");

@@ -7,7 +7,7 @@
 mod provider;
 pub mod scheduler;
 
-pub use provider::{Fault, Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SimDialect, SpendRecord};
+pub use provider::{Fault, Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SpendRecord};
 
 use crate::credentials::format_rfc3339;
 

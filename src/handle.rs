@@ -15,17 +15,15 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use crate::actor::{Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_WINNER_WAIT};
+use crate::actor::{Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor};
 use crate::credentials::AccessToken;
-use crate::error::BrokerError;
-use crate::policy::{RefreshPolicy, CODEX_REFRESH_MARK, DEFAULT_REFRESH_AHEAD};
-use crate::provider::{
-    ClientAuth, Dialect, Provider, CODEX_CLIENT_ID, CODEX_TOKEN_URL, CODEX_TOKEN_URL_ENV, DEFAULT_HTTP_TIMEOUT,
+use crate::defaults::{
+    default_lock_timeout, DEFAULT_HTTP_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_WATCH_INTERVAL, DEFAULT_WINNER_WAIT,
 };
+use crate::error::BrokerError;
+use crate::policy::{RefreshPolicy, CODEX_REFRESH_MARK};
+use crate::provider::{ClientAuth, Dialect, Provider, CODEX_CLIENT_ID, CODEX_TOKEN_URL, CODEX_TOKEN_URL_ENV};
 use crate::status::Status;
-
-/// How often a broker checks its credentials file for outside changes.
-pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 use crate::store::{CodexAuthFile, OAuth2File, Store};
 
 /// A cloneable handle to one credential's [`TokenActor`].
@@ -458,12 +456,9 @@ impl BrokerBuilder {
             winner_wait: self.winner_wait,
             keep_fresh: self.keep_fresh.unwrap_or(codex),
             stopping: Arc::default(),
-            lock_timeout: self.lock_timeout.unwrap_or_else(|| {
-                self.http_timeout
-                    .saturating_mul(2)
-                    .saturating_add(self.winner_wait)
-                    .saturating_add(Duration::from_secs(10))
-            }),
+            lock_timeout: self
+                .lock_timeout
+                .unwrap_or_else(|| default_lock_timeout(self.http_timeout, self.winner_wait)),
             watch_interval: self.watch_interval,
             location: location.clone(),
             login_hint,

@@ -58,9 +58,11 @@
 //! credentials file.
 
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod actor;
 pub mod credentials;
+pub mod defaults;
 mod error;
 mod handle;
 pub mod policy;

@@ -303,7 +303,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let bound = cli
         .creds
         .timeout
-        .saturating_add(Duration::from_secs(1))
+        .saturating_add(token_broker::defaults::TIMEOUT_GRACE)
         .saturating_mul(2)
         .saturating_add(cli.creds.winner_wait)
         .saturating_add(Duration::from_secs(45));
@@ -653,5 +653,24 @@ fn error_line(json: bool, e: &CliError) -> String {
         serde_json::json!({"error": {"kind": kind, "message": message, "exit_code": exit_code(e)}}).to_string()
     } else {
         format!("token-broker: {message}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags' defaults are written out for `--help`; they must stay the
+    /// library's.
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        use token_broker::defaults::{DEFAULT_HTTP_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_WINNER_WAIT};
+        let cli = Cli::try_parse_from(["token-broker", "status"]).unwrap();
+        assert_eq!(cli.creds.refresh_ahead, DEFAULT_REFRESH_AHEAD);
+        assert_eq!(cli.creds.timeout, DEFAULT_HTTP_TIMEOUT);
+        if std::env::var_os("TOKEN_BROKER_WINNER_WAIT").is_none() {
+            assert_eq!(cli.creds.winner_wait, DEFAULT_WINNER_WAIT);
+        }
+        assert_eq!(Dialect::from(cli.creds.provider), Dialect::Codex);
     }
 }

@@ -4,21 +4,13 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::credentials::TokenSet;
-
-/// The default refresh-ahead window: 10 minutes, twice the Codex CLI's 5,
-/// so that a Codex process sharing the file usually finds tokens the broker
-/// already refreshed instead of spending its own refresh token.
-pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(600);
+use crate::defaults::{MAX_BACKOFF, MIN_BACKOFF};
 /// The Codex CLI refreshes on its own when less than this is left (and
 /// after a second 401). A broker on a Codex file refreshes before that mark
 /// whenever the token lives long enough, so the Codex CLI never has to.
 pub const CODEX_REFRESH_MARK: Duration = Duration::from_secs(300);
 /// How far before a neighbour's mark the refresh point is placed.
 pub const NEIGHBOUR_MARGIN: Duration = Duration::from_secs(30);
-/// The shortest wait after a failed refresh.
-pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
-/// The longest wait after a failed refresh.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// When to refresh: the refresh-ahead window, and the mark at which another
 /// program sharing the credential refreshes on its own, if any.
@@ -159,13 +151,7 @@ const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `at + wait`, or a century from `at` when that overflows (an embedder
 /// may pass `Duration::MAX` for "no limit"). Never panics.
-///
-/// ```
-/// use std::time::{Duration, SystemTime};
-/// let now = SystemTime::now();
-/// assert!(token_broker::policy::later(now, Duration::MAX) > now);
-/// ```
-pub fn later(at: SystemTime, wait: Duration) -> SystemTime {
+pub(crate) fn later(at: SystemTime, wait: Duration) -> SystemTime {
     at.checked_add(wait)
         .or_else(|| at.checked_add(FAR_FUTURE))
         .unwrap_or(at)
@@ -173,7 +159,7 @@ pub fn later(at: SystemTime, wait: Duration) -> SystemTime {
 
 /// The instant `wait` from now, or a century from now when that overflows.
 /// Never panics.
-pub fn instant_after(wait: Duration) -> Instant {
+pub(crate) fn instant_after(wait: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(wait)
         .or_else(|| now.checked_add(FAR_FUTURE))
@@ -183,7 +169,7 @@ pub fn instant_after(wait: Duration) -> Instant {
 /// Exponential backoff with full jitter: a random wait between
 /// [`MIN_BACKOFF`] and `min(MAX_BACKOFF, MIN_BACKOFF * 2^(failures-1))`, or
 /// the server's `Retry-After` when that is longer (capped at `MAX_BACKOFF`).
-pub fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
+pub(crate) fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
     let ceiling = MIN_BACKOFF.saturating_mul(1u32 << exp).min(MAX_BACKOFF);
     let span = ceiling.saturating_sub(MIN_BACKOFF).as_millis() as u64;
@@ -197,6 +183,13 @@ pub fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn later_saturates_instead_of_overflowing() {
+        let now = SystemTime::now();
+        assert!(later(now, Duration::MAX) > now);
+        assert!(instant_after(Duration::MAX) > Instant::now());
+    }
     use crate::credentials::{Expiry, ExpirySource};
 
     fn set(at: SystemTime, lifetime: Option<Duration>) -> TokenSet {

@@ -23,11 +23,12 @@ use base64::Engine as _;
 use tracing::{debug, warn};
 
 pub use code::ErrorCode;
-pub use response::{parse_error_body, parse_success_body, ErrorBody};
+pub(crate) use response::{parse_error_body, parse_success_body, ErrorBody};
 
 use crate::credentials::{
     decode_claims, expiry_of, AccessToken, Expiry, ExpirySource, IdToken, RefreshToken, Secret, TokenSet,
 };
+use crate::defaults::{DEFAULT_HTTP_TIMEOUT, MAX_RESPONSE_BYTES, TIMEOUT_GRACE};
 
 /// The Codex CLI's token endpoint.
 pub const CODEX_TOKEN_URL: &str = "https://auth.openai.com/oauth/token";
@@ -36,10 +37,6 @@ pub const CODEX_CLIENT_ID: &str = "app_EMoamEEZ73f0CkXaXp7hrann";
 /// The environment variable that overrides the Codex token endpoint, as in
 /// the Codex CLI.
 pub const CODEX_TOKEN_URL_ENV: &str = "CODEX_REFRESH_TOKEN_URL_OVERRIDE";
-/// The default timeout of one token request.
-pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-/// The most of a response body that is read.
-pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
 /// How an RFC 6749 client authenticates to the token endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,15 +83,15 @@ impl std::fmt::Display for Dialect {
 
 /// What a successful refresh returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refreshed {
+pub(crate) struct Refreshed {
     /// The new access token.
-    pub access_token: AccessToken,
+    pub(crate) access_token: AccessToken,
     /// The rotated refresh token; `None` means "keep the old one".
-    pub refresh_token: Option<RefreshToken>,
+    pub(crate) refresh_token: Option<RefreshToken>,
     /// A new id token; `None` means "keep the old one".
-    pub id_token: Option<IdToken>,
+    pub(crate) id_token: Option<IdToken>,
     /// The access token's lifetime, when the server said (`expires_in`).
-    pub expires_in: Option<Duration>,
+    pub(crate) expires_in: Option<Duration>,
 }
 
 impl Refreshed {
@@ -104,7 +101,7 @@ impl Refreshed {
     /// Expiry comes from the new access token's JWT `exp`, else from
     /// `expires_in`; when the JWT says it is already expired while
     /// `expires_in` says otherwise, the clocks disagree and `expires_in` wins.
-    pub fn into_token_set(self, old: &TokenSet, now: SystemTime) -> TokenSet {
+    pub(crate) fn into_token_set(self, old: &TokenSet, now: SystemTime) -> TokenSet {
         let new = self;
         let id_token = new.id_token.or_else(|| old.id_token.clone());
         // A refresh never changes the account: the one the credentials
@@ -308,7 +305,7 @@ impl RefreshError {
 /// The HTTP client (and its TLS configuration) is built on the first
 /// refresh, so handing out a still-valid token never pays for it.
 #[derive(Debug)]
-pub struct Provider {
+pub(crate) struct Provider {
     token_url: String,
     client_id: String,
     dialect: Dialect,
@@ -324,7 +321,7 @@ impl Provider {
     /// The URL is kept as the URL parser writes it (the form requests go
     /// to): tabs and newlines removed, other control characters
     /// percent-encoded, so that messages naming it stay on one line.
-    pub fn new(token_url: impl Into<String>, client_id: impl Into<String>, dialect: Dialect) -> Self {
+    pub(crate) fn new(token_url: impl Into<String>, client_id: impl Into<String>, dialect: Dialect) -> Self {
         let token_url = token_url.into();
         let token_url = match reqwest::Url::parse(&token_url) {
             Ok(url) => String::from(url),
@@ -342,7 +339,7 @@ impl Provider {
 
     /// Sets how an [`Dialect::OAuth2`] client authenticates (default: a
     /// public client). The Codex dialect sends no client secret.
-    pub fn with_client_auth(mut self, auth: ClientAuth) -> Self {
+    pub(crate) fn with_client_auth(mut self, auth: ClientAuth) -> Self {
         self.client_auth = auth;
         self
     }
@@ -357,28 +354,24 @@ impl Provider {
     }
 
     /// Sets the timeout of one token request (connect, send and read).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+    pub(crate) fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
     /// The OAuth client id.
-    pub fn client_id(&self) -> &str {
+    pub(crate) fn client_id(&self) -> &str {
         &self.client_id
     }
 
     /// The token endpoint.
-    pub fn token_url(&self) -> &str {
+    pub(crate) fn token_url(&self) -> &str {
         &self.token_url
     }
 
-    /// The dialect.
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
-    }
-
-    /// Spends `refresh_token` once. Call only from the actor.
-    pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
+    /// Spends `refresh_token` once. Call only from the actor (or the
+    /// simulator's naive jobs, which show what goes wrong without one).
+    pub(crate) async fn refresh(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
         let fail = |kind: Failure| RefreshError::Transient {
             endpoint: self.token_url.clone(),
             kind,
@@ -585,15 +578,6 @@ struct Answer {
     body: Vec<u8>,
 }
 
-/// After the timeout, how long the request in flight may still finish.
-///
-/// A process stopped past its deadline (Ctrl-Z, `docker pause`, a frozen
-/// VM) wakes with the timer already expired and, often, the provider's
-/// answer waiting in the socket: the task that reads the socket may simply
-/// not have run yet. Dropping that answer would be fatal, because the
-/// provider has already spent the refresh token.
-pub const TIMEOUT_GRACE: Duration = Duration::from_secs(1);
-
 /// Runs `exchange` for at most `timeout`; when that passes, polls it for up
 /// to [`TIMEOUT_GRACE`] more (never more than `timeout` itself) so that an
 /// answer already received is used, and only then reports a timeout.
@@ -616,7 +600,7 @@ async fn within<T>(
 
 /// `client_secret_basic` per RFC 6749 section 2.3.1: id and secret are
 /// form-encoded, joined by a colon, then base64-encoded.
-pub fn basic_authorization(client_id: &str, secret: &str) -> String {
+pub(crate) fn basic_authorization(client_id: &str, secret: &str) -> String {
     let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let pair = format!("{}:{}", encode(client_id), encode(secret));
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))

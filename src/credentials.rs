@@ -366,11 +366,26 @@ pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     (at >= UNIX_EPOCH && at <= max).then_some(at)
 }
 
+/// An unsigned JWT (`"alg":"none"`) whose claims are `payload`, taken as
+/// is. For tests and the simulator (`sim::unsigned_jwt`); the
+/// broker itself never makes tokens.
+#[cfg(any(test, feature = "sim"))]
+pub(crate) fn unsigned_jwt(payload: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    format!(
+        "{}.{}.{}",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(payload.as_bytes()),
+        b64(b"simulated-signature")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    use crate::sim::unsigned_jwt as jwt;
+    use super::unsigned_jwt as jwt;
 
     #[test]
     fn secrets_redact_in_debug_and_display() {

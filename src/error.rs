@@ -1,4 +1,4 @@
-//! The error a caller of the broker gets, and the CLI's exit codes.
+//! The error a caller of the broker gets.
 
 use std::time::Duration;
 
@@ -57,41 +57,5 @@ fn retry_hint(retry_in: Option<Duration>) -> String {
     match retry_in {
         Some(d) => format!("; retrying in {}", crate::status::human_duration(d)),
         None => String::new(),
-    }
-}
-
-impl BrokerError {
-    /// The CLI's exit code for this error: 2 usage or configuration, 3
-    /// credentials file missing, unreadable or invalid, 4 login required,
-    /// 5 provider unavailable or another process refreshing (try again
-    /// later), 1 anything else.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            BrokerError::Config(_) => 2,
-            // Another process is refreshing: like a provider that is busy,
-            // try again later.
-            BrokerError::Store(StoreError::LockTimeout { .. }) => 5,
-            BrokerError::Store(StoreError::Write { .. } | StoreError::Conflict { .. }) => 1,
-            BrokerError::Store(_) => 3,
-            BrokerError::LoginRequired { .. } => 4,
-            BrokerError::Unavailable { .. } => 5,
-            BrokerError::AccountChanged { .. } | BrokerError::Stopped { .. } => 1,
-        }
-    }
-
-    /// A short machine-readable name for the error (`login_required`...).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            BrokerError::Store(StoreError::NotFound { .. }) => "credentials_missing",
-            BrokerError::Store(StoreError::LockTimeout { .. }) => "lock_timeout",
-            BrokerError::Store(StoreError::Write { .. }) => "write_failed",
-            BrokerError::Store(StoreError::Conflict { .. }) => "write_conflict",
-            BrokerError::Store(_) => "credentials_invalid",
-            BrokerError::LoginRequired { .. } => "login_required",
-            BrokerError::Unavailable { .. } => "provider_unavailable",
-            BrokerError::AccountChanged { .. } => "account_changed",
-            BrokerError::Config(_) => "usage",
-            BrokerError::Stopped { .. } => "stopped",
-        }
     }
 }

@@ -15,20 +15,16 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use crate::actor::{
-    Config, GetStatus, GetToken, Published, Reject, Reload, Rules, Shutdown, TokenActor, DEFAULT_WINNER_WAIT,
-};
+use crate::actor::{Config, GetStatus, GetToken, Published, Reject, Reload, Rules, Shutdown, TokenActor};
 use crate::clock::{Clock, Jitter, RandomJitter, SystemClock};
 use crate::credentials::AccessToken;
-use crate::error::BrokerError;
-use crate::policy::{RefreshPolicy, CODEX_REFRESH_MARK, DEFAULT_REFRESH_AHEAD};
-use crate::provider::{
-    ClientAuth, Dialect, Provider, CODEX_CLIENT_ID, CODEX_TOKEN_URL, CODEX_TOKEN_URL_ENV, DEFAULT_HTTP_TIMEOUT,
+use crate::defaults::{
+    default_lock_timeout, DEFAULT_HTTP_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_WATCH_INTERVAL, DEFAULT_WINNER_WAIT,
 };
+use crate::error::BrokerError;
+use crate::policy::{RefreshPolicy, CODEX_REFRESH_MARK};
+use crate::provider::{ClientAuth, Dialect, Provider, CODEX_CLIENT_ID, CODEX_TOKEN_URL, CODEX_TOKEN_URL_ENV};
 use crate::status::Status;
-
-/// How often a broker checks its credentials file for outside changes.
-pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 use crate::store::{CodexAuthFile, OAuth2File, Store};
 
 /// A cloneable handle to one credential's [`TokenActor`].
@@ -54,11 +50,14 @@ use crate::store::{CodexAuthFile, OAuth2File, Store};
 /// token, a thousand concurrent callers, one refresh.
 ///
 /// ```
+/// # // Needs the `sim` feature (on by default).
+/// # #[cfg(feature = "sim")]
+/// # mod example {
 /// use token_broker::sim::{codex_auth_json, ProviderServer, SimConfig};
 /// use token_broker::TokenBroker;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let provider = ProviderServer::start(SimConfig::default())?;
 /// let dir = tempfile::tempdir()?;
 /// let path = dir.path().join("auth.json");
@@ -80,6 +79,11 @@ use crate::store::{CodexAuthFile, OAuth2File, Store};
 /// assert_eq!(provider.token_requests(), 1);
 /// broker.shutdown().await;
 /// # Ok(())
+/// # }
+/// # }
+/// # fn main() {
+/// #     #[cfg(feature = "sim")]
+/// #     example::main().unwrap();
 /// # }
 /// ```
 #[derive(Clone)]
@@ -114,17 +118,16 @@ impl TokenBroker {
     /// (else `~/.codex/auth.json`), OpenAI's token endpoint (overridden by
     /// `CODEX_REFRESH_TOKEN_URL_OVERRIDE`) and the Codex client id.
     pub fn codex() -> BrokerBuilder {
-        BrokerBuilder::new(Flavor::Codex)
+        BrokerBuilder::new(Dialect::Codex)
     }
 
     /// A builder for any RFC 6749 provider. Set the credentials file with
     /// [`BrokerBuilder::credentials_path`] or a store with
     /// [`BrokerBuilder::store`].
     pub fn oauth2(token_url: impl Into<String>, client_id: impl Into<String>) -> BrokerBuilder {
-        BrokerBuilder::new(Flavor::OAuth2 {
-            token_url: token_url.into(),
-            client_id: client_id.into(),
-        })
+        BrokerBuilder::new(Dialect::OAuth2)
+            .token_url(token_url)
+            .client_id(client_id)
     }
 
     /// A valid access token. Served from the published snapshot without a
@@ -254,16 +257,10 @@ impl Future for TokenFuture {
     }
 }
 
-#[derive(Clone, Debug)]
-enum Flavor {
-    Codex,
-    OAuth2 { token_url: String, client_id: String },
-}
-
 /// Configures and starts a [`TokenBroker`].
 #[derive(Debug)]
 pub struct BrokerBuilder {
-    flavor: Flavor,
+    dialect: Dialect,
     path: Option<PathBuf>,
     store: Option<Arc<dyn Store>>,
     token_url: Option<String>,
@@ -280,9 +277,9 @@ pub struct BrokerBuilder {
 }
 
 impl BrokerBuilder {
-    fn new(flavor: Flavor) -> Self {
+    fn new(dialect: Dialect) -> Self {
         BrokerBuilder {
-            flavor,
+            dialect,
             path: None,
             store: None,
             token_url: None,
@@ -300,7 +297,7 @@ impl BrokerBuilder {
     }
 
     /// The credentials file (a Codex `auth.json` or an OAuth2 credentials
-    /// file, by flavor).
+    /// file, by dialect).
     pub fn credentials_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.path = Some(path.into());
         self
@@ -312,21 +309,21 @@ impl BrokerBuilder {
         self
     }
 
-    /// The token endpoint, overriding the flavor's default and
+    /// The token endpoint, overriding the dialect's default and
     /// `CODEX_REFRESH_TOKEN_URL_OVERRIDE`.
     pub fn token_url(mut self, url: impl Into<String>) -> Self {
         self.token_url = Some(url.into());
         self
     }
 
-    /// The OAuth client id, overriding the flavor's default.
+    /// The OAuth client id, overriding the dialect's default.
     pub fn client_id(mut self, id: impl Into<String>) -> Self {
         self.client_id = Some(id.into());
         self
     }
 
     /// How an RFC 6749 client authenticates (default: none, a public
-    /// client). Ignored by the Codex flavor.
+    /// client). Ignored by the Codex dialect.
     pub fn client_auth(mut self, auth: ClientAuth) -> Self {
         self.client_auth = auth;
         self
@@ -415,42 +412,41 @@ impl BrokerBuilder {
         if self.http_timeout.is_zero() {
             return Err(BrokerError::Config("the HTTP timeout must be more than zero".into()));
         }
-        let (token_url, client_id, dialect, login_hint) = match &self.flavor {
-            Flavor::Codex => (
+        let (token_url, client_id, login_hint) = match self.dialect {
+            Dialect::Codex => (
                 self.token_url
                     .clone()
                     .or_else(|| std::env::var(CODEX_TOKEN_URL_ENV).ok().filter(|v| !v.is_empty()))
                     .unwrap_or_else(|| CODEX_TOKEN_URL.to_owned()),
                 self.client_id.clone().unwrap_or_else(|| CODEX_CLIENT_ID.to_owned()),
-                Dialect::OpenAi,
                 "sign in again with `codex login`".to_owned(),
             ),
-            Flavor::OAuth2 { token_url, client_id } => (
-                self.token_url.clone().unwrap_or_else(|| token_url.clone()),
-                self.client_id.clone().unwrap_or_else(|| client_id.clone()),
-                Dialect::Rfc6749(self.client_auth.clone()),
+            // `TokenBroker::oauth2` always sets both.
+            Dialect::OAuth2 => (
+                self.token_url.clone().unwrap_or_default(),
+                self.client_id.clone().unwrap_or_default(),
                 String::new(),
             ),
         };
         crate::provider::check_token_url(&token_url).map_err(|why| {
             // Only a Codex broker without an explicit URL reads the variable.
-            let from_env = matches!(self.flavor, Flavor::Codex) && self.token_url.is_none();
+            let from_env = self.dialect == Dialect::Codex && self.token_url.is_none();
             BrokerError::Config(if from_env {
                 format!("{why} (from {CODEX_TOKEN_URL_ENV})")
             } else {
                 why
             })
         })?;
-        let store: Arc<dyn Store> = match (self.store, self.path, &self.flavor) {
+        let store: Arc<dyn Store> = match (self.store, self.path, self.dialect) {
             (Some(store), _, _) => store,
-            (None, Some(path), Flavor::Codex) => Arc::new(CodexAuthFile::new(path)),
-            (None, None, Flavor::Codex) => {
+            (None, Some(path), Dialect::Codex) => Arc::new(CodexAuthFile::new(path)),
+            (None, None, Dialect::Codex) => {
                 Arc::new(CodexAuthFile::new(CodexAuthFile::default_path().ok_or_else(|| {
                     BrokerError::Config("neither CODEX_HOME nor HOME is set: pass the auth.json path".into())
                 })?))
             }
-            (None, Some(path), Flavor::OAuth2 { .. }) => Arc::new(OAuth2File::new(path)),
-            (None, None, Flavor::OAuth2 { .. }) => {
+            (None, Some(path), Dialect::OAuth2) => Arc::new(OAuth2File::new(path)),
+            (None, None, Dialect::OAuth2) => {
                 return Err(BrokerError::Config(
                     "an oauth2 broker needs a credentials file path".into(),
                 ))
@@ -464,7 +460,7 @@ impl BrokerBuilder {
         };
         let tokens = store.load()?;
         let version = store.version();
-        let codex = matches!(self.flavor, Flavor::Codex);
+        let codex = self.dialect == Dialect::Codex;
         let mut policy = RefreshPolicy::new(self.refresh_ahead);
         if codex {
             policy = policy.before_neighbour(CODEX_REFRESH_MARK);
@@ -485,19 +481,20 @@ impl BrokerBuilder {
         };
         let cfg = Arc::new(Config {
             store,
-            provider: Arc::new(Provider::new(token_url, client_id, dialect).with_timeout(self.http_timeout)),
+            provider: Arc::new(
+                Provider::new(token_url, client_id, self.dialect)
+                    .with_client_auth(self.client_auth.clone())
+                    .with_timeout(self.http_timeout),
+            ),
             rules,
             wall_clock: self.clock.is_none(),
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             jitter: self.jitter.unwrap_or_else(|| Arc::new(RandomJitter)),
             winner_wait: self.winner_wait,
             stopping: Arc::default(),
-            lock_timeout: self.lock_timeout.unwrap_or_else(|| {
-                self.http_timeout
-                    .saturating_mul(2)
-                    .saturating_add(self.winner_wait)
-                    .saturating_add(Duration::from_secs(10))
-            }),
+            lock_timeout: self
+                .lock_timeout
+                .unwrap_or_else(|| default_lock_timeout(self.http_timeout, self.winner_wait)),
             watch_interval: self.watch_interval,
             location: location.clone(),
         });

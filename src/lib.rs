@@ -30,7 +30,18 @@
 //! ```
 //!
 //! [`TokenBroker`] has a complete example that runs against the simulated
-//! provider in [`sim`].
+//! provider in `sim`.
+//!
+//! ## Cargo features
+//!
+//! - `cli` (default): the `token-broker` command line; enables `sim`.
+//! - `sim`: the `sim` module, a simulated token endpoint (on axum) and the
+//!   load scheduler behind `token-broker simulate`, for tests, benchmarks
+//!   and demonstrations.
+//!
+//! With `default-features = false` the crate is the broker alone: the
+//! actor, the handle, the stores and the provider client, without clap,
+//! axum, tracing-subscriber, humantime or rlimit.
 //!
 //! Data flows one way: caller → [`TokenBroker`] → [`TokenActor`](actor::TokenActor)
 //! → [`store`] / [`provider`] → actor → published snapshot → caller.
@@ -47,14 +58,17 @@
 //! credentials file.
 
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod actor;
 pub mod clock;
 pub mod credentials;
+pub mod defaults;
 mod error;
 mod handle;
 pub mod policy;
 pub mod provider;
+#[cfg(feature = "sim")]
 pub mod sim;
 mod snapshot;
 pub mod status;
@@ -68,6 +82,7 @@ pub use credentials::{AccessToken, TokenSet};
 pub struct ReadmeDoctests;
 pub use error::BrokerError;
 pub use handle::{BrokerBuilder, TokenBroker, TokenFuture};
+pub use provider::Dialect;
 pub use status::{State, Status};
 
 #[cfg(test)]

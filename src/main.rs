@@ -10,9 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+mod cli;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use token_broker::provider::ClientAuth;
-use token_broker::{BrokerError, TokenBroker};
+use token_broker::{BrokerError, Dialect, TokenBroker};
 
 /// Hands out OAuth access tokens without ever racing on a refresh token.
 #[derive(Debug, Parser)]
@@ -146,9 +148,9 @@ struct CredentialArgs {
     /// The credentials file [default for codex: $CODEX_HOME/auth.json, else ~/.codex/auth.json].
     #[arg(long, global = true, value_name = "PATH")]
     auth_file: Option<PathBuf>,
-    /// The provider's dialect and file format.
-    #[arg(long, global = true, value_enum, default_value_t = ProviderKind::Codex)]
-    provider: ProviderKind,
+    /// The provider's dialect: its credentials file and refresh requests.
+    #[arg(long, global = true, value_enum, default_value_t = DialectArg::Codex)]
+    provider: DialectArg,
     /// The token endpoint (required for oauth2; overrides the codex default).
     #[arg(long, global = true, value_name = "URL")]
     token_url: Option<String>,
@@ -177,12 +179,22 @@ struct CredentialArgs {
     json: bool,
 }
 
+/// `--provider`: the library's [`Dialect`], as the command line spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ProviderKind {
+enum DialectArg {
     /// The Codex CLI's auth.json and OpenAI's JSON refresh dialect.
     Codex,
     /// A generic OAuth2 credentials file and RFC 6749 form refreshes.
     Oauth2,
+}
+
+impl From<DialectArg> for Dialect {
+    fn from(arg: DialectArg) -> Self {
+        match arg {
+            DialectArg::Codex => Dialect::Codex,
+            DialectArg::Oauth2 => Dialect::OAuth2,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -291,7 +303,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let bound = cli
         .creds
         .timeout
-        .saturating_add(Duration::from_secs(1))
+        .saturating_add(token_broker::defaults::TIMEOUT_GRACE)
         .saturating_mul(2)
         .saturating_add(cli.creds.winner_wait)
         .saturating_add(Duration::from_secs(45));
@@ -343,9 +355,10 @@ fn signal_name(signal: i32) -> &'static str {
 
 fn build(args: &CredentialArgs, keep_fresh: bool) -> Result<TokenBroker, BrokerError> {
     let usage = |m: &str| BrokerError::Config(m.to_owned());
-    let mut builder = match args.provider {
-        ProviderKind::Codex => TokenBroker::codex(),
-        ProviderKind::Oauth2 => {
+    let dialect = Dialect::from(args.provider);
+    let mut builder = match dialect {
+        Dialect::Codex => TokenBroker::codex(),
+        Dialect::OAuth2 => {
             let url = args
                 .token_url
                 .as_deref()
@@ -369,7 +382,7 @@ fn build(args: &CredentialArgs, keep_fresh: bool) -> Result<TokenBroker, BrokerE
     if let Some(id) = &args.client_id {
         builder = builder.client_id(id);
     }
-    if args.provider == ProviderKind::Codex && args.refresh_ahead <= token_broker::policy::CODEX_REFRESH_MARK {
+    if dialect == Dialect::Codex && args.refresh_ahead <= token_broker::policy::CODEX_REFRESH_MARK {
         let _ = writeln!(
             std::io::stderr(),
             "token-broker: warning: --refresh-ahead {} is not before the Codex CLI's own 5-minute mark; \
@@ -612,7 +625,7 @@ fn fail(json: bool, e: &CliError) -> ExitCode {
 
 fn exit_code(e: &CliError) -> i32 {
     match e {
-        CliError::Broker(e) | CliError::Reported(e) => e.exit_code(),
+        CliError::Broker(e) | CliError::Reported(e) => cli::exit_code(e),
         CliError::Output(_) | CliError::Simulation(_) | CliError::Unfinished(_) => 1,
         CliError::Interrupted(signal) => 128 + signal,
     }
@@ -621,7 +634,7 @@ fn exit_code(e: &CliError) -> i32 {
 /// The one line that reports `e` on stderr: text, or JSON with `--json`.
 fn error_line(json: bool, e: &CliError) -> String {
     let (kind, message) = match e {
-        CliError::Broker(e) | CliError::Reported(e) => (e.kind(), e.to_string()),
+        CliError::Broker(e) | CliError::Reported(e) => (cli::kind(e), e.to_string()),
         CliError::Output(e) => ("io", format!("could not write the output: {e}")),
         CliError::Simulation(e) => ("simulation", format!("the simulation failed: {e}")),
         CliError::Interrupted(signal) => (
@@ -640,5 +653,24 @@ fn error_line(json: bool, e: &CliError) -> String {
         serde_json::json!({"error": {"kind": kind, "message": message, "exit_code": exit_code(e)}}).to_string()
     } else {
         format!("token-broker: {message}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags' defaults are written out for `--help`; they must stay the
+    /// library's.
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        use token_broker::defaults::{DEFAULT_HTTP_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_WINNER_WAIT};
+        let cli = Cli::try_parse_from(["token-broker", "status"]).unwrap();
+        assert_eq!(cli.creds.refresh_ahead, DEFAULT_REFRESH_AHEAD);
+        assert_eq!(cli.creds.timeout, DEFAULT_HTTP_TIMEOUT);
+        if std::env::var_os("TOKEN_BROKER_WINNER_WAIT").is_none() {
+            assert_eq!(cli.creds.winner_wait, DEFAULT_WINNER_WAIT);
+        }
+        assert_eq!(Dialect::from(cli.creds.provider), Dialect::Codex);
     }
 }

@@ -4,21 +4,13 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::credentials::TokenSet;
-
-/// The default refresh-ahead window: 10 minutes, twice the Codex CLI's 5,
-/// so that a Codex process sharing the file usually finds tokens the broker
-/// already refreshed instead of spending its own refresh token.
-pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(600);
+use crate::defaults::{MAX_BACKOFF, MIN_BACKOFF};
 /// The Codex CLI refreshes on its own when less than this is left (and
 /// after a second 401). A broker on a Codex file refreshes before that mark
 /// whenever the token lives long enough, so the Codex CLI never has to.
 pub const CODEX_REFRESH_MARK: Duration = Duration::from_secs(300);
 /// How far before a neighbour's mark the refresh point is placed.
 pub const NEIGHBOUR_MARGIN: Duration = Duration::from_secs(30);
-/// The shortest wait after a failed refresh.
-pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
-/// The longest wait after a failed refresh.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// When to refresh: the refresh-ahead window, and the mark at which another
 /// program sharing the credential refreshes on its own, if any.
@@ -228,13 +220,7 @@ const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `at + wait`, or a century from `at` when that overflows (an embedder
 /// may pass `Duration::MAX` for "no limit"). Never panics.
-///
-/// ```
-/// use std::time::{Duration, SystemTime};
-/// let now = SystemTime::now();
-/// assert!(token_broker::policy::later(now, Duration::MAX) > now);
-/// ```
-pub fn later(at: SystemTime, wait: Duration) -> SystemTime {
+pub(crate) fn later(at: SystemTime, wait: Duration) -> SystemTime {
     at.checked_add(wait)
         .or_else(|| at.checked_add(FAR_FUTURE))
         .unwrap_or(at)
@@ -242,26 +228,23 @@ pub fn later(at: SystemTime, wait: Duration) -> SystemTime {
 
 /// The instant `wait` from now, or a century from now when that overflows.
 /// Never panics.
-pub fn instant_after(wait: Duration) -> Instant {
+pub(crate) fn instant_after(wait: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(wait)
         .or_else(|| now.checked_add(FAR_FUTURE))
         .unwrap_or(now)
 }
 
-/// Exponential backoff with full jitter: a random wait between
-/// [`MIN_BACKOFF`] and `min(MAX_BACKOFF, MIN_BACKOFF * 2^(failures-1))`, or
-/// the server's `Retry-After` when that is longer (capped at `MAX_BACKOFF`).
-pub fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
-    backoff_with(failures, retry_after, fastrand::f64())
-}
-
-/// [`backoff`] with the jitter given: `jitter` in `[0, 1)` picks the wait
-/// between [`MIN_BACKOFF`] and the ceiling.
+/// Exponential backoff with full jitter: a wait between [`MIN_BACKOFF`] and
+/// `min(MAX_BACKOFF, MIN_BACKOFF * 2^(failures-1))` picked by `jitter` (a
+/// fraction in `[0, 1)` from the broker's [`Jitter`](crate::clock::Jitter)
+/// source), or the server's `Retry-After` when that is longer (capped at
+/// [`MAX_BACKOFF`]).
 ///
 /// ```
 /// use std::time::Duration;
-/// use token_broker::policy::{backoff_with, MIN_BACKOFF};
+/// use token_broker::defaults::MIN_BACKOFF;
+/// use token_broker::policy::backoff_with;
 /// assert_eq!(backoff_with(3, None, 0.0), MIN_BACKOFF);
 /// assert_eq!(backoff_with(3, None, 0.5), Duration::from_millis(2500));
 /// assert_eq!(backoff_with(1, Some(Duration::from_secs(30)), 0.0), Duration::from_secs(30));
@@ -284,6 +267,13 @@ pub fn backoff_with(failures: u32, retry_after: Option<Duration>, jitter: f64) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn later_saturates_instead_of_overflowing() {
+        let now = SystemTime::now();
+        assert!(later(now, Duration::MAX) > now);
+        assert!(instant_after(Duration::MAX) > Instant::now());
+    }
     use crate::credentials::{Expiry, ExpirySource};
 
     fn set(at: SystemTime, lifetime: Option<Duration>) -> TokenSet {
@@ -377,11 +367,14 @@ mod tests {
     #[test]
     fn backoff_stays_in_bounds() {
         for failures in 0..40 {
-            let d = backoff(failures, None);
+            let d = backoff_with(failures, None, fastrand::f64());
             assert!(d >= MIN_BACKOFF && d <= MAX_BACKOFF, "{failures}: {d:?}");
         }
-        assert_eq!(backoff(1, Some(Duration::from_secs(30))), Duration::from_secs(30));
-        assert_eq!(backoff(1, Some(Duration::from_secs(9999))), MAX_BACKOFF);
+        assert_eq!(
+            backoff_with(1, Some(Duration::from_secs(30)), 0.3),
+            Duration::from_secs(30)
+        );
+        assert_eq!(backoff_with(1, Some(Duration::from_secs(9999)), 0.3), MAX_BACKOFF);
         assert_eq!(backoff_with(40, None, 1.0), MAX_BACKOFF);
         assert_eq!(backoff_with(2, None, 1.0), Duration::from_secs(2));
         assert_eq!(backoff_with(0, None, 0.99), MIN_BACKOFF);

@@ -8,15 +8,16 @@ use std::time::Duration;
 use common::*;
 use token_broker::credentials::Secret;
 use token_broker::provider::ClientAuth;
-use token_broker::sim::{oauth2_credentials_json, SimClientAuth, SimConfig, SimDialect};
-use token_broker::{BrokerError, TokenBroker};
+use token_broker::sim::{oauth2_credentials_json, SimClientAuth, SimConfig};
+use token_broker::{BrokerError, Dialect, TokenBroker};
 
 const CLIENT_ID: &str = "client-under-test";
 const SECRET: &str = "s3cret:with/odd chars";
 
 fn fixture(auth: SimClientAuth) -> Fixture {
     Fixture::new(SimConfig {
-        dialect: SimDialect::Rfc6749(auth),
+        dialect: Dialect::OAuth2,
+        client_auth: auth,
         client_id: CLIENT_ID.to_owned(),
         access_lifetime: Duration::from_secs(1800),
         ..SimConfig::default()

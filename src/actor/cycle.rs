@@ -495,11 +495,6 @@ async fn wait_for_winner(
 /// `stat` each).
 const WINNER_POLL: Duration = Duration::from_millis(20);
 
-/// The default time a broker whose refresh token was refused waits for the
-/// winner's tokens before it reports that a sign-in is needed: longer than
-/// the Codex CLI's 5 s commit budget.
-pub const DEFAULT_WINNER_WAIT: Duration = Duration::from_secs(8);
-
 /// Writes freshly refreshed tokens over `replaces`; only once this succeeds
 /// may anyone see them.
 async fn save(

@@ -1,17 +1,19 @@
 //! How a refresh is sent to a token endpoint and how its answer is read.
 //!
 //! Two dialects:
-//! - [`Dialect::OpenAi`]: a JSON body `{"client_id","grant_type","refresh_token"}`
-//!   as the Codex CLI sends it; errors shaped
+//! - [`Dialect::Codex`]: OpenAI's JSON body
+//!   `{"client_id","grant_type","refresh_token"}` as the Codex CLI sends
+//!   it; errors shaped
 //!   `{"error":{"message","type","code":"refresh_token_reused"}}`.
-//! - [`Dialect::Rfc6749`]: RFC 6749 section 6, a form-encoded body with
-//!   client authentication `none`, `client_secret_basic` or
-//!   `client_secret_post`; errors shaped `{"error":"invalid_grant"}`.
+//! - [`Dialect::OAuth2`]: RFC 6749 section 6, a form-encoded body with
+//!   client authentication ([`ClientAuth`]) `none`, `client_secret_basic`
+//!   or `client_secret_post`; errors shaped `{"error":"invalid_grant"}`.
 //!
 //! Every failure is classified as [`RefreshError::Rejected`] (permanent:
 //! the credential needs a new sign-in) or [`RefreshError::Transient`]
 //! (retry later). Error text never carries a token.
 
+mod code;
 mod response;
 
 use std::sync::OnceLock;
@@ -20,11 +22,13 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use tracing::{debug, warn};
 
-pub use response::{parse_error_body, parse_success_body, ErrorBody};
+pub use code::ErrorCode;
+pub(crate) use response::{parse_error_body, parse_success_body, ErrorBody};
 
 use crate::credentials::{
     decode_claims, expiry_of, AccessToken, Expiry, ExpirySource, IdToken, RefreshToken, Secret, TokenSet,
 };
+use crate::defaults::{DEFAULT_HTTP_TIMEOUT, MAX_RESPONSE_BYTES, TIMEOUT_GRACE};
 
 /// The Codex CLI's token endpoint.
 pub const CODEX_TOKEN_URL: &str = "https://auth.openai.com/oauth/token";
@@ -33,10 +37,6 @@ pub const CODEX_CLIENT_ID: &str = "app_EMoamEEZ73f0CkXaXp7hrann";
 /// The environment variable that overrides the Codex token endpoint, as in
 /// the Codex CLI.
 pub const CODEX_TOKEN_URL_ENV: &str = "CODEX_REFRESH_TOKEN_URL_OVERRIDE";
-/// The default timeout of one token request.
-pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-/// The most of a response body that is read.
-pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
 /// How an RFC 6749 client authenticates to the token endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,26 +49,49 @@ pub enum ClientAuth {
     Post(Secret),
 }
 
-/// The wire format of a refresh request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Which kind of provider a credential belongs to. One choice decides the
+/// credentials file's layout, the refresh request's wire format and the
+/// defaults ([`TokenBroker::codex`](crate::TokenBroker::codex) or
+/// [`TokenBroker::oauth2`](crate::TokenBroker::oauth2); the CLI's
+/// `--provider codex|oauth2`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dialect {
-    /// OpenAI's JSON dialect, as the Codex CLI speaks it.
-    OpenAi,
-    /// RFC 6749 section 6, form-encoded.
-    Rfc6749(ClientAuth),
+    /// The Codex CLI's `auth.json`, refreshed in OpenAI's JSON dialect at
+    /// OpenAI's token endpoint, as the Codex CLI does it.
+    Codex,
+    /// A generic OAuth2 credentials file, refreshed per RFC 6749 section 6
+    /// (form-encoded, with [`ClientAuth`]) at any token endpoint.
+    OAuth2,
+}
+
+impl Dialect {
+    /// The dialect's name as the command line and configuration spell it:
+    /// `codex` or `oauth2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Codex => "codex",
+            Dialect::OAuth2 => "oauth2",
+        }
+    }
+}
+
+impl std::fmt::Display for Dialect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a successful refresh returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refreshed {
+pub(crate) struct Refreshed {
     /// The new access token.
-    pub access_token: AccessToken,
+    pub(crate) access_token: AccessToken,
     /// The rotated refresh token; `None` means "keep the old one".
-    pub refresh_token: Option<RefreshToken>,
+    pub(crate) refresh_token: Option<RefreshToken>,
     /// A new id token; `None` means "keep the old one".
-    pub id_token: Option<IdToken>,
+    pub(crate) id_token: Option<IdToken>,
     /// The access token's lifetime, when the server said (`expires_in`).
-    pub expires_in: Option<Duration>,
+    pub(crate) expires_in: Option<Duration>,
 }
 
 impl Refreshed {
@@ -78,7 +101,7 @@ impl Refreshed {
     /// Expiry comes from the new access token's JWT `exp`, else from
     /// `expires_in`; when the JWT says it is already expired while
     /// `expires_in` says otherwise, the clocks disagree and `expires_in` wins.
-    pub fn into_token_set(self, old: &TokenSet, now: SystemTime) -> TokenSet {
+    pub(crate) fn into_token_set(self, old: &TokenSet, now: SystemTime) -> TokenSet {
         let new = self;
         let id_token = new.id_token.or_else(|| old.id_token.clone());
         // A refresh never changes the account: the one the credentials
@@ -135,7 +158,7 @@ pub enum RefreshError {
         /// The HTTP status.
         status: u16,
         /// The error code (`refresh_token_reused`, `invalid_grant`...).
-        code: String,
+        code: ErrorCode,
         /// The server's description, shortened; withheld entirely when it
         /// quotes any secret the request carried, in any encoding.
         description: String,
@@ -170,12 +193,12 @@ pub enum Failure {
     #[error("{0}")]
     Client(String),
     /// A 5xx or 408 answer.
-    #[error("HTTP {status}{}", .code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    #[error("HTTP {status}{}", .code.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
     Status {
         /// The HTTP status.
         status: u16,
         /// The error code in the body, if any.
-        code: Option<String>,
+        code: Option<ErrorCode>,
     },
     /// A 429 answer.
     #[error("rate limited (HTTP 429)")]
@@ -259,16 +282,7 @@ impl RefreshError {
     /// expired, revoked): someone else may have spent it and be about to
     /// write newer tokens. A rejected client or request is not this.
     pub fn refuses_refresh_token(&self) -> bool {
-        matches!(
-            self.code(),
-            Some(
-                "refresh_token_reused"
-                    | "invalid_grant"
-                    | "refresh_token_expired"
-                    | "refresh_token_invalidated"
-                    | "token_expired"
-            )
-        )
+        self.code().is_some_and(ErrorCode::refuses_refresh_token)
     }
 
     /// Whether the provider may have spent the refresh token without our
@@ -278,7 +292,7 @@ impl RefreshError {
     }
 
     /// The error code the server gave, for a rejection.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<&ErrorCode> {
         match self {
             RefreshError::Rejected { code, .. } => Some(code),
             RefreshError::Transient { .. } => None,
@@ -291,10 +305,12 @@ impl RefreshError {
 /// The HTTP client (and its TLS configuration) is built on the first
 /// refresh, so handing out a still-valid token never pays for it.
 #[derive(Debug)]
-pub struct Provider {
+pub(crate) struct Provider {
     token_url: String,
     client_id: String,
     dialect: Dialect,
+    /// Used by [`Dialect::OAuth2`] only.
+    client_auth: ClientAuth,
     timeout: Duration,
     http: OnceLock<Result<reqwest::Client, String>>,
 }
@@ -305,7 +321,7 @@ impl Provider {
     /// The URL is kept as the URL parser writes it (the form requests go
     /// to): tabs and newlines removed, other control characters
     /// percent-encoded, so that messages naming it stay on one line.
-    pub fn new(token_url: impl Into<String>, client_id: impl Into<String>, dialect: Dialect) -> Self {
+    pub(crate) fn new(token_url: impl Into<String>, client_id: impl Into<String>, dialect: Dialect) -> Self {
         let token_url = token_url.into();
         let token_url = match reqwest::Url::parse(&token_url) {
             Ok(url) => String::from(url),
@@ -315,34 +331,47 @@ impl Provider {
             token_url,
             client_id: client_id.into(),
             dialect,
+            client_auth: ClientAuth::None,
             timeout: DEFAULT_HTTP_TIMEOUT,
             http: OnceLock::new(),
         }
     }
 
+    /// Sets how an [`Dialect::OAuth2`] client authenticates (default: a
+    /// public client). The Codex dialect sends no client secret.
+    pub(crate) fn with_client_auth(mut self, auth: ClientAuth) -> Self {
+        self.client_auth = auth;
+        self
+    }
+
+    /// How the client authenticates: always [`ClientAuth::None`] for the
+    /// Codex dialect.
+    fn client_auth(&self) -> &ClientAuth {
+        match self.dialect {
+            Dialect::Codex => &ClientAuth::None,
+            Dialect::OAuth2 => &self.client_auth,
+        }
+    }
+
     /// Sets the timeout of one token request (connect, send and read).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+    pub(crate) fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
     /// The OAuth client id.
-    pub fn client_id(&self) -> &str {
+    pub(crate) fn client_id(&self) -> &str {
         &self.client_id
     }
 
     /// The token endpoint.
-    pub fn token_url(&self) -> &str {
+    pub(crate) fn token_url(&self) -> &str {
         &self.token_url
     }
 
-    /// The dialect.
-    pub fn dialect(&self) -> &Dialect {
-        &self.dialect
-    }
-
-    /// Spends `refresh_token` once. Call only from the actor.
-    pub async fn refresh(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
+    /// Spends `refresh_token` once. Call only from the actor (or the
+    /// simulator's naive jobs, which show what goes wrong without one).
+    pub(crate) async fn refresh(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
         let fail = |kind: Failure| RefreshError::Transient {
             endpoint: self.token_url.clone(),
             kind,
@@ -356,13 +385,13 @@ impl Provider {
             retry_after,
             body,
         } = within(self.timeout, self.exchange(request)).await.map_err(fail)?;
-        let sent = SentSecrets::new(refresh_token, &self.client_id, &self.dialect);
+        let sent = SentSecrets::new(refresh_token, &self.client_id, self.client_auth());
         if (300..400).contains(&status) {
             let origin =
                 redirect_origin(&self.token_url, location.as_ref()).map(|origin| sent.scrub(&origin, "<withheld>"));
             return Err(fail(Failure::Redirect { status, origin }));
         }
-        let scrub_code = |text: &str| sent.scrub(text, "<withheld>");
+        let scrub_code = |text: &str| ErrorCode::from_scrubbed(sent.scrub(text, "<withheld>"));
         let describe = |text: &str| sent.scrub(text, WITHHELD);
         if (200..300).contains(&status) {
             return parse_success_body(&body).map_err(|why| fail(Failure::Malformed { status, why }));
@@ -461,18 +490,18 @@ impl Provider {
         let request = http
             .post(&self.token_url)
             .header(reqwest::header::ACCEPT, "application/json");
-        match &self.dialect {
-            Dialect::OpenAi => request.json(&serde_json::json!({
+        match self.dialect {
+            Dialect::Codex => request.json(&serde_json::json!({
                 "client_id": self.client_id,
                 "grant_type": "refresh_token",
                 "refresh_token": refresh_token.expose(),
             })),
-            Dialect::Rfc6749(auth) => {
+            Dialect::OAuth2 => {
                 let mut form = vec![
                     ("grant_type", "refresh_token"),
                     ("refresh_token", refresh_token.expose()),
                 ];
-                let request = match auth {
+                let request = match self.client_auth() {
                     ClientAuth::None => {
                         form.push(("client_id", &self.client_id));
                         request
@@ -549,15 +578,6 @@ struct Answer {
     body: Vec<u8>,
 }
 
-/// After the timeout, how long the request in flight may still finish.
-///
-/// A process stopped past its deadline (Ctrl-Z, `docker pause`, a frozen
-/// VM) wakes with the timer already expired and, often, the provider's
-/// answer waiting in the socket: the task that reads the socket may simply
-/// not have run yet. Dropping that answer would be fatal, because the
-/// provider has already spent the refresh token.
-pub const TIMEOUT_GRACE: Duration = Duration::from_secs(1);
-
 /// Runs `exchange` for at most `timeout`; when that passes, polls it for up
 /// to [`TIMEOUT_GRACE`] more (never more than `timeout` itself) so that an
 /// answer already received is used, and only then reports a timeout.
@@ -580,7 +600,7 @@ async fn within<T>(
 
 /// `client_secret_basic` per RFC 6749 section 2.3.1: id and secret are
 /// form-encoded, joined by a colon, then base64-encoded.
-pub fn basic_authorization(client_id: &str, secret: &str) -> String {
+pub(crate) fn basic_authorization(client_id: &str, secret: &str) -> String {
     let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let pair = format!("{}:{}", encode(client_id), encode(secret));
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
@@ -639,7 +659,7 @@ struct SentSecrets {
 }
 
 impl SentSecrets {
-    fn new(refresh_token: &RefreshToken, client_id: &str, dialect: &Dialect) -> Self {
+    fn new(refresh_token: &RefreshToken, client_id: &str, client_auth: &ClientAuth) -> Self {
         let mut forms = Vec::new();
         let mut add_encodings = |secret: &str| {
             let form = form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>();
@@ -661,7 +681,7 @@ impl SentSecrets {
             forms.extend([secret.to_owned(), form.replace('+', "%20"), form, json, json_ascii]);
         };
         add_encodings(refresh_token.expose());
-        if let Dialect::Rfc6749(ClientAuth::Basic(secret) | ClientAuth::Post(secret)) = dialect {
+        if let ClientAuth::Basic(secret) | ClientAuth::Post(secret) = client_auth {
             add_encodings(secret.expose());
             let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
             let header = basic_authorization(client_id, secret.expose());
@@ -723,7 +743,7 @@ mod tests {
         assert_eq!(decoded, b"a+b:c%2Fd");
     }
 
-    use crate::sim::unsigned_jwt as jwt;
+    use crate::credentials::unsigned_jwt as jwt;
 
     #[test]
     fn a_refresh_keeps_what_the_provider_left_out() {
@@ -782,7 +802,7 @@ mod tests {
     #[test]
     fn scrub_withholds_any_encoding_of_a_secret_and_caps() {
         let refresh = RefreshToken::new("rt/1234 5678+9\"ü\"");
-        let basic = Dialect::Rfc6749(ClientAuth::Basic(Secret::new("client secret/value")));
+        let basic = ClientAuth::Basic(Secret::new("client secret/value"));
         let sent = SentSecrets::new(&refresh, "client", &basic);
         let scrub = |text: &str| sent.scrub(text, WITHHELD);
         assert_eq!(scrub("the refresh token is invalid"), "the refresh token is invalid");

@@ -7,9 +7,7 @@
 mod provider;
 pub mod scheduler;
 
-pub use provider::{Fault, Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SimDialect, SpendRecord};
-
-use base64::Engine as _;
+pub use provider::{Fault, Issued, ProviderServer, SimClientAuth, SimConfig, SimCounts, SpendRecord};
 
 use crate::credentials::format_rfc3339;
 
@@ -23,13 +21,7 @@ use crate::credentials::format_rfc3339;
 /// assert!(decode_claims(&token).unwrap().exp().unwrap().is_some());
 /// ```
 pub fn unsigned_jwt(payload: &str) -> String {
-    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    format!(
-        "{}.{}.{}",
-        b64(br#"{"alg":"none","typ":"JWT"}"#),
-        b64(payload.as_bytes()),
-        b64(b"simulated-signature")
-    )
+    crate::credentials::unsigned_jwt(payload)
 }
 
 /// The text of a Codex `auth.json` holding `issued`, as the Codex CLI

@@ -22,16 +22,10 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-/// How the simulated token endpoint expects refresh requests.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SimDialect {
-    /// OpenAI's JSON dialect, as the Codex CLI speaks it.
-    OpenAi,
-    /// RFC 6749 section 6 with the given client authentication.
-    Rfc6749(SimClientAuth),
-}
+use crate::provider::Dialect;
 
-/// The client authentication an RFC 6749 simulated endpoint requires.
+/// The client authentication a [`Dialect::OAuth2`] simulated endpoint
+/// requires.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SimClientAuth {
     /// A public client: `client_id` in the form.
@@ -45,8 +39,10 @@ pub enum SimClientAuth {
 /// How the simulated provider behaves.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
-    /// The wire dialect.
-    pub dialect: SimDialect,
+    /// The dialect it speaks.
+    pub dialect: Dialect,
+    /// The client authentication it requires, in the OAuth2 dialect.
+    pub client_auth: SimClientAuth,
     /// The client id it accepts.
     pub client_id: String,
     /// The lifetime of the access tokens it issues.
@@ -75,7 +71,8 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
-            dialect: SimDialect::OpenAi,
+            dialect: Dialect::Codex,
+            client_auth: SimClientAuth::None,
             client_id: crate::provider::CODEX_CLIENT_ID.to_owned(),
             access_lifetime: Duration::from_secs(3600),
             latency: Duration::ZERO,
@@ -533,17 +530,17 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
         tokio::time::sleep(half).await;
     }
     match &fault {
-        Some(Fault::Status { status, retry_after }) => return status_fault(&config.dialect, *status, *retry_after),
+        Some(Fault::Status { status, retry_after }) => return status_fault(config.dialect, *status, *retry_after),
         Some(Fault::HangBeforeSpend(d)) => tokio::time::sleep(*d).await,
         _ => {}
     }
     if config.fault_rate > 0.0 && fastrand::f64() < config.fault_rate {
         shared.faults_served.fetch_add(1, Ordering::SeqCst);
-        return status_fault(&config.dialect, 503, None);
+        return status_fault(config.dialect, 503, None);
     }
-    let request = match &config.dialect {
-        SimDialect::OpenAi => parse_openai(&body, &config),
-        SimDialect::Rfc6749(auth) => parse_rfc6749(&headers, &body, &config, auth),
+    let request = match config.dialect {
+        Dialect::Codex => parse_openai(&body, &config),
+        Dialect::OAuth2 => parse_rfc6749(&headers, &body, &config, &config.client_auth),
     };
     let refresh = match request {
         Ok(refresh) => refresh,
@@ -574,11 +571,11 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
         }
         Spend::Reused => {
             shared.reused.fetch_add(1, Ordering::SeqCst);
-            return rejection(&config.dialect, Rejection::Reused);
+            return rejection(config.dialect, Rejection::Reused);
         }
         Spend::Unknown | Spend::Revoked => {
             shared.invalid.fetch_add(1, Ordering::SeqCst);
-            return rejection(&config.dialect, Rejection::Unknown);
+            return rejection(config.dialect, Rejection::Unknown);
         }
     };
     if !half.is_zero() {
@@ -632,7 +629,7 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
 
 /// An error status before anything is spent, with the body a real provider
 /// (or the proxy in front of it) would send.
-fn status_fault(dialect: &SimDialect, status: u16, retry_after: Option<u64>) -> Response {
+fn status_fault(dialect: Dialect, status: u16, retry_after: Option<u64>) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = if status >= 500 {
         (
@@ -643,10 +640,10 @@ fn status_fault(dialect: &SimDialect, status: u16, retry_after: Option<u64>) -> 
             .into_response()
     } else {
         let body = match dialect {
-            SimDialect::OpenAi => {
+            Dialect::Codex => {
                 json!({"error": {"message": "Too many requests.", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}})
             }
-            SimDialect::Rfc6749(_) => json!({"error": "slow_down", "error_description": "Too many requests."}),
+            Dialect::OAuth2 => json!({"error": "slow_down", "error_description": "Too many requests."}),
         };
         (code, Json(body)).into_response()
     };
@@ -731,9 +728,9 @@ enum Rejection {
     Unknown,
 }
 
-fn rejection(dialect: &SimDialect, why: Rejection) -> Response {
+fn rejection(dialect: Dialect, why: Rejection) -> Response {
     match dialect {
-        SimDialect::OpenAi => {
+        Dialect::Codex => {
             let (code, message) = match why {
                 Rejection::Reused => (
                     "refresh_token_reused",
@@ -750,7 +747,7 @@ fn rejection(dialect: &SimDialect, why: Rejection) -> Response {
             )
                 .into_response()
         }
-        SimDialect::Rfc6749(_) => (
+        Dialect::OAuth2 => (
             StatusCode::BAD_REQUEST,
             Json(json!({"error": "invalid_grant", "error_description": "The refresh token is invalid, expired or was already used."})),
         )

@@ -161,7 +161,7 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
         ),
         Mode::Naive => None,
     };
-    let provider = Arc::new(Provider::new(sim.token_url(), CODEX_CLIENT_ID, Dialect::OpenAi));
+    let provider = Arc::new(Provider::new(sim.token_url(), CODEX_CLIENT_ID, Dialect::Codex));
     let started = Instant::now();
     let deadline = crate::policy::instant_after(config.duration);
 

@@ -190,7 +190,8 @@ fn read_codex(path: &Path, root: &Map<String, Value>) -> Result<TokenSet, StoreE
     })
 }
 
-#[cfg(test)]
+// These build their files with the simulator's helpers.
+#[cfg(all(test, feature = "sim"))]
 mod tests {
     use super::*;
     use crate::sim::{codex_auth_json, Issued};

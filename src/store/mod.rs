@@ -1,3 +1,6 @@
+// TODO(integration): make the module's internals pub(crate) and drop this
+// allow; src/actor and src/store are being rewritten in parallel.
+#![allow(unreachable_pub)]
 //! Where credentials live: the Codex `auth.json`, a generic OAuth2
 //! credentials file, or memory; atomic durable writes and the
 //! cross-process lock.
@@ -23,9 +26,7 @@ pub use memory::MemoryStore;
 pub use oauth2::{OAuth2File, OAuth2Format};
 
 use crate::credentials::{RefreshToken, TokenSet};
-
-/// The largest credentials file token-broker reads. Real files are a few KiB.
-pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+pub(crate) use crate::defaults::MAX_FILE_BYTES;
 
 /// A place credentials are kept.
 ///

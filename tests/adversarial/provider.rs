@@ -849,7 +849,8 @@ fn assert_numbers_kept(case: &str, text: &str, prefix: &str) {
 /// generic OAuth2 file.
 #[test]
 fn unknown_numbers_survive_a_refresh_as_written() {
-    use token_broker::sim::{SimClientAuth, SimConfig, SimDialect};
+    use token_broker::sim::{SimClientAuth, SimConfig};
+    use token_broker::Dialect;
 
     // Codex: top level, in `tokens`, and nested.
     let fx = Fixture::codex();
@@ -879,7 +880,8 @@ fn unknown_numbers_survive_a_refresh_as_written() {
 
     // A generic OAuth2 file.
     let fx = Fixture::new(SimConfig {
-        dialect: SimDialect::Rfc6749(SimClientAuth::None),
+        dialect: Dialect::OAuth2,
+        client_auth: SimClientAuth::None,
         client_id: "odd-numbers".into(),
         ..SimConfig::default()
     });

@@ -1,0 +1,41 @@
+//! What the command line makes of a [`BrokerError`]: its exit code and the
+//! `kind` of its JSON error line. These belong to the binary, not to the
+//! library's error type.
+
+use token_broker::store::StoreError;
+use token_broker::BrokerError;
+
+/// The CLI's exit code for `e`: 2 usage or configuration, 3 credentials
+/// file missing, unreadable or invalid, 4 login required, 5 provider
+/// unavailable or another process refreshing (try again later), 1 anything
+/// else.
+pub(crate) fn exit_code(e: &BrokerError) -> i32 {
+    match e {
+        BrokerError::Config(_) => 2,
+        // Another process is refreshing: like a provider that is busy, try
+        // again later.
+        BrokerError::Store(StoreError::LockTimeout { .. }) => 5,
+        BrokerError::Store(StoreError::Write { .. } | StoreError::Conflict { .. }) => 1,
+        BrokerError::Store(_) => 3,
+        BrokerError::LoginRequired { .. } => 4,
+        BrokerError::Unavailable { .. } => 5,
+        BrokerError::AccountChanged { .. } | BrokerError::Stopped { .. } => 1,
+    }
+}
+
+/// A short machine-readable name for `e` (`login_required`...), the `kind`
+/// of the JSON error line.
+pub(crate) fn kind(e: &BrokerError) -> &'static str {
+    match e {
+        BrokerError::Store(StoreError::NotFound { .. }) => "credentials_missing",
+        BrokerError::Store(StoreError::LockTimeout { .. }) => "lock_timeout",
+        BrokerError::Store(StoreError::Write { .. }) => "write_failed",
+        BrokerError::Store(StoreError::Conflict { .. }) => "write_conflict",
+        BrokerError::Store(_) => "credentials_invalid",
+        BrokerError::LoginRequired { .. } => "login_required",
+        BrokerError::Unavailable { .. } => "provider_unavailable",
+        BrokerError::AccountChanged { .. } => "account_changed",
+        BrokerError::Config(_) => "usage",
+        BrokerError::Stopped { .. } => "stopped",
+    }
+}

@@ -63,14 +63,16 @@ fn retry_hint(retry_in: Option<Duration>) -> String {
 impl BrokerError {
     /// The CLI's exit code for this error: 2 usage or configuration, 3
     /// credentials file missing, unreadable or invalid, 4 login required,
-    /// 5 provider unavailable or another process refreshing (try again
-    /// later), 1 anything else.
+    /// 5 provider or store unavailable or another process refreshing (try
+    /// again later), 1 anything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             BrokerError::Config(_) => 2,
             // Another process is refreshing: like a provider that is busy,
             // try again later.
             BrokerError::Store(StoreError::LockTimeout { .. }) => 5,
+            // A remote store's engine failed (unreachable): try again later.
+            BrokerError::Store(StoreError::Backend { .. }) => 5,
             BrokerError::Store(StoreError::Write { .. } | StoreError::Conflict { .. }) => 1,
             BrokerError::Store(_) => 3,
             BrokerError::LoginRequired { .. } => 4,
@@ -86,6 +88,7 @@ impl BrokerError {
             BrokerError::Store(StoreError::LockTimeout { .. }) => "lock_timeout",
             BrokerError::Store(StoreError::Write { .. }) => "write_failed",
             BrokerError::Store(StoreError::Conflict { .. }) => "write_conflict",
+            BrokerError::Store(StoreError::Backend { .. }) => "store_unavailable",
             BrokerError::Store(_) => "credentials_invalid",
             BrokerError::LoginRequired { .. } => "login_required",
             BrokerError::Unavailable { .. } => "provider_unavailable",

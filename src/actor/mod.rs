@@ -30,7 +30,7 @@ use crate::error::BrokerError;
 use crate::policy::{backoff, freshness, Freshness, RefreshPolicy};
 use crate::provider::Provider;
 use crate::status::{Counters, State, Status};
-use crate::store::{Store, StoreVersion};
+use crate::store::{Changed, Changes, Loaded, Store, Version};
 use cycle::{CycleInput, CycleOutcome, Unsaved};
 
 /// The token handed to callers, as published for the handle's fast path.
@@ -156,14 +156,14 @@ struct Failure {
 struct LoginRequired {
     reason: String,
     dead_refresh: Option<RefreshToken>,
-    version: Option<StoreVersion>,
+    version: Option<Version>,
 }
 
 /// The actor that owns one credential.
 pub struct TokenActor {
     cfg: Arc<Config>,
     tokens: TokenSet,
-    version: Option<StoreVersion>,
+    version: Option<Version>,
     /// The current access token was rejected by the upstream API.
     rejected: bool,
     /// The current token is published as fresh (see [`Self::publish`]).
@@ -179,6 +179,13 @@ pub struct TokenActor {
     in_flight: bool,
     /// A re-read of the store is under way.
     reloading: bool,
+    // --- store seam (section 2 of issue 10) ---
+    /// Notifications of outside changes, subscribed to before the first
+    /// load (see [`TokenActor::open`]); taken by `started`.
+    changes: Option<Changes>,
+    /// A change arrived while a cycle or a re-read ran: look again after.
+    change_pending: bool,
+    // --- end store seam ---
     /// Extra cycles run for the current waiters (bounded).
     waiter_cycles: u32,
     /// The store now holds another account's tokens: serve nothing.
@@ -220,7 +227,20 @@ enum Decision {
 }
 
 impl TokenActor {
-    pub(crate) fn new(cfg: Arc<Config>, tokens: TokenSet, version: Option<StoreVersion>, published: Published) -> Self {
+    // --- store seam (section 2 of issue 10) ---
+    /// Subscribes to the store's changes (unless watching is off), loads
+    /// the credentials, and makes the actor: subscribing first, so that a
+    /// change made between the load and the actor's start is not missed.
+    pub(crate) async fn open(cfg: Arc<Config>, published: Published) -> Result<Self, BrokerError> {
+        let changes = (!cfg.watch_interval.is_zero()).then(|| cfg.store.changes(cfg.watch_interval));
+        let Loaded { tokens, version } = cfg.store.load().await?;
+        let mut actor = TokenActor::new(cfg, tokens, Some(version), published);
+        actor.changes = changes;
+        Ok(actor)
+    }
+    // --- end store seam ---
+
+    pub(crate) fn new(cfg: Arc<Config>, tokens: TokenSet, version: Option<Version>, published: Published) -> Self {
         let span = info_span!("credential", location = %cfg.location);
         TokenActor {
             cfg,
@@ -235,6 +255,8 @@ impl TokenActor {
             unsaved_lock: None,
             in_flight: false,
             reloading: false,
+            changes: None,
+            change_pending: false,
             waiter_cycles: 0,
             account_changed: false,
             waiters: Waiters::default(),
@@ -354,12 +376,21 @@ impl TokenActor {
         !self.in_flight && self.failure.retry_at.is_none_or(|at| Instant::now() >= at)
     }
 
+    // --- store seam (section 2 of issue 10) ---
+    /// Whether the store may hold something new since the provider refused
+    /// us. Changes arrive as notifications, and the re-read each causes
+    /// ([`Reload`]) adopts new tokens, which clears `login`: while `login`
+    /// stands, nothing new has been seen, unless the refusal was recorded
+    /// while the store could not even be read (no version): a cycle may
+    /// look again then. (With watching off, only an explicit [`Reload`]
+    /// brings a new file in.)
     fn store_changed_since_login_required(&self) -> bool {
         match &self.login {
-            Some(login) => self.cfg.store.version() != login.version,
+            Some(login) => login.version.is_none(),
             None => true,
         }
     }
+    // --- end store seam ---
 
     fn decide(&self) -> Decision {
         if self.fresh && crate::snapshot::Snapshot::before(self.fresh_until) {
@@ -423,15 +454,24 @@ impl TokenActor {
         }
     }
 
-    /// Checks whether someone else rewrote the store, and re-reads it if so.
+    // --- store seam (section 2 of issue 10) ---
+    /// The store may have changed (a notification): re-read it, or, while
+    /// a cycle or a re-read runs (it may have read before the change), once
+    /// it is over.
     fn poll_store(&mut self, ctx: &mut Context<Self>) {
         if self.in_flight || self.reloading {
+            if !self.change_pending {
+                self.change_pending = true;
+                ctx.run_later(CHANGE_RECHECK, |act, ctx| {
+                    act.change_pending = false;
+                    act.poll_store(ctx);
+                });
+            }
             return;
         }
-        if self.cfg.store.version() != self.version {
-            ctx.notify(Reload);
-        }
+        ctx.notify(Reload);
     }
+    // --- end store seam ---
 
     fn login_error(&self, reason: &str) -> BrokerError {
         BrokerError::LoginRequired {
@@ -564,7 +604,7 @@ impl TokenActor {
     }
 
     /// Adopts a token set (written by us or by someone else).
-    fn install(&mut self, tokens: TokenSet, version: Option<StoreVersion>) {
+    fn install(&mut self, tokens: TokenSet, version: Option<Version>) {
         if tokens.access_token != self.tokens.access_token {
             self.rejected = false;
         }
@@ -671,8 +711,9 @@ impl Actor for TokenActor {
         ctx.set_mailbox_capacity(1 << 20);
         self.publish(ctx);
         self.keep_fresh(ctx);
-        if !self.cfg.watch_interval.is_zero() {
-            ctx.run_interval(self.cfg.watch_interval, |act, ctx| act.poll_store(ctx));
+        // --- store seam: outside changes arrive as notifications ---
+        if let Some(changes) = self.changes.take() {
+            ctx.add_stream(changes);
         }
         debug!(parent: &self.span, access = %self.tokens.access_token.fingerprint(), "token actor started");
     }
@@ -692,7 +733,7 @@ impl Actor for TokenActor {
             Some(_) => Err(match &self.failure.last {
                 Some(err @ BrokerError::Store(_)) => err.clone(),
                 _ => BrokerError::Store(crate::store::StoreError::Write {
-                    path: self.cfg.location.clone().into(),
+                    location: crate::store::Location::named(self.cfg.location.clone()),
                     cause: "the new tokens of a refresh could not be written before the broker stopped".into(),
                 }),
             }),
@@ -733,25 +774,17 @@ impl Handler<Reload> for TokenActor {
 
     fn handle(&mut self, _msg: Reload, _ctx: &mut Self::Context) -> Self::Result {
         self.reloading = true;
+        // --- store seam ---
         let store = self.cfg.store.clone();
-        let read = async move {
-            tokio::task::spawn_blocking(move || (store.load(), store.version()))
-                .await
-                .unwrap_or_else(|e| {
-                    let err = crate::store::StoreError::Unreadable {
-                        path: "store".into(),
-                        cause: e.to_string(),
-                    };
-                    (Err(err), None)
-                })
-        };
-        Box::pin(read.into_actor(self).map(|(result, version), act, ctx| {
+        let read = async move { store.load().await };
+        Box::pin(read.into_actor(self).map(|result, act, ctx| {
             act.reloading = false;
-            // Remember what we saw even if it is unusable, so that one bad
-            // write is reported once, not on every poll.
-            act.version = version;
-            let tokens = match result {
-                Ok(tokens) => tokens,
+            let (tokens, version) = match result {
+                Ok(Loaded { tokens, version }) => {
+                    act.version = Some(version.clone());
+                    (tokens, Some(version))
+                }
+                // --- end store seam ---
                 Err(e) => {
                     warn!(parent: &act.span, error = %e, "could not re-read the credentials; keeping the current tokens");
                     return Err(e.into());
@@ -792,6 +825,24 @@ impl Handler<Reload> for TokenActor {
         }))
     }
 }
+
+// --- store seam (section 2 of issue 10) ---
+/// How soon a change that arrived during a cycle or a re-read is looked at
+/// again.
+const CHANGE_RECHECK: Duration = Duration::from_millis(50);
+
+/// Notifications from [`Store::changes`]: the store may have changed.
+impl StreamHandler<Changed> for TokenActor {
+    fn handle(&mut self, _event: Changed, ctx: &mut Self::Context) {
+        self.poll_store(ctx);
+    }
+
+    /// A store whose notifications end stops notifying; the actor goes on.
+    fn finished(&mut self, _ctx: &mut Self::Context) {
+        debug!(parent: &self.span, "the store's change notifications ended");
+    }
+}
+// --- end store seam ---
 
 impl Handler<GetStatus> for TokenActor {
     type Result = MessageResult<GetStatus>;

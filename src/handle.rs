@@ -458,8 +458,6 @@ impl BrokerBuilder {
         } else {
             login_hint
         };
-        let tokens = store.load()?;
-        let version = store.version();
         let codex = self.dialect == Dialect::Codex;
         let mut policy = RefreshPolicy::new(self.refresh_ahead);
         if codex {
@@ -500,8 +498,9 @@ impl BrokerBuilder {
         });
         let published: Published = crate::snapshot::Snapshot::new();
         let actor_published = published.clone();
-        let (addr, done) =
-            spawn_actor(move || TokenActor::new(cfg, tokens, version, actor_published)).map_err(BrokerError::Config)?;
+        // The credentials are loaded on the actor's thread (the store is
+        // asynchronous); a load error comes back here.
+        let (addr, done) = spawn_actor(move || TokenActor::open(cfg, actor_published))?;
         Ok(TokenBroker {
             inner: Arc::new(Inner {
                 addr,
@@ -513,11 +512,14 @@ impl BrokerBuilder {
     }
 }
 
-/// Runs `actor` on a dedicated thread with its own actix System, so that
-/// the handle works whether or not the caller runs one.
-fn spawn_actor(
-    make: impl FnOnce() -> TokenActor + Send + 'static,
-) -> Result<(Addr<TokenActor>, watch::Receiver<bool>), String> {
+/// Runs the actor `make` opens on a dedicated thread with its own actix
+/// System, so that the handle works whether or not the caller runs one.
+fn spawn_actor<F>(
+    make: impl FnOnce() -> F + Send + 'static,
+) -> Result<(Addr<TokenActor>, watch::Receiver<bool>), BrokerError>
+where
+    F: std::future::Future<Output = Result<TokenActor, BrokerError>>,
+{
     let (addr_tx, addr_rx) = std::sync::mpsc::sync_channel(1);
     let (done_tx, done_rx) = watch::channel(false);
     std::thread::Builder::new()
@@ -526,18 +528,24 @@ fn spawn_actor(
             let system = actix_rt::System::new();
             system.block_on(async move {
                 let (stopped_tx, stopped_rx) = oneshot::channel();
-                let mut actor = make();
+                let mut actor = match make().await {
+                    Ok(actor) => actor,
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(e));
+                        return;
+                    }
+                };
                 actor.notify_on_stop(stopped_tx);
                 let addr = actor.start();
-                let _ = addr_tx.send(addr.clone());
+                let _ = addr_tx.send(Ok(addr.clone()));
                 let _ = stopped_rx.await;
                 drop(addr);
             });
             let _ = done_tx.send(true);
         })
-        .map_err(|e| format!("could not start the broker thread: {e}"))?;
+        .map_err(|e| BrokerError::Config(format!("could not start the broker thread: {e}")))?;
     let addr = addr_rx
         .recv()
-        .map_err(|_| "the broker thread failed to start".to_owned())?;
+        .map_err(|_| BrokerError::Config("the broker thread failed to start".to_owned()))??;
     Ok((addr, done_rx))
 }

@@ -17,7 +17,7 @@ use codex_cli::{Codex, CodexHome};
 use model_api::{ModelApi, ANSWER};
 use token_broker::credentials::Secret;
 use token_broker::sim::{Issued, ProviderServer, SimConfig};
-use token_broker::store::{CodexAuthFile, Store};
+use token_broker::store::CodexAuthFile;
 
 /// A simulated provider issuing whole-second `exp` claims (the Codex CLI
 /// reads `exp` as an integer, as real OpenAI tokens have it), a model API
@@ -135,8 +135,9 @@ fn codex_exec_with_an_expired_token_refreshes_once_and_writes_auth_json() {
     assert!(setup.sim.is_unspent(&refresh), "the new refresh token is unspent");
     assert_eq!(setup.api.bearer_fingerprints(), vec![fp(&access)]);
     let loaded = CodexAuthFile::new(setup.home.auth_path())
-        .load()
-        .expect("token-broker loads the auth.json codex wrote");
+        .load_blocking()
+        .expect("token-broker loads the auth.json codex wrote")
+        .tokens;
     assert_eq!(loaded.access_token.expose(), access);
     assert_eq!(
         loaded.refresh_token.as_ref().map(|r| r.expose()),

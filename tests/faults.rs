@@ -317,7 +317,7 @@ async fn tokens_that_cannot_be_written_are_kept_and_written_later() {
     assert!(err.to_string().contains("no space left on device"), "{err}");
     assert_eq!(fx.sim.token_requests(), 1);
     assert_eq!(
-        store.load().unwrap().access_token.expose(),
+        store.load().await.unwrap().tokens.access_token.expose(),
         issued.access_token,
         "nothing written yet"
     );
@@ -331,7 +331,7 @@ async fn tokens_that_cannot_be_written_are_kept_and_written_later() {
         "the rotated refresh token was not spent again"
     );
     assert!(fx.sim.is_live(token.expose()));
-    let stored = store.load().unwrap();
+    let stored = store.load().await.unwrap().tokens;
     assert_eq!(stored.access_token, token);
     assert!(fx.sim.is_unspent(stored.refresh_token.unwrap().expose()));
     broker.shutdown().await;
@@ -367,13 +367,16 @@ async fn unwritten_tokens_never_overwrite_newer_ones() {
     clock.advance(Duration::from_millis(1100));
     assert_eq!(broker.token().await.unwrap().expose(), theirs.access_token);
     broker.reload().await.unwrap();
-    assert_eq!(store.load().unwrap().access_token.expose(), theirs.access_token);
+    assert_eq!(
+        store.load().await.unwrap().tokens.access_token.expose(),
+        theirs.access_token
+    );
     // The next refresh spends *their* refresh token; it does not write ours.
     let next = broker.reject(&broker.token().await.unwrap()).await.unwrap();
     broker.shutdown().await;
     assert_eq!(fx.sim.token_requests(), 2);
     assert!(!fx.sim.is_unspent(&theirs.refresh_token));
-    let stored = store.load().unwrap();
+    let stored = store.load().await.unwrap().tokens;
     assert_eq!(stored.access_token, next);
     assert!(fx.sim.is_unspent(stored.refresh_token.unwrap().expose()));
 }

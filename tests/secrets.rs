@@ -97,8 +97,10 @@ fn no_token_ever_reaches_logs_errors_or_stderr() {
         shown += &format!("{:?}\n", broker.status().await.unwrap());
         shown += &format!("{:?}\n", token_broker::store::CodexAuthFile::new(&path));
         shown += &format!("{:?}\n", {
-            use token_broker::store::Store;
-            token_broker::store::CodexAuthFile::new(&path).load().unwrap()
+            token_broker::store::CodexAuthFile::new(&path)
+                .load_blocking()
+                .unwrap()
+                .tokens
         });
         broker.shutdown().await;
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use token_broker::credentials::{decode_claims, AccessToken};
 use token_broker::sim::{codex_auth_json, SimConfig};
-use token_broker::store::{CodexAuthFile, Store};
+use token_broker::store::CodexAuthFile;
 use token_broker::{BrokerError, State};
 
 /// 8 CLI processes calling `token` in a loop for 20 s with 2 s access
@@ -201,7 +201,7 @@ fn sigkill_at_any_instant_never_tears_the_file_or_loses_a_rotation_silently() {
     let url = fx.sim.token_url();
     let (mut rotated, mut untouched, mut recovered, mut interrupted, mut still_valid) = (0, 0, 0, 0, 0);
     for round in 0..200 {
-        let before = CodexAuthFile::new(&path).load().unwrap();
+        let before = CodexAuthFile::new(&path).load_blocking().unwrap().tokens;
         let mut child = cli_command()
             .arg("token")
             .arg("--auth-file")
@@ -237,7 +237,7 @@ fn sigkill_at_any_instant_never_tears_the_file_or_loses_a_rotation_silently() {
         // from the temporary file the killed writer left, or says a refresh
         // was interrupted: never silence.
         let out = fx.cli(&["token", "--auth-file", path.to_str().unwrap()]);
-        let on_disk = CodexAuthFile::new(&path).load().unwrap();
+        let on_disk = CodexAuthFile::new(&path).load_blocking().unwrap().tokens;
         if out.status.code() == Some(0) && !fx.sim.is_unspent(on_disk.refresh_token.as_ref().unwrap().expose()) {
             // The access token on disk was still valid, so it was served
             // as is. If a refresh was tried (inside the refresh-ahead
@@ -263,7 +263,7 @@ fn sigkill_at_any_instant_never_tears_the_file_or_loses_a_rotation_silently() {
         }
         if out.status.code() == Some(0) {
             recovered += 1;
-            let now = CodexAuthFile::new(&path).load().unwrap();
+            let now = CodexAuthFile::new(&path).load_blocking().unwrap().tokens;
             // The recovered token, or the one before it while still valid.
             let printed = stdout(&out);
             assert!(
@@ -334,7 +334,7 @@ fn an_interrupted_refresh_is_reported_on_the_next_start() {
     assert_eq!(std::fs::read(&path).unwrap(), before);
     assert_eq!(fx.sim.token_requests(), 1);
     assert!(
-        store.interrupted_refresh().is_none(),
+        store.interrupted_refresh_blocking().is_none(),
         "the record is cleared once the outcome is known"
     );
 }
@@ -547,7 +547,7 @@ fn a_half_written_file_is_read_again() {
             std::fs::write(&path, text).unwrap();
         })
     };
-    let loaded = CodexAuthFile::new(&path).load().unwrap();
+    let loaded = CodexAuthFile::new(&path).load_blocking().unwrap().tokens;
     writer.join().unwrap();
     assert_eq!(loaded.access_token.expose(), issued.access_token);
 }

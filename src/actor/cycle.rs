@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
 use super::Config;
 use crate::credentials::{AccessToken, RefreshToken, TokenSet};
 use crate::error::BrokerError;
 use crate::policy::{freshness, Freshness};
-use crate::store::{StoreError, StoreLock, StoreVersion};
+use crate::store::{Changes, Loaded, StoreError, StoreLock, Version};
 
 /// What the actor knows when it starts a cycle.
 pub(crate) struct CycleInput {
@@ -43,16 +44,16 @@ pub(crate) struct Unsaved {
 /// How a cycle ended.
 pub(crate) enum CycleOutcome {
     /// Someone else wrote newer usable tokens; no request was made.
-    Adopted(TokenSet, Option<StoreVersion>),
+    Adopted(TokenSet, Option<Version>),
     /// The refresh token was spent and the new tokens are on disk.
-    Refreshed(TokenSet, Option<StoreVersion>),
+    Refreshed(TokenSet, Option<Version>),
     /// The store holds what the actor holds and nothing needed doing.
-    Unchanged(Option<StoreVersion>),
+    Unchanged(Option<Version>),
     /// The provider refused the refresh token (or there is none).
     LoginRequired {
         reason: String,
         dead_refresh: Option<RefreshToken>,
-        version: Option<StoreVersion>,
+        version: Option<Version>,
     },
     /// A refresh succeeded but its tokens could not be written. The
     /// brokers' lock comes back with them: it stays held until they are
@@ -63,16 +64,12 @@ pub(crate) enum CycleOutcome {
     Failed(BrokerError),
 }
 
-/// Runs a blocking store operation off the actor's thread.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, BrokerError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result.map_err(BrokerError::from),
-        Err(e) => Err(BrokerError::Store(StoreError::Unreadable {
-            path: "store".into(),
-            cause: format!("the store task failed: {e}"),
-        })),
+/// Releases the brokers' lock, if `slot` still holds it.
+async fn release(slot: &mut Option<StoreLock>) {
+    if let Some(lock) = slot.take() {
+        if let Err(e) = lock.release().await {
+            warn!(error = %e, "could not release the brokers' lock");
+        }
     }
 }
 
@@ -101,20 +98,38 @@ async fn run_inner(
     requests: &AtomicU64,
     unsaved_abandoned: &mut bool,
 ) -> Result<CycleOutcome, BrokerError> {
-    // The lock covers re-read, refresh and write; it is released when it
-    // drops, on every path but one: tokens that could not be written, which
-    // keep it until they are.
+    // The lock covers re-read, refresh and write; it is released when the
+    // cycle ends (or earlier, before waiting for a winner), on every path
+    // but one: tokens that could not be written, which keep it until they
+    // are.
     let held_lock = input.held_lock.take();
     let lock = match held_lock {
         Some(lock) => lock,
         None => take_lock(cfg, input.unsaved.is_some()).await?,
     };
-    let store = cfg.store.clone();
-    let read = blocking(move || Ok((store.load(), store.version(), store.interrupted_refresh()))).await;
-    let (on_disk, version, marker) = match read {
-        Ok((Ok(tokens), version, marker)) => (tokens, version, marker),
-        Ok((Err(e), _, _)) => return keep_unsaved(input.unsaved, lock, e.into()),
-        Err(e) => return keep_unsaved(input.unsaved, lock, e),
+    let mut slot = Some(lock);
+    let result = locked(cfg, input, &mut slot, requests, unsaved_abandoned).await;
+    release(&mut slot).await;
+    result
+}
+
+/// The cycle once the lock is taken. `slot` holds the lock: taken out to
+/// release it early or to keep it with unwritten tokens.
+async fn locked(
+    cfg: &Arc<Config>,
+    input: CycleInput,
+    slot: &mut Option<StoreLock>,
+    requests: &AtomicU64,
+    unsaved_abandoned: &mut bool,
+) -> Result<CycleOutcome, BrokerError> {
+    let read = async {
+        let loaded = cfg.store.load().await?;
+        let marker = cfg.store.interrupted_refresh().await?;
+        Ok::<_, StoreError>((loaded, marker))
+    };
+    let (on_disk, version, marker) = match read.await {
+        Ok((Loaded { tokens, version }, marker)) => (tokens, version, marker),
+        Err(e) => return keep_unsaved(input.unsaved, slot, e.into()),
     };
 
     if let (Some(held), Some(now)) = (&input.held.account_id, &on_disk.account_id) {
@@ -133,7 +148,7 @@ async fn run_inner(
     // unless someone has written the store since.
     if let Some(unsaved) = input.unsaved {
         if !on_disk.differs_from(&unsaved.replaces) {
-            return save(cfg, unsaved.tokens, on_disk, lock).await;
+            return save(cfg, unsaved.tokens, on_disk, version, slot).await;
         }
         *unsaved_abandoned = true;
         warn!("tokens from an earlier refresh were never written, and someone else has since changed the store; adopting theirs");
@@ -156,8 +171,7 @@ async fn run_inner(
             }
         }
         Some(_) => {
-            let store = cfg.store.clone();
-            blocking(move || store.clear_refreshing()).await?;
+            cfg.store.clear_refreshing().await?;
             false
         }
         None => false,
@@ -169,30 +183,30 @@ async fn run_inner(
     if !rejected && matches!(state, Freshness::Fresh { .. } | Freshness::Unknown) {
         return Ok(if changed {
             info!(access = %on_disk.access_token.fingerprint(), "adopting tokens written by someone else");
-            CycleOutcome::Adopted(on_disk, version)
+            CycleOutcome::Adopted(on_disk, Some(version))
         } else {
-            CycleOutcome::Unchanged(version)
+            CycleOutcome::Unchanged(Some(version))
         });
     }
     let Some(refresh_token) = on_disk.refresh_token.clone() else {
         return Ok(CycleOutcome::LoginRequired {
             reason: "the credentials have no refresh token".into(),
             dead_refresh: None,
-            version,
+            version: Some(version),
         });
     };
     if input.dead_refresh.as_ref() == Some(&refresh_token) {
         return Ok(CycleOutcome::LoginRequired {
             reason: "the provider already rejected this refresh token".into(),
             dead_refresh: Some(refresh_token),
-            version,
+            version: Some(version),
         });
     }
     // A running broker spent this token and holds the new tokens, unwritten
     // so far: spending it again would burn the credential. Wait for its
     // write; if it does not come, try again later.
     if let Some(pid) = live_holder {
-        drop(lock);
+        release(slot).await;
         info!(
             pid,
             "a running broker spent this refresh token and has not written the result yet; waiting"
@@ -213,10 +227,9 @@ async fn run_inner(
     }
     // Another broker on this store saw the provider refuse this very token:
     // never send it again. Whoever won may still be writing their tokens.
-    let store = cfg.store.clone();
     let key = refused_key(cfg, &refresh_token);
-    if let Some(refused) = blocking(move || Ok(store.refused_at(&key))).await? {
-        drop(lock);
+    if let Some(refused) = cfg.store.refused_at(&key).await? {
+        release(slot).await;
         info!(refresh = %refresh_token.fingerprint(), "another broker saw the provider refuse this refresh token; waiting for the winner's tokens");
         let deadline = crate::policy::later(refused, cfg.winner_wait);
         let reason = "the provider refused this refresh token (seen by another broker on this file), \
@@ -229,13 +242,12 @@ async fn run_inner(
     // left the rotated tokens there: adopt them rather than spending the
     // old refresh token again.
     if interrupted {
-        let store = cfg.store.clone();
-        if let Some(orphan) = blocking(move || Ok(store.recover_interrupted())).await? {
+        if let Some(orphan) = cfg.store.recover_interrupted().await {
             let same_account = orphan.account_id == on_disk.account_id;
             let newer = orphan.refresh_token.is_some() && orphan.refresh_token != on_disk.refresh_token;
             if same_account && newer {
                 warn!(access = %orphan.access_token.fingerprint(), "recovering the tokens an interrupted refresh left in its temporary file");
-                return Ok(match save(cfg, orphan, on_disk, lock).await? {
+                return Ok(match save(cfg, orphan, on_disk, version, slot).await? {
                     CycleOutcome::Refreshed(tokens, version) => CycleOutcome::Adopted(tokens, version),
                     other => other,
                 });
@@ -253,9 +265,7 @@ async fn run_inner(
 
     // Record the attempt before the token leaves the process: if we are
     // killed before saving the result, the next holder of the lock knows.
-    let store = cfg.store.clone();
-    let marked = refresh_token.clone();
-    blocking(move || store.mark_refreshing(&marked)).await?;
+    cfg.store.mark_refreshing(&refresh_token).await?;
     // Why an earlier attempt may have spent this refresh token unheard.
     let mut interrupted_by: Option<String> =
         interrupted.then(|| "an earlier attempt ended before its result was saved".to_owned());
@@ -269,17 +279,17 @@ async fn run_inner(
             });
         }
         // The last moment before the token leaves: is the lock still ours?
-        if !lock.is_valid() {
-            warn!("the lock file was deleted or replaced while held; spending nothing and trying again");
+        // (A file lock whose lock file was deleted or replaced, a lease
+        // that lapsed while an earlier attempt ran.)
+        if !slot.as_ref().is_some_and(StoreLock::is_valid) {
+            warn!("the brokers' lock is no longer held (its lock file was deleted or replaced, or its lease lapsed); spending nothing and trying again");
             if attempt == 1 {
                 // Our record, for a token we did not send: remove it, unless
                 // a broker that got in meanwhile has replaced it with its own.
-                let store = cfg.store.clone();
-                blocking(move || match store.interrupted_refresh() {
-                    Some(record) if record.holder_pid == std::process::id() => store.clear_refreshing(),
-                    _ => Ok(()),
-                })
-                .await?;
+                match cfg.store.interrupted_refresh().await? {
+                    Some(record) if record.holder_pid == std::process::id() => cfg.store.clear_refreshing().await?,
+                    _ => {}
+                }
             }
             return Err(BrokerError::Unavailable {
                 location: cfg.location.clone(),
@@ -299,7 +309,8 @@ async fn run_inner(
                     cfg,
                     refreshed.into_token_set(&on_disk, SystemTime::now()),
                     on_disk,
-                    lock,
+                    version,
+                    slot,
                 )
                 .await
             }
@@ -310,14 +321,10 @@ async fn run_inner(
             // may be committing its tokens right now: release everything and
             // give it time before declaring a sign-in necessary.
             warn!(%error, "the provider refused the refresh token; waiting for the winner's tokens");
-            let store = cfg.store.clone();
             let key = refused_key(cfg, &refresh_token);
-            blocking(move || {
-                store.record_refused(&key)?;
-                store.clear_refreshing()
-            })
-            .await?;
-            drop(lock);
+            cfg.store.record_refused(&key).await?;
+            cfg.store.clear_refreshing().await?;
+            release(slot).await;
             let reason = match &interrupted_by {
                 Some(how) => format!(
                     "an earlier refresh was interrupted ({how}) before its new tokens were saved, \
@@ -330,16 +337,12 @@ async fn run_inner(
         }
         if error.is_permanent() {
             warn!(%error, "the provider rejected the refresh request; re-reading the store once");
-            let store = cfg.store.clone();
-            let (again, version) = blocking(move || {
-                // The outcome is known: the record has done its job.
-                store.clear_refreshing()?;
-                Ok((store.load()?, store.version()))
-            })
-            .await?;
+            // The outcome is known: the record has done its job.
+            cfg.store.clear_refreshing().await?;
+            let Loaded { tokens: again, version } = cfg.store.load().await?;
             if again.differs_from(&on_disk) {
                 info!("someone else refreshed meanwhile; adopting their tokens");
-                return Ok(CycleOutcome::Adopted(again, version));
+                return Ok(CycleOutcome::Adopted(again, Some(version)));
             }
             let reason = match &interrupted_by {
                 Some(how) => format!(
@@ -351,19 +354,17 @@ async fn run_inner(
             return Ok(CycleOutcome::LoginRequired {
                 reason,
                 dead_refresh: Some(refresh_token),
-                version,
+                version: Some(version),
             });
         }
         if error.outcome_unknown() && attempt == 1 {
             // The provider may have rotated the token without our hearing
             // back. Still holding the lock: has another writer moved on?
             warn!(%error, "the refresh outcome is unknown; re-reading the store, then retrying once");
-            let store = cfg.store.clone();
-            let (again, version) = blocking(move || Ok((store.load()?, store.version()))).await?;
+            let Loaded { tokens: again, version } = cfg.store.load().await?;
             if again.differs_from(&on_disk) {
-                let store = cfg.store.clone();
-                blocking(move || store.clear_refreshing()).await?;
-                return Ok(CycleOutcome::Adopted(again, version));
+                cfg.store.clear_refreshing().await?;
+                return Ok(CycleOutcome::Adopted(again, Some(version)));
             }
             // Many providers accept a just-rotated token again for a short
             // grace period and return the same new tokens.
@@ -374,8 +375,7 @@ async fn run_inner(
         }
         // The record stays when the request may have reached the provider.
         if !error.outcome_unknown() && interrupted_by.is_none() {
-            let store = cfg.store.clone();
-            blocking(move || store.clear_refreshing()).await?;
+            cfg.store.clear_refreshing().await?;
         }
         warn!(%error, "refresh failed; will retry with backoff");
         return Err(BrokerError::Unavailable {
@@ -388,9 +388,17 @@ async fn run_inner(
 
 /// A cycle that could not even read the store: unwritten tokens it was
 /// given stay unwritten, and keep the lock; without them the error stands.
-fn keep_unsaved(unsaved: Option<Unsaved>, lock: StoreLock, error: BrokerError) -> Result<CycleOutcome, BrokerError> {
+fn keep_unsaved(
+    unsaved: Option<Unsaved>,
+    slot: &mut Option<StoreLock>,
+    error: BrokerError,
+) -> Result<CycleOutcome, BrokerError> {
     match unsaved {
-        Some(unsaved) => Ok(CycleOutcome::Unsaved(Box::new(unsaved), Some(lock), after_spend(error))),
+        Some(unsaved) => Ok(CycleOutcome::Unsaved(
+            Box::new(unsaved),
+            slot.take(),
+            after_spend(error),
+        )),
         None => Err(error),
     }
 }
@@ -407,17 +415,16 @@ async fn take_lock(cfg: &Arc<Config>, write_only: bool) -> Result<StoreLock, Bro
             });
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let store = cfg.store.clone();
-        match blocking(move || store.lock(left.min(LOCK_SLICE))).await {
+        match cfg.store.lock(left.min(LOCK_SLICE)).await {
             // A slice ended with time left: try again (and look at `stopping`).
-            Err(BrokerError::Store(StoreError::LockTimeout { .. })) if left > LOCK_SLICE => {}
-            Err(BrokerError::Store(StoreError::LockTimeout { path, .. })) => {
+            Err(StoreError::LockTimeout { .. }) if left > LOCK_SLICE => {}
+            Err(StoreError::LockTimeout { location, .. }) => {
                 return Err(BrokerError::Store(StoreError::LockTimeout {
-                    path,
+                    location,
                     waited: cfg.lock_timeout,
                 }))
             }
-            other => return other,
+            other => return other.map_err(BrokerError::from),
         }
     }
 }
@@ -453,17 +460,18 @@ async fn wait_for_winner(
     reason: String,
     refused: RefreshToken,
 ) -> Result<CycleOutcome, BrokerError> {
-    let mut seen = cfg.store.version();
-    let mut first = true;
+    // Subscribed before the first look, so that nothing written after it
+    // goes unnoticed.
+    let mut changes = cfg.store.changes(WINNER_POLL);
+    let mut seen = None;
+    let mut look = true;
     loop {
-        let version = cfg.store.version();
-        if first || version != seen {
-            first = false;
-            seen = version;
-            let store = cfg.store.clone();
+        if look {
+            look = false;
             // A file caught mid-write, or briefly unreadable, is looked at
             // again on the next change; only usable tokens end the wait.
-            if let Ok((again, version)) = blocking(move || Ok((store.load()?, store.version()))).await {
+            if let Ok(Loaded { tokens: again, version }) = cfg.store.load().await {
+                seen = Some(version.clone());
                 if again.differs_from(on_disk) {
                     if let (Some(held), Some(now)) = (&on_disk.account_id, &again.account_id) {
                         if held != now {
@@ -474,7 +482,7 @@ async fn wait_for_winner(
                         }
                     }
                     info!(access = %again.access_token.fingerprint(), "the winner's tokens arrived; adopting them");
-                    return Ok(CycleOutcome::Adopted(again, version));
+                    return Ok(CycleOutcome::Adopted(again, Some(version)));
                 }
             }
         }
@@ -487,74 +495,86 @@ async fn wait_for_winner(
             });
         }
         let left = deadline.duration_since(now).unwrap_or_default();
-        tokio::time::sleep(WINNER_POLL.min(left)).await;
+        tokio::select! {
+            event = changes.next() => match event {
+                Some(_) => look = true,
+                // A store whose notifications ended: look every WINNER_POLL.
+                None => changes = Changes::every(WINNER_POLL),
+            },
+            _ = tokio::time::sleep(left) => {}
+        }
     }
 }
 
-/// How often the store is checked while waiting for a winner's tokens (one
-/// `stat` each).
+/// How often the store is checked while waiting for a winner's tokens where
+/// it cannot notify (one `stat` each, for a file).
 const WINNER_POLL: Duration = Duration::from_millis(20);
 
-/// Writes freshly refreshed tokens over `replaces`; only once this succeeds
-/// may anyone see them.
+/// Writes freshly refreshed tokens over `replaces` (loaded as version
+/// `expected`); only once this succeeds may anyone see them.
 async fn save(
     cfg: &Arc<Config>,
     tokens: TokenSet,
     replaces: TokenSet,
-    lock: StoreLock,
+    mut expected: Version,
+    slot: &mut Option<StoreLock>,
 ) -> Result<CycleOutcome, BrokerError> {
     let mut attempt = 0;
+    let mut rewrites = 0;
     let written = loop {
-        let store = cfg.store.clone();
-        let to_write = tokens.clone();
-        let replaced = replaces.clone();
-        let written = blocking(move || {
-            store.save(&to_write, &replaced)?;
-            if let Err(e) = store.clear_refreshing() {
-                warn!(error = %e, "could not remove the refresh-in-progress record");
+        match cfg.store.save(&tokens, &expected).await {
+            Ok(version) => break Ok(version),
+            Err(StoreError::Conflict { .. }) => {
+                let theirs = match cfg.store.load().await {
+                    Ok(theirs) => theirs,
+                    // Cannot tell who wrote: keep ours, unwritten, and the lock.
+                    Err(e) => break Err(e),
+                };
+                if !theirs.tokens.differs_from(&replaces) && rewrites < MAX_REWRITES {
+                    // Rewritten with the very tokens ours replace (a store
+                    // whose versions count writes, not tokens): still ours
+                    // to replace.
+                    rewrites += 1;
+                    expected = theirs.version;
+                    continue;
+                }
+                warn!("another writer replaced the tokens during the refresh; keeping theirs");
+                cfg.store.clear_refreshing().await?;
+                return Ok(CycleOutcome::Adopted(theirs.tokens, Some(theirs.version)));
             }
-            Ok(store.version())
-        })
-        .await;
-        match written {
             // A full disk or a passing I/O error: try again while still
             // holding the lock, before anyone else can mistake our record
             // for a crash.
-            Err(BrokerError::Store(ref e))
-                if !matches!(e, StoreError::Conflict { .. }) && attempt < SAVE_RETRIES.len() =>
-            {
+            Err(e) if attempt < SAVE_RETRIES.len() => {
                 warn!(error = %e, attempt = attempt + 1, "could not write the new tokens; trying again");
                 tokio::time::sleep(SAVE_RETRIES[attempt]).await;
                 attempt += 1;
             }
-            other => break other,
+            Err(e) => break Err(e),
         }
     };
     match written {
         Ok(version) => {
+            if let Err(e) = cfg.store.clear_refreshing().await {
+                warn!(error = %e, "could not remove the refresh-in-progress record");
+            }
             debug!(access = %tokens.access_token.fingerprint(), "new tokens are on disk");
-            Ok(CycleOutcome::Refreshed(tokens, version))
-        }
-        Err(BrokerError::Store(StoreError::Conflict { .. })) => {
-            warn!("another writer replaced the tokens during the refresh; keeping theirs");
-            let store = cfg.store.clone();
-            let (theirs, version) = blocking(move || {
-                store.clear_refreshing()?;
-                Ok((store.load()?, store.version()))
-            })
-            .await?;
-            Ok(CycleOutcome::Adopted(theirs, version))
+            Ok(CycleOutcome::Refreshed(tokens, Some(version)))
         }
         Err(e) => {
             warn!(error = %e, "could not write the new tokens; keeping them in memory, and the lock, and retrying");
             Ok(CycleOutcome::Unsaved(
                 Box::new(Unsaved { tokens, replaces }),
-                Some(lock),
-                after_spend(e),
+                slot.take(),
+                after_spend(e.into()),
             ))
         }
     }
 }
+
+/// How many times a save goes on over a store rewritten with the very
+/// tokens it replaces.
+const MAX_REWRITES: u32 = 3;
 
 /// Pauses between the attempts to write new tokens, lock held.
 const SAVE_RETRIES: [Duration; 3] = [
@@ -569,15 +589,15 @@ const SAVE_RETRIES: [Duration; 3] = [
 fn after_spend(e: BrokerError) -> BrokerError {
     match e {
         BrokerError::Store(
-            StoreError::Invalid { path, .. }
-            | StoreError::NotFound { path }
-            | StoreError::Unreadable { path, .. }
-            | StoreError::TooLarge { path, .. },
+            StoreError::Invalid { location, .. }
+            | StoreError::NotFound { location }
+            | StoreError::Unreadable { location, .. }
+            | StoreError::TooLarge { location, .. },
         ) => BrokerError::Store(StoreError::Write {
             cause: "the file could no longer be read as credentials (someone changed it while the refresh \
                     was under way); the new tokens are kept in memory and written once it can be read again"
                 .to_owned(),
-            path,
+            location,
         }),
         other => other,
     }

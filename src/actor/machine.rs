@@ -17,7 +17,7 @@ use crate::error::BrokerError;
 use crate::policy::{backoff_with, freshness_jittered, Freshness, RefreshPolicy};
 use crate::provider::{Failure as FailureKind, RefreshError};
 use crate::status::Counters;
-use crate::store::StoreVersion;
+use crate::store::Version as StoreVersion;
 
 use super::cycle::Unsaved;
 
@@ -197,11 +197,6 @@ impl Machine {
     #[cfg(test)]
     pub(crate) fn state(&self) -> &State {
         &self.state
-    }
-
-    /// The store version last seen.
-    pub(crate) fn seen(&self) -> Option<&StoreVersion> {
-        self.seen.as_ref()
     }
 
     /// Counters since the start (without the shell's token-request count).
@@ -410,7 +405,7 @@ impl Machine {
             Outcome::LoginRequired(login) => {
                 self.counters.failures += 1;
                 let err = login_error(rules, &login.reason);
-                self.seen = login.version;
+                self.seen = login.version.clone();
                 self.state = State::Idle(Idle::LoginRequired(login));
                 Some(Err(err))
             }
@@ -513,11 +508,6 @@ impl Machine {
         self.state = State::Idle(Idle::Ready);
     }
 
-    /// A re-read of the store at `version` found nothing usable.
-    pub(crate) fn saw(&mut self, version: Option<StoreVersion>) {
-        self.seen = version;
-    }
-
     /// A re-read of the store found `tokens` at `version`.
     pub(crate) fn adopt(
         &mut self,
@@ -528,7 +518,7 @@ impl Machine {
     ) -> Adoption {
         // Remember what we saw even if nothing is adopted, so that one
         // change is looked at once.
-        self.seen = version;
+        self.seen = version.clone();
         if let (Some(held), Some(now)) = (&self.tokens.account_id, &tokens.account_id) {
             if held != now {
                 match &mut self.state {
@@ -653,7 +643,7 @@ impl Machine {
                 }),
             ) => Err(err.clone()),
             (Some(_), _) => Err(BrokerError::Store(crate::store::StoreError::Write {
-                path: rules.location.clone().into(),
+                location: crate::store::Location::named(rules.location.clone()),
                 cause: "the new tokens of a refresh could not be written before the broker stopped".into(),
             })),
         };
@@ -817,7 +807,7 @@ mod tests {
     }
 
     fn version(n: u64) -> Option<StoreVersion> {
-        Some(StoreVersion::Memory(n))
+        Some(StoreVersion::from_revision(n))
     }
 
     fn transient(retry_after: Option<Duration>, kind: FailureKind) -> BrokerError {
@@ -1177,7 +1167,7 @@ mod tests {
 
     fn write_error() -> BrokerError {
         BrokerError::Store(crate::store::StoreError::Write {
-            path: "memory".into(),
+            location: crate::store::Location::named("memory"),
             cause: "disk full".into(),
         })
     }

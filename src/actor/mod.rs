@@ -32,7 +32,7 @@ use crate::credentials::{AccessToken, TokenSet};
 use crate::error::BrokerError;
 use crate::provider::Provider;
 use crate::status::Status;
-use crate::store::{Store, StoreVersion};
+use crate::store::{Changed, Changes, Loaded, Store, Version};
 use cycle::{CycleInput, CycleOutcome};
 pub(crate) use machine::Rules;
 use machine::{
@@ -161,6 +161,11 @@ pub struct TokenActor {
     unsaved_lock: Option<crate::store::StoreLock>,
     /// A re-read of the store is under way.
     reloading: bool,
+    /// Notifications of outside changes, subscribed to before the first
+    /// load (see [`TokenActor::open`]); taken by `started`.
+    changes: Option<Changes>,
+    /// A change arrived while a cycle or a re-read ran: look again after.
+    change_pending: bool,
     /// Callers waiting for the refresh in flight: the reply channels of
     /// their messages, answered directly (no task or channel of our own).
     waiters: Waiters,
@@ -184,7 +189,7 @@ impl std::fmt::Debug for TokenActor {
 }
 
 impl TokenActor {
-    pub(crate) fn new(cfg: Arc<Config>, tokens: TokenSet, version: Option<StoreVersion>, published: Published) -> Self {
+    pub(crate) fn new(cfg: Arc<Config>, tokens: TokenSet, version: Option<Version>, published: Published) -> Self {
         let span = info_span!("credential", location = %cfg.location);
         let machine = Machine::new(tokens, version, crate::clock::fraction(&*cfg.jitter));
         TokenActor {
@@ -192,6 +197,8 @@ impl TokenActor {
             machine,
             unsaved_lock: None,
             reloading: false,
+            changes: None,
+            change_pending: false,
             waiters: Waiters::default(),
             published,
             timer: None,
@@ -199,6 +206,17 @@ impl TokenActor {
             stop_waiters: Vec::new(),
             span,
         }
+    }
+
+    /// Subscribes to the store's changes (unless watching is off), loads
+    /// the credentials, and makes the actor: subscribing first, so that a
+    /// change made between the load and the actor's start is not missed.
+    pub(crate) async fn open(cfg: Arc<Config>, published: Published) -> Result<Self, BrokerError> {
+        let changes = (!cfg.watch_interval.is_zero()).then(|| cfg.store.changes(cfg.watch_interval));
+        let Loaded { tokens, version } = cfg.store.load().await?;
+        let mut actor = TokenActor::new(cfg, tokens, Some(version), published);
+        actor.changes = changes;
+        Ok(actor)
     }
 
     /// Also tells `tx` when the actor has stopped.
@@ -259,14 +277,21 @@ impl TokenActor {
         }
     }
 
-    /// Checks whether someone else rewrote the store, and re-reads it if so.
+    /// The store may have changed (a notification): re-read it, or, while
+    /// a cycle or a re-read runs (it may have read before the change), once
+    /// it is over.
     fn poll_store(&mut self, ctx: &mut Context<Self>) {
         if self.machine.refreshing() || self.reloading {
+            if !self.change_pending {
+                self.change_pending = true;
+                ctx.run_later(CHANGE_RECHECK, |act, ctx| {
+                    act.change_pending = false;
+                    act.poll_store(ctx);
+                });
+            }
             return;
         }
-        if self.cfg.store.version().as_ref() != self.machine.seen() {
-            ctx.notify(Reload);
-        }
+        ctx.notify(Reload);
     }
 
     /// Starts a refresh cycle unless one runs. It runs inside the actor's
@@ -393,8 +418,8 @@ impl Actor for TokenActor {
         // bounce between the mailbox and their executors.
         ctx.set_mailbox_capacity(1 << 20);
         self.refresh_view(ctx);
-        if !self.cfg.watch_interval.is_zero() {
-            ctx.run_interval(self.cfg.watch_interval, |act, ctx| act.poll_store(ctx));
+        if let Some(changes) = self.changes.take() {
+            ctx.add_stream(changes);
         }
         debug!(parent: &self.span, access = %self.machine.tokens().access_token.fingerprint(), "token actor started");
     }
@@ -446,25 +471,12 @@ impl Handler<Reload> for TokenActor {
     fn handle(&mut self, _msg: Reload, _ctx: &mut Self::Context) -> Self::Result {
         self.reloading = true;
         let store = self.cfg.store.clone();
-        let read = async move {
-            tokio::task::spawn_blocking(move || (store.load(), store.version()))
-                .await
-                .unwrap_or_else(|e| {
-                    let err = crate::store::StoreError::Unreadable {
-                        path: "store".into(),
-                        cause: e.to_string(),
-                    };
-                    (Err(err), None)
-                })
-        };
-        Box::pin(read.into_actor(self).map(|(result, version), act, ctx| {
+        let read = async move { store.load().await };
+        Box::pin(read.into_actor(self).map(|result, act, ctx| {
             act.reloading = false;
-            let tokens = match result {
-                Ok(tokens) => tokens,
+            let (tokens, version) = match result {
+                Ok(Loaded { tokens, version }) => (tokens, Some(version)),
                 Err(e) => {
-                    // Remember what we saw even if it is unusable, so that
-                    // one bad write is reported once, not on every poll.
-                    act.machine.saw(version);
                     warn!(parent: &act.span, error = %e, "could not re-read the credentials; keeping the current tokens");
                     return Err(e.into());
                 }
@@ -489,6 +501,22 @@ impl Handler<Reload> for TokenActor {
             }
             result
         }))
+    }
+}
+
+/// How soon a change that arrived during a cycle or a re-read is looked at
+/// again.
+const CHANGE_RECHECK: Duration = Duration::from_millis(50);
+
+/// Notifications from [`Store::changes`]: the store may have changed.
+impl StreamHandler<Changed> for TokenActor {
+    fn handle(&mut self, _event: Changed, ctx: &mut Self::Context) {
+        self.poll_store(ctx);
+    }
+
+    /// A store whose notifications end stops notifying; the actor goes on.
+    fn finished(&mut self, _ctx: &mut Self::Context) {
+        debug!(parent: &self.span, "the store's change notifications ended");
     }
 }
 

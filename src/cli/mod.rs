@@ -15,6 +15,8 @@ pub(crate) fn exit_code(e: &BrokerError) -> i32 {
         // Another process is refreshing: like a provider that is busy, try
         // again later.
         BrokerError::Store(StoreError::LockTimeout { .. }) => 5,
+        // A remote store's engine failed (unreachable): try again later.
+        BrokerError::Store(StoreError::Backend { .. }) => 5,
         BrokerError::Store(StoreError::Write { .. } | StoreError::Conflict { .. }) => 1,
         BrokerError::Store(_) => 3,
         BrokerError::LoginRequired { .. } => 4,
@@ -31,6 +33,7 @@ pub(crate) fn kind(e: &BrokerError) -> &'static str {
         BrokerError::Store(StoreError::LockTimeout { .. }) => "lock_timeout",
         BrokerError::Store(StoreError::Write { .. }) => "write_failed",
         BrokerError::Store(StoreError::Conflict { .. }) => "write_conflict",
+        BrokerError::Store(StoreError::Backend { .. }) => "store_unavailable",
         BrokerError::Store(_) => "credentials_invalid",
         BrokerError::LoginRequired { .. } => "login_required",
         BrokerError::Unavailable { .. } => "provider_unavailable",

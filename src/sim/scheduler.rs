@@ -20,7 +20,7 @@ use super::{codex_auth_json, ProviderServer, SimConfig};
 use crate::credentials::{AccessToken, TokenSet};
 use crate::policy::{freshness, Freshness};
 use crate::provider::{Dialect, Provider, CODEX_CLIENT_ID};
-use crate::store::{CodexAuthFile, Store};
+use crate::store::CodexAuthFile;
 use crate::TokenBroker;
 
 /// Which design hands out the tokens.
@@ -175,7 +175,10 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
             Some(broker) => Source::Broker(broker.clone()),
             None => Source::Naive(NaiveClient {
                 provider: provider.clone(),
-                tokens: CodexAuthFile::new(&path).load().map_err(std::io::Error::other)?,
+                tokens: CodexAuthFile::new(&path)
+                    .load_blocking()
+                    .map_err(std::io::Error::other)?
+                    .tokens,
                 retry_at: None,
             }),
         };

@@ -253,8 +253,8 @@ mod tests {
         assert!(!err.to_string().contains("sk-x"));
     }
 
-    #[test]
-    fn save_changes_only_owned_fields() {
+    #[tokio::test]
+    async fn save_changes_only_owned_fields() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("auth.json");
         let original = variant(|v| {
@@ -264,12 +264,12 @@ mod tests {
         });
         std::fs::write(&path, &original).unwrap();
         let store = CodexAuthFile::new(&path);
-        let mut set = store.load().unwrap();
+        let mut set = store.load().await.unwrap().tokens;
         set.access_token = AccessToken::new("new-access");
         set.refresh_token = Some(RefreshToken::new("new-refresh"));
         set.last_refresh = Some(std::time::SystemTime::now());
-        let old = store.load().unwrap();
-        store.save(&set, &old).unwrap();
+        let old = store.load().await.unwrap();
+        store.save(&set, &old.version).await.unwrap();
         let before: serde_json::Value = serde_json::from_slice(&original).unwrap();
         let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let mut expected = before.clone();

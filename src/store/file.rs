@@ -6,18 +6,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{RefreshRecord, StoreError, StoreLock, StoreVersion, MAX_FILE_BYTES};
+use super::{HeldLock, RefreshRecord, StoreError, StoreFuture, StoreLock, MAX_FILE_BYTES};
 use crate::credentials::RefreshToken;
-
-/// The identity of a file's contents: if none of these changed, nobody
-/// rewrote the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileVersion {
-    dev: u64,
-    inode: u64,
-    size: u64,
-    modified: Option<SystemTime>,
-}
 
 /// An exclusive advisory lock on a sibling lock file (the brokers'
 /// `auth.json.broker.lock`, plus the credentials file's own inode).
@@ -48,6 +38,18 @@ impl FileLock {
     }
 }
 
+impl HeldLock for FileLock {
+    fn is_valid(&self) -> bool {
+        FileLock::is_valid(self)
+    }
+
+    /// Closing the descriptors releases the `flock`s: no I/O to wait for.
+    fn release(self: Box<Self>) -> StoreFuture<'static, Result<(), StoreError>> {
+        drop(self);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
 /// Reads a credentials file (following a symbolic link), refusing
 /// directories, FIFOs and other files that are not regular, unreadable
 /// files and anything larger than [`MAX_FILE_BYTES`].
@@ -64,7 +66,7 @@ fn read_sidecar(path: &Path) -> Result<Vec<u8>, StoreError> {
 fn read_regular(path: &Path, follow: bool) -> Result<Vec<u8>, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let unreadable = |e: io::Error| StoreError::Unreadable {
-        path: path.to_path_buf(),
+        location: path.into(),
         cause: describe_io(&e),
     };
     // O_NONBLOCK: opening a FIFO must not wait for a writer that never comes.
@@ -79,15 +81,13 @@ fn read_regular(path: &Path, follow: bool) -> Result<Vec<u8>, StoreError> {
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) => {
                 StoreError::Unreadable {
-                    path: path.to_path_buf(),
+                    location: path.into(),
                     cause: "it is a symbolic link to a file that does not exist".into(),
                 }
             }
-            io::ErrorKind::NotFound => StoreError::NotFound {
-                path: path.to_path_buf(),
-            },
+            io::ErrorKind::NotFound => StoreError::NotFound { location: path.into() },
             _ if e.raw_os_error() == Some(libc::ELOOP) => StoreError::Unreadable {
-                path: path.to_path_buf(),
+                location: path.into(),
                 cause: "it is a symbolic link, which token-broker never follows for its own records".into(),
             },
             _ => unreadable(e),
@@ -95,19 +95,19 @@ fn read_regular(path: &Path, follow: bool) -> Result<Vec<u8>, StoreError> {
     let meta = file.metadata().map_err(unreadable)?;
     if meta.is_dir() {
         return Err(StoreError::Unreadable {
-            path: path.to_path_buf(),
+            location: path.into(),
             cause: "it is a directory".into(),
         });
     }
     if !meta.is_file() {
         return Err(StoreError::Unreadable {
-            path: path.to_path_buf(),
+            location: path.into(),
             cause: "it is not a regular file (a FIFO, a socket or a device)".into(),
         });
     }
     if meta.len() > MAX_FILE_BYTES {
         return Err(StoreError::TooLarge {
-            path: path.to_path_buf(),
+            location: path.into(),
             size: meta.len(),
         });
     }
@@ -117,7 +117,7 @@ fn read_regular(path: &Path, follow: bool) -> Result<Vec<u8>, StoreError> {
         .map_err(unreadable)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(StoreError::TooLarge {
-            path: path.to_path_buf(),
+            location: path.into(),
             size: bytes.len() as u64,
         });
     }
@@ -207,7 +207,7 @@ pub(crate) fn replaceable_by_rename(target: &Path, meta: &fs::Metadata) -> bool 
 
 fn replace(path: &Path, target: &Path, bytes: &[u8], like: Option<&fs::Metadata>) -> Result<(), StoreError> {
     let write_err = |e: io::Error| StoreError::Write {
-        path: path.to_path_buf(),
+        location: path.into(),
         cause: describe_io(&e),
     };
     let dir = match target.parent() {
@@ -224,7 +224,7 @@ fn replace(path: &Path, target: &Path, bytes: &[u8], like: Option<&fs::Metadata>
         .map_err(write_err)?;
     if let Some(like) = like {
         take_owner_and_mode(tmp.as_file(), like).map_err(|cause| StoreError::Write {
-            path: path.to_path_buf(),
+            location: path.into(),
             cause,
         })?;
     }
@@ -247,7 +247,7 @@ fn replace(path: &Path, target: &Path, bytes: &[u8], like: Option<&fs::Metadata>
 fn write_in_place(path: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let write_err = |e: io::Error| StoreError::Write {
-        path: path.to_path_buf(),
+        location: path.into(),
         cause: describe_io(&e),
     };
     let mut file = OpenOptions::new()
@@ -257,7 +257,7 @@ fn write_in_place(path: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreE
         .map_err(write_err)?;
     if !file.metadata().map_err(write_err)?.is_file() {
         return Err(StoreError::Write {
-            path: path.to_path_buf(),
+            location: path.into(),
             cause: "it is not a regular file".into(),
         });
     }
@@ -358,18 +358,6 @@ fn sweep_temp_files(dir: &Path, prefix: &str) {
     }
 }
 
-/// The version of the file at `path`, or `None` when it cannot be stat'ed.
-pub(crate) fn version_of(path: &Path) -> Option<StoreVersion> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = fs::metadata(path).ok()?;
-    Some(StoreVersion::File(FileVersion {
-        dev: meta.dev(),
-        inode: meta.ino(),
-        size: meta.len(),
-        modified: meta.modified().ok(),
-    }))
-}
-
 /// The brokers' own lock file: `path` with `.broker.lock` appended.
 ///
 /// Only token-broker processes take it, and they hold it across the whole
@@ -395,7 +383,7 @@ pub(crate) fn lock(path: &Path, timeout: Duration) -> Result<StoreLock, StoreErr
     let lock_path = broker_lock_path(path);
     let file = lock_file(&lock_path, path, deadline, timeout)?;
     let data = lock_data_file(path, deadline, timeout)?;
-    Ok(StoreLock::File(FileLock {
+    Ok(StoreLock::new(FileLock {
         file,
         _data: data,
         path: lock_path,
@@ -420,7 +408,7 @@ fn lock_data_file(path: &Path, deadline: Instant, timeout: Duration) -> Result<O
     match flock_until(&file, deadline) {
         Ok(true) => Ok(Some(file)),
         Ok(false) => Err(StoreError::LockTimeout {
-            path: path.to_path_buf(),
+            location: path.into(),
             waited: timeout,
         }),
         // A filesystem without flock: the brokers' lock file still holds.
@@ -468,7 +456,7 @@ pub(crate) fn commit_locks(paths: &[PathBuf], credentials: &Path, timeout: Durat
 fn lock_file(lock_path: &Path, credentials: &Path, deadline: Instant, timeout: Duration) -> Result<File, StoreError> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let open_err = |e: io::Error| StoreError::Write {
-        path: lock_path.to_path_buf(),
+        location: lock_path.into(),
         cause: describe_io(&e),
     };
     loop {
@@ -482,21 +470,21 @@ fn lock_file(lock_path: &Path, credentials: &Path, deadline: Instant, timeout: D
             .open(lock_path)
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::ELOOP) => StoreError::Write {
-                    path: lock_path.to_path_buf(),
+                    location: lock_path.into(),
                     cause: "it is a symbolic link, which token-broker never follows for a lock file".into(),
                 },
                 _ => open_err(e),
             })?;
         if !file.metadata().map_err(open_err)?.is_file() {
             return Err(StoreError::Write {
-                path: lock_path.to_path_buf(),
+                location: lock_path.into(),
                 cause: "it is not a regular file (a FIFO, a socket or a device)".into(),
             });
         }
         share_with_owner(&file, credentials);
         if !flock_until(&file, deadline).map_err(open_err)? {
             return Err(StoreError::LockTimeout {
-                path: lock_path.to_path_buf(),
+                location: lock_path.into(),
                 waited: timeout,
             });
         }
@@ -507,7 +495,7 @@ fn lock_file(lock_path: &Path, credentials: &Path, deadline: Instant, timeout: D
             _ if Instant::now() < deadline => continue,
             _ => {
                 return Err(StoreError::LockTimeout {
-                    path: lock_path.to_path_buf(),
+                    location: lock_path.into(),
                     waited: timeout,
                 })
             }
@@ -611,7 +599,7 @@ pub(crate) fn remove_marker(path: &Path) -> Result<(), StoreError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(StoreError::Write {
-            path: marker,
+            location: marker.into(),
             cause: describe_io(&e),
         }),
     }

@@ -3,20 +3,25 @@
 //! Reads retry briefly on a file caught half-written by a writer that
 //! truncates in place (the Codex CLI does). Writes patch only the fields the
 //! format owns, editing the file's text so that every other byte stays as
-//! written (numbers beyond `f64`, string escapes, layout), compare the stored tokens with the ones a refresh started
-//! from (so a stale writer never overwrites newer tokens), and replace the
-//! file atomically and durably.
+//! written (numbers beyond `f64`, string escapes, layout), compare the
+//! stored tokens with the version a refresh started from (so a stale writer
+//! never overwrites newer tokens), and replace the file atomically and
+//! durably.
+//!
+//! The [`Store`] methods run the blocking file I/O on tokio's blocking pool;
+//! the `*_blocking` methods do it on the calling thread, for synchronous
+//! code.
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value};
 
 use super::file::{self, parse_object, read_bounded, write_atomic};
 use super::json_text;
-use super::{Store, StoreError, StoreLock, StoreVersion};
+use super::{Changes, Loaded, Store, StoreError, StoreFuture, StoreLock, Version};
 use crate::credentials::{RefreshToken, TokenSet};
 
 /// How many times, and how far apart, a read is retried when the file does
@@ -122,29 +127,52 @@ impl<F: FileFormat> JsonFileStore<F> {
     }
 }
 
-impl<F: FileFormat> Store for JsonFileStore<F> {
-    fn location(&self) -> &str {
-        &self.location
+impl<F: FileFormat> JsonFileStore<F> {
+    /// Reads the file on the calling thread (blocking): for synchronous
+    /// code, tools and tests. [`Store::load`] does the same on tokio's
+    /// blocking pool.
+    pub fn load_blocking(&self) -> Result<Loaded, StoreError> {
+        self.read_settled().map(|(_, _, tokens)| Loaded {
+            version: Version::of_tokens(&tokens),
+            tokens,
+        })
     }
 
-    fn load(&self) -> Result<TokenSet, StoreError> {
-        self.read_settled().map(|(_, _, tokens)| tokens)
+    /// The refresh-in-progress record, read on the calling thread (see
+    /// [`Store::interrupted_refresh`]).
+    pub fn interrupted_refresh_blocking(&self) -> Option<super::RefreshRecord> {
+        file::read_marker(&self.path)
     }
 
-    fn save(&self, tokens: &TokenSet, replaces: &TokenSet) -> Result<(), StoreError> {
+    /// The save itself, on the calling thread: under the other writers'
+    /// commit locks, re-read, compare the owned tokens with `expected`,
+    /// patch and replace atomically.
+    fn save_blocking(&self, tokens: &TokenSet, expected: &Version) -> Result<Version, StoreError> {
         // Other writers' commit locks, in their order, for milliseconds.
         let _commit = file::commit_locks(&F::commit_lock_paths(&self.path), &self.path, COMMIT_LOCK_TIMEOUT)?;
         // Patch the file as it is now, so keys we do not own survive even if
         // someone added them since we loaded it. A file we cannot parse is
         // never overwritten.
         let (bytes, mut root, stored) = self.read_settled()?;
-        if stored.differs_from(replaces) {
+        // The version names the owned tokens only: a writer that rewrote
+        // the file with the same tokens (the Codex CLI re-saving it) is no
+        // conflict; one that changed them is.
+        if Version::of_tokens(&stored) != *expected {
             return Err(StoreError::Conflict {
-                path: self.path.clone(),
+                location: self.path.as_path().into(),
             });
         }
         let before = root.clone();
         F::patch(&self.path, &mut root, tokens)?;
+        // What a load of the new file will see (a refresh without a new
+        // refresh token keeps the stored one).
+        let written = F::read(&self.path, &root).unwrap_or_else(|_| {
+            let mut merged = tokens.clone();
+            if merged.refresh_token.is_none() {
+                merged.refresh_token = stored.refresh_token.clone();
+            }
+            merged
+        });
         // Edit the text, so that everything we do not own stays byte for
         // byte as written (numbers beyond f64, escapes, layout).
         let edited = std::str::from_utf8(&bytes)
@@ -159,40 +187,250 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
                 text
             }
         };
-        write_atomic(&self.path, text.as_bytes())
+        write_atomic(&self.path, text.as_bytes())?;
+        Ok(Version::of_tokens(&written))
     }
 
-    fn version(&self) -> Option<StoreVersion> {
-        file::version_of(&self.path)
+    /// Runs `f` with a clone of this store on tokio's blocking pool (or on
+    /// the calling thread outside a runtime).
+    fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Self) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'static, Result<T, StoreError>> {
+        let store = self.clone();
+        let location: super::Location = self.path.as_path().into();
+        Box::pin(async move {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => runtime
+                    .spawn_blocking(move || f(store))
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::backend(location, e))),
+                Err(_) => f(store),
+            }
+        })
+    }
+}
+
+impl<F: FileFormat> Store for JsonFileStore<F> {
+    fn location(&self) -> &str {
+        &self.location
     }
 
-    fn lock(&self, timeout: Duration) -> Result<StoreLock, StoreError> {
-        file::lock(&self.path, timeout)
+    fn load(&self) -> StoreFuture<'_, Result<Loaded, StoreError>> {
+        self.blocking(|store| store.load_blocking())
     }
 
-    fn record_refused(&self, key: &str) -> Result<(), StoreError> {
-        file::record_refused(&self.path, key)
+    fn save<'a>(&'a self, tokens: &'a TokenSet, expected: &'a Version) -> StoreFuture<'a, Result<Version, StoreError>> {
+        let (tokens, expected) = (tokens.clone(), expected.clone());
+        self.blocking(move |store| store.save_blocking(&tokens, &expected))
     }
 
-    fn refused_at(&self, key: &str) -> Option<std::time::SystemTime> {
-        file::refused_at(&self.path, key)
+    fn lock(&self, timeout: Duration) -> StoreFuture<'_, Result<StoreLock, StoreError>> {
+        self.blocking(move |store| file::lock(&store.path, timeout))
     }
 
-    fn mark_refreshing(&self, refresh_token: &RefreshToken) -> Result<(), StoreError> {
-        file::write_marker(&self.path, refresh_token)
+    /// Notifications from the process-wide watcher (inotify on the file's
+    /// folder), with a `stat` every `fallback_poll` where it cannot see
+    /// changes (network filesystems).
+    fn changes(&self, fallback_poll: Duration) -> Changes {
+        super::watch::subscribe(&self.path, fallback_poll)
     }
 
-    fn clear_refreshing(&self) -> Result<(), StoreError> {
-        file::remove_marker(&self.path)
+    fn mark_refreshing<'a>(&'a self, refresh_token: &'a RefreshToken) -> StoreFuture<'a, Result<(), StoreError>> {
+        let token = refresh_token.clone();
+        self.blocking(move |store| file::write_marker(&store.path, &token))
     }
 
-    fn recover_interrupted(&self) -> Option<TokenSet> {
-        file::orphans(&self.path)
-            .into_iter()
-            .find_map(|bytes| Self::parse(&self.path, &bytes).ok())
+    fn clear_refreshing(&self) -> StoreFuture<'_, Result<(), StoreError>> {
+        self.blocking(|store| file::remove_marker(&store.path))
     }
 
-    fn interrupted_refresh(&self) -> Option<super::RefreshRecord> {
-        file::read_marker(&self.path)
+    fn interrupted_refresh(&self) -> StoreFuture<'_, Result<Option<super::RefreshRecord>, StoreError>> {
+        self.blocking(|store| Ok(file::read_marker(&store.path)))
+    }
+
+    fn recover_interrupted(&self) -> StoreFuture<'_, Option<TokenSet>> {
+        let found = self.blocking(|store| {
+            Ok(file::orphans(&store.path)
+                .into_iter()
+                .find_map(|bytes| Self::parse(&store.path, &bytes).ok()))
+        });
+        Box::pin(async move { found.await.ok().flatten() })
+    }
+
+    fn record_refused<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
+        let key = key.to_owned();
+        self.blocking(move |store| file::record_refused(&store.path, &key))
+    }
+
+    fn refused_at<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Result<Option<SystemTime>, StoreError>> {
+        let key = key.to_owned();
+        self.blocking(move |store| Ok(file::refused_at(&store.path, &key)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::credentials::AccessToken;
+    use crate::sim::{codex_auth_json, Issued};
+    use crate::store::{Changed, CodexAuthFile};
+
+    fn issued(n: u32) -> Issued {
+        let jwt = crate::sim::unsigned_jwt;
+        Issued {
+            access_token: jwt(&format!(r#"{{"exp":4000000000,"iat":3999996400,"n":{n}}}"#)),
+            refresh_token: format!("rt_{n}_1234567890"),
+            id_token: jwt(r#"{"https://api.openai.com/auth":{"chatgpt_account_id":"acct"}}"#),
+            account_id: "acct".into(),
+        }
+    }
+
+    /// Waits up to a second for the next event.
+    async fn next_event(changes: &mut Changes) -> Option<Changed> {
+        tokio::time::timeout(Duration::from_secs(1), changes.next())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Waits briefly for an event that should not come.
+    async fn quiet(changes: &mut Changes) -> bool {
+        tokio::time::timeout(Duration::from_millis(150), changes.next())
+            .await
+            .is_err()
+    }
+
+    fn sh(script: &str, path: &Path) {
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    #[tokio::test]
+    async fn another_process_writing_the_file_is_notified() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.json");
+        std::fs::write(&path, codex_auth_json(&issued(1))).unwrap();
+        let store = CodexAuthFile::new(&path);
+        // No polling: only the OS can tell.
+        let mut changes = store.changes(Duration::ZERO);
+        assert_eq!(super::super::watch::folder(dir.path()), Some((true, 1)));
+
+        // Our own reads and locks raise nothing.
+        let loaded = store.load().await.unwrap();
+        store
+            .lock(Duration::from_secs(1))
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+        assert!(quiet(&mut changes).await, "a read or a lock was taken for a change");
+
+        // A rename over the file, as the Codex CLI writes it.
+        let text = codex_auth_json(&issued(2));
+        std::fs::write(dir.path().join("tmp"), &text).unwrap();
+        sh(r#"mv "$(dirname "$1")/tmp" "$1""#, &path);
+        assert_eq!(next_event(&mut changes).await, Some(Changed));
+        while !quiet(&mut changes).await {}
+        assert_ne!(store.load().await.unwrap().version, loaded.version);
+
+        // An in-place write.
+        sh(r#"cat "$1" > "$1.copy" && cat "$1.copy" > "$1""#, &path);
+        assert_eq!(next_event(&mut changes).await, Some(Changed));
+        while !quiet(&mut changes).await {}
+
+        // Our own sidecar files are other names: nothing.
+        store.record_refused("00").await.unwrap();
+        assert!(quiet(&mut changes).await, "a sidecar write was taken for a change");
+
+        // Dropping the stream unsubscribes; the folder is no longer watched.
+        drop(changes);
+        assert_eq!(super::super::watch::folder(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn many_stores_in_one_folder_share_one_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = (0..50).map(|i| dir.path().join(format!("creds-{i}.json"))).collect();
+        for (i, path) in paths.iter().enumerate() {
+            std::fs::write(path, codex_auth_json(&issued(i as u32))).unwrap();
+        }
+        let mut streams: Vec<Changes> = paths
+            .iter()
+            .map(|path| CodexAuthFile::new(path).changes(Duration::from_secs(1)))
+            .collect();
+        assert_eq!(super::super::watch::folder(dir.path()), Some((true, 50)));
+        // A write to one file tells its subscriber only.
+        std::fs::write(dir.path().join("creds-7.json"), codex_auth_json(&issued(99))).unwrap();
+        assert_eq!(next_event(&mut streams[7]).await, Some(Changed));
+        assert!(quiet(&mut streams[8]).await);
+        streams.clear();
+        assert_eq!(super::super::watch::folder(dir.path()), None);
+    }
+
+    #[tokio::test]
+    async fn a_folder_that_cannot_be_watched_is_polled() {
+        let dir = tempfile::tempdir().unwrap();
+        // The folder does not exist yet: the OS cannot watch it.
+        let path = dir.path().join("later").join("auth.json");
+        let store = CodexAuthFile::new(&path);
+        let mut changes = store.changes(Duration::from_millis(20));
+        assert_eq!(super::super::watch::folder(&dir.path().join("later")), Some((false, 1)));
+        std::fs::create_dir(dir.path().join("later")).unwrap();
+        std::fs::write(&path, codex_auth_json(&issued(1))).unwrap();
+        assert_eq!(next_event(&mut changes).await, Some(Changed));
+    }
+
+    #[tokio::test]
+    async fn save_is_a_compare_and_swap_on_the_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.json");
+        std::fs::write(&path, codex_auth_json(&issued(1))).unwrap();
+        let store = CodexAuthFile::new(&path);
+        let start = store.load().await.unwrap();
+        let mut ours = start.tokens.clone();
+        ours.access_token = AccessToken::new(issued(2).access_token);
+        ours.refresh_token = None;
+
+        // Rewritten with the same tokens (another layout): no conflict.
+        let same: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        std::fs::write(&path, serde_json::to_string(&same).unwrap()).unwrap();
+        assert_eq!(store.load().await.unwrap().version, start.version);
+
+        // Changed tokens (the Codex CLI committed its own refresh): refused,
+        // nothing written.
+        let theirs = codex_auth_json(&issued(3));
+        std::fs::write(&path, &theirs).unwrap();
+        let err = store.save(&ours, &start.version).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "credentials file {} was changed by another writer during the refresh; not overwriting it",
+                path.display()
+            )
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), theirs);
+
+        // Over the version now stored: written, and the new version is
+        // what a load sees.
+        let now = store.load().await.unwrap();
+        let written = store.save(&ours, &now.version).await.unwrap();
+        let after = store.load().await.unwrap();
+        assert_eq!(after.version, written);
+        assert_eq!(after.tokens.access_token, ours.access_token);
+        // The refresh token was not replaced (ours has none new): kept.
+        assert_eq!(after.tokens.refresh_token, now.tokens.refresh_token);
     }
 }

@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use token_broker::sim::{codex_auth_json, Issued, ProviderServer, SimConfig};
+use token_broker::store::{Loaded, StoreError, StoreFuture, Version};
 
 pub const CLI: &str = env!("CARGO_BIN_EXE_token-broker");
 
@@ -131,52 +132,52 @@ impl<S: token_broker::store::Store> token_broker::store::Store for FailingSaves<
     fn location(&self) -> &str {
         self.inner.location()
     }
-    fn load(&self) -> Result<token_broker::TokenSet, token_broker::store::StoreError> {
+    fn load(&self) -> StoreFuture<'_, Result<Loaded, StoreError>> {
         self.inner.load()
     }
-    fn save(
-        &self,
-        tokens: &token_broker::TokenSet,
-        replaces: &token_broker::TokenSet,
-    ) -> Result<(), token_broker::store::StoreError> {
+    fn save<'a>(
+        &'a self,
+        tokens: &'a token_broker::TokenSet,
+        expected: &'a Version,
+    ) -> StoreFuture<'a, Result<Version, StoreError>> {
         use std::sync::atomic::Ordering;
         let fail = self
             .failures_left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if fail {
-            return Err(token_broker::store::StoreError::Write {
-                path: "failing-store".into(),
+            return Box::pin(std::future::ready(Err(StoreError::Write {
+                location: token_broker::store::Location::named("failing-store"),
                 cause: "no space left on device".into(),
-            });
+            })));
         }
-        self.inner.save(tokens, replaces)
+        self.inner.save(tokens, expected)
     }
-    fn version(&self) -> Option<token_broker::store::StoreVersion> {
-        self.inner.version()
-    }
-    fn lock(&self, timeout: Duration) -> Result<token_broker::store::StoreLock, token_broker::store::StoreError> {
+    fn lock(&self, timeout: Duration) -> StoreFuture<'_, Result<token_broker::store::StoreLock, StoreError>> {
         self.inner.lock(timeout)
     }
-    fn mark_refreshing(
-        &self,
-        token: &token_broker::credentials::RefreshToken,
-    ) -> Result<(), token_broker::store::StoreError> {
+    fn changes(&self, fallback_poll: Duration) -> token_broker::store::Changes {
+        self.inner.changes(fallback_poll)
+    }
+    fn mark_refreshing<'a>(
+        &'a self,
+        token: &'a token_broker::credentials::RefreshToken,
+    ) -> StoreFuture<'a, Result<(), StoreError>> {
         self.inner.mark_refreshing(token)
     }
-    fn clear_refreshing(&self) -> Result<(), token_broker::store::StoreError> {
+    fn clear_refreshing(&self) -> StoreFuture<'_, Result<(), StoreError>> {
         self.inner.clear_refreshing()
     }
-    fn record_refused(&self, key: &str) -> Result<(), token_broker::store::StoreError> {
-        self.inner.record_refused(key)
+    fn interrupted_refresh(&self) -> StoreFuture<'_, Result<Option<token_broker::store::RefreshRecord>, StoreError>> {
+        self.inner.interrupted_refresh()
     }
-    fn refused_at(&self, key: &str) -> Option<std::time::SystemTime> {
-        self.inner.refused_at(key)
-    }
-    fn recover_interrupted(&self) -> Option<token_broker::TokenSet> {
+    fn recover_interrupted(&self) -> StoreFuture<'_, Option<token_broker::TokenSet>> {
         self.inner.recover_interrupted()
     }
-    fn interrupted_refresh(&self) -> Option<token_broker::store::RefreshRecord> {
-        self.inner.interrupted_refresh()
+    fn record_refused<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
+        self.inner.record_refused(key)
+    }
+    fn refused_at<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Result<Option<std::time::SystemTime>, StoreError>> {
+        self.inner.refused_at(key)
     }
 }

@@ -1,6 +1,3 @@
-// TODO(integration): make the module's internals pub(crate) and drop this
-// allow; src/actor and src/store are being rewritten in parallel.
-#![allow(unreachable_pub)]
 //! The [`TokenActor`]: one per credential, the only code that decides to
 //! refresh and the only code that spends the credential's refresh token.
 //!

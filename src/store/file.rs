@@ -16,7 +16,7 @@ use crate::credentials::RefreshToken;
 /// closes, including when the process dies: a killed broker never leaves a
 /// lock that blocks others.
 #[derive(Debug)]
-pub struct FileLock {
+pub(crate) struct FileLock {
     file: File,
     /// With the brokers' lock: a lock on the credentials file's own inode,
     /// the one lock a broker in a container that bind-mounts the file
@@ -29,7 +29,7 @@ pub struct FileLock {
 impl FileLock {
     /// Whether the lock still excludes others: its lock file has not been
     /// deleted or replaced (`rm auth.json.broker.lock`) since it was taken.
-    pub fn is_valid(&self) -> bool {
+    pub(crate) fn is_valid(&self) -> bool {
         use std::os::unix::fs::MetadataExt;
         let (Ok(held), Ok(now)) = (self.file.metadata(), fs::symlink_metadata(&self.path)) else {
             return false;

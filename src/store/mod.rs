@@ -1,6 +1,3 @@
-// TODO(integration): make the module's internals pub(crate) and drop this
-// allow; src/actor and src/store are being rewritten in parallel.
-#![allow(unreachable_pub)]
 //! Where credentials live, behind one asynchronous coordination seam: the
 //! Codex `auth.json` and a generic OAuth2 file ([`JsonFileStore`]), memory
 //! ([`MemoryStore`]), and any remote engine (etcd, a database) that
@@ -87,7 +84,6 @@ use std::time::{Duration, SystemTime};
 use futures_util::Stream;
 
 pub use codex::{CodexAuthFile, CodexFormat};
-pub use file::FileLock;
 pub use json_file::{FileFormat, JsonFileStore};
 pub use memory::MemoryStore;
 pub use oauth2::{OAuth2File, OAuth2Format};

@@ -269,7 +269,7 @@ impl<F: FileFormat> Store for JsonFileStore<F> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sim"))]
 mod tests {
     use std::process::Command;
 

@@ -117,7 +117,7 @@ pub(crate) fn subscribe(path: &Path, fallback_poll: Duration) -> Changes {
 
 /// Whether the folder `dir` is watched by the OS, and how many file names
 /// in it have subscribers: for tests.
-#[cfg(test)]
+#[cfg(all(test, feature = "sim"))]
 pub(crate) fn folder(dir: &Path) -> Option<(bool, usize)> {
     let state = hub().state.lock();
     state.dirs.get(dir).map(|d| (d.os_watched, d.names.len()))

@@ -2,8 +2,9 @@
 //!
 //! A handle is cheap to clone, `Send + Sync`, and works from any async
 //! runtime: a plain `#[tokio::main]` program that never set up an actix
-//! System, or code already inside one. Each broker runs its
-//! [`TokenActor`] on a small dedicated thread with its own actix System.
+//! System, or code already inside one. Every broker of the process runs its
+//! [`TokenActor`] on one shared runtime (a small pool of actix arbiters,
+//! one thread per core), never on a thread of its own.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -13,15 +14,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::sync::{oneshot, watch};
 
-use crate::actor::{Config, GetStatus, GetToken, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_WINNER_WAIT};
+use crate::actor::{
+    Config, GetStatus, Park as ParkMsg, Published, Reject, Reload, Shutdown, TokenActor, DEFAULT_WINNER_WAIT,
+};
 use crate::credentials::AccessToken;
 use crate::error::BrokerError;
 use crate::policy::{RefreshPolicy, CODEX_REFRESH_MARK, DEFAULT_REFRESH_AHEAD};
 use crate::provider::{
     ClientAuth, Dialect, Provider, CODEX_CLIENT_ID, CODEX_TOKEN_URL, CODEX_TOKEN_URL_ENV, DEFAULT_HTTP_TIMEOUT,
 };
+use crate::snapshot::{Park, Place};
 use crate::status::Status;
 
 /// How often a broker checks its credentials file for outside changes.
@@ -87,8 +90,8 @@ pub struct TokenBroker {
 struct Inner {
     addr: Addr<TokenActor>,
     published: Published,
-    location: String,
-    done: watch::Receiver<bool>,
+    /// The actor's settings (for the location), shared rather than copied.
+    cfg: Arc<Config>,
 }
 
 impl Drop for Inner {
@@ -101,7 +104,7 @@ impl Drop for Inner {
 impl std::fmt::Debug for TokenBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenBroker")
-            .field("location", &self.inner.location)
+            .field("location", &self.location())
             .finish_non_exhaustive()
     }
 }
@@ -125,17 +128,20 @@ impl TokenBroker {
     }
 
     /// A valid access token. Served from the published snapshot without a
-    /// message round trip while the token is fresh; otherwise asks the
-    /// actor, which may wait for the one refresh in flight.
+    /// message round trip while the token is fresh; otherwise the caller
+    /// parks on the snapshot until the actor publishes the outcome (of the
+    /// one refresh in flight, if one is needed). However many callers park
+    /// at once, one message reaches the actor.
     ///
     /// Fails only when no valid access token is left and the refresh failed.
+    /// A caller that drops the future never cancels the refresh.
     pub fn token(&self) -> TokenFuture {
         match self.fresh_token() {
             Some(token) => TokenFuture::ready(token),
-            None => {
-                let broker = self.clone();
-                TokenFuture(Pending::Ask(Box::pin(async move { broker.ask(GetToken).await })))
-            }
+            None => TokenFuture(Pending::Parked {
+                inner: self.inner.clone(),
+                place: Place::NEW,
+            }),
         }
     }
 
@@ -172,7 +178,7 @@ impl TokenBroker {
 
     /// Where the credentials live.
     pub fn location(&self) -> &str {
-        &self.inner.location
+        &self.inner.cfg.location
     }
 
     /// Stops the actor once any refresh in flight has written its tokens,
@@ -189,8 +195,7 @@ impl TokenBroker {
     /// with this process. A command line must not exit 0 then.
     pub async fn finish(&self) -> Result<(), BrokerError> {
         let outcome = self.inner.addr.send(Shutdown).await.unwrap_or(Ok(()));
-        let mut done = self.inner.done.clone();
-        let _ = done.wait_for(|d| *d).await;
+        self.inner.published.wait_done().await;
         outcome
     }
 
@@ -204,21 +209,28 @@ impl TokenBroker {
     }
 
     fn stopped(&self) -> BrokerError {
-        BrokerError::Stopped {
-            location: self.inner.location.clone(),
-        }
+        stopped(&self.inner)
+    }
+}
+
+fn stopped(inner: &Inner) -> BrokerError {
+    BrokerError::Stopped {
+        location: inner.cfg.location.clone(),
     }
 }
 
 /// The future returned by [`TokenBroker::token`]: already complete when the
-/// token is fresh (no allocation, no message), otherwise a message to the
-/// actor.
+/// token is fresh (no allocation, no message), otherwise parked on the
+/// published snapshot until the actor publishes the outcome (no allocation
+/// of its own either; the first caller of a round sends the actor one
+/// message for everyone).
 #[must_use = "futures do nothing unless awaited"]
 pub struct TokenFuture(Pending);
 
 enum Pending {
     Ready(Option<AccessToken>),
-    Ask(Pin<Box<dyn Future<Output = Result<AccessToken, BrokerError>> + Send>>),
+    Parked { inner: Arc<Inner>, place: Place },
+    Done,
 }
 
 impl TokenFuture {
@@ -231,7 +243,8 @@ impl std::fmt::Debug for TokenFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self.0 {
             Pending::Ready(_) => "TokenFuture::Ready",
-            Pending::Ask(_) => "TokenFuture::Ask",
+            Pending::Parked { .. } => "TokenFuture::Parked",
+            Pending::Done => "TokenFuture::Done",
         })
     }
 }
@@ -241,12 +254,29 @@ impl Future for TokenFuture {
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.get_mut().0 {
+        let this = self.get_mut();
+        match &mut this.0 {
             Pending::Ready(token) => match token.take() {
                 Some(token) => Poll::Ready(Ok(token)),
                 None => panic!("TokenFuture polled after completion"),
             },
-            Pending::Ask(ask) => ask.as_mut().poll(cx),
+            Pending::Parked { inner, place } => {
+                let outcome = match inner.published.park(place, cx.waker()) {
+                    Park::Wait => return Poll::Pending,
+                    Park::Ask if inner.addr.connected() => {
+                        // One message for everyone parked in this round;
+                        // answered through the snapshot, never through this
+                        // future, so dropping it cancels nothing.
+                        inner.addr.do_send(ParkMsg);
+                        return Poll::Pending;
+                    }
+                    Park::Ask | Park::Closed => Err(stopped(inner)),
+                    Park::Ready(outcome) => outcome,
+                };
+                this.0 = Pending::Done;
+                Poll::Ready(outcome)
+            }
+            Pending::Done => panic!("TokenFuture polled after completion"),
         }
     }
 }
@@ -465,45 +495,9 @@ impl BrokerBuilder {
             login_hint,
         });
         let published: Published = crate::snapshot::Snapshot::new();
-        let actor_published = published.clone();
-        let (addr, done) =
-            spawn_actor(move || TokenActor::new(cfg, tokens, version, actor_published)).map_err(BrokerError::Config)?;
+        let addr = crate::runtime::shared()?.spawn(cfg.clone(), tokens, version, published.clone())?;
         Ok(TokenBroker {
-            inner: Arc::new(Inner {
-                addr,
-                published,
-                location,
-                done,
-            }),
+            inner: Arc::new(Inner { addr, published, cfg }),
         })
     }
-}
-
-/// Runs `actor` on a dedicated thread with its own actix System, so that
-/// the handle works whether or not the caller runs one.
-fn spawn_actor(
-    make: impl FnOnce() -> TokenActor + Send + 'static,
-) -> Result<(Addr<TokenActor>, watch::Receiver<bool>), String> {
-    let (addr_tx, addr_rx) = std::sync::mpsc::sync_channel(1);
-    let (done_tx, done_rx) = watch::channel(false);
-    std::thread::Builder::new()
-        .name("token-broker".into())
-        .spawn(move || {
-            let system = actix_rt::System::new();
-            system.block_on(async move {
-                let (stopped_tx, stopped_rx) = oneshot::channel();
-                let mut actor = make();
-                actor.notify_on_stop(stopped_tx);
-                let addr = actor.start();
-                let _ = addr_tx.send(addr.clone());
-                let _ = stopped_rx.await;
-                drop(addr);
-            });
-            let _ = done_tx.send(true);
-        })
-        .map_err(|e| format!("could not start the broker thread: {e}"))?;
-    let addr = addr_rx
-        .recv()
-        .map_err(|_| "the broker thread failed to start".to_owned())?;
-    Ok((addr, done_rx))
 }

@@ -54,6 +54,8 @@ mod error;
 mod handle;
 pub mod policy;
 pub mod provider;
+mod registry;
+mod runtime;
 pub mod sim;
 mod snapshot;
 pub mod status;
@@ -67,6 +69,7 @@ pub use credentials::{AccessToken, TokenSet};
 pub struct ReadmeDoctests;
 pub use error::BrokerError;
 pub use handle::{BrokerBuilder, TokenBroker, TokenFuture};
+pub use registry::Brokers;
 pub use status::{State, Status};
 
 #[cfg(test)]

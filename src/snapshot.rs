@@ -14,13 +14,15 @@
 //! deadline is served as fresh for at most 100 ms more.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::Waker;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 
 use crate::credentials::AccessToken;
+use crate::error::BrokerError;
 
 /// Gives every snapshot an id that is never reused.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -35,6 +37,62 @@ pub(crate) struct Snapshot {
     /// Unix milliseconds from which `token` is no longer fresh
     /// ([`NO_DEADLINE`]: until withdrawn).
     fresh_until: AtomicU64,
+    /// Callers of [`TokenBroker::token`](crate::TokenBroker::token) parked
+    /// until the actor publishes the outcome they wait for.
+    waiting: parking_lot::Mutex<Waiting>,
+    /// The actor has stopped and been dropped (with everything it held).
+    done: AtomicBool,
+    done_notify: tokio::sync::Notify,
+}
+
+/// The parked callers and the outcomes published for them.
+///
+/// Instead of one mailbox message and one reply channel per caller, a
+/// caller that finds no fresh token parks here (its waker, 16 bytes) and
+/// only the first one messages the actor ([`Park::Ask`]); every outcome the
+/// actor settles is published here with a new round number, and each caller
+/// takes the first outcome published after it parked.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Bumped by every published outcome.
+    round: u64,
+    outcome: Option<Box<Result<AccessToken, BrokerError>>>,
+    /// The parked callers of this round (a dropped caller's stays until the
+    /// round ends: waking it does nothing).
+    wakers: Vec<Waker>,
+    /// A caller has asked the actor for this round: the others only wait.
+    asked: bool,
+    /// The actor has stopped: nothing more will be published.
+    closed: bool,
+}
+
+/// What a parked caller should do now (see [`Snapshot::park`]).
+pub(crate) enum Park {
+    /// The outcome it waited for.
+    Ready(Result<AccessToken, BrokerError>),
+    /// Wait; nobody has asked the actor yet for this round: ask it.
+    Ask,
+    /// Wait; the actor has been asked.
+    Wait,
+    /// The actor has stopped.
+    Closed,
+}
+
+/// A caller's place among the parked callers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Place {
+    /// The round it parked in.
+    round: u64,
+    /// Its waker's index in that round (`usize::MAX`: not parked yet).
+    slot: usize,
+}
+
+impl Place {
+    /// Not parked yet.
+    pub(crate) const NEW: Place = Place {
+        round: 0,
+        slot: usize::MAX,
+    };
 }
 
 /// A published token without a wall-clock deadline.
@@ -61,7 +119,94 @@ impl Snapshot {
             generation: AtomicU64::new(0),
             token: ArcSwapOption::empty(),
             fresh_until: AtomicU64::new(NO_DEADLINE),
+            waiting: parking_lot::Mutex::default(),
+            done: AtomicBool::new(false),
+            done_notify: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Parks a caller (first call: `place` is [`Place::NEW`]) or checks on
+    /// it: the outcome published since it parked, else a wait (registering
+    /// `waker`), and whether it must ask the actor.
+    pub(crate) fn park(&self, place: &mut Place, waker: &Waker) -> Park {
+        let mut waiting = self.waiting.lock();
+        if place.slot == usize::MAX {
+            if waiting.closed {
+                return Park::Closed;
+            }
+            place.round = waiting.round;
+            place.slot = waiting.wakers.len();
+            waiting.wakers.push(waker.clone());
+        } else if waiting.round != place.round {
+            let outcome = match &waiting.outcome {
+                Some(outcome) => (**outcome).clone(),
+                None => return Park::Closed,
+            };
+            return Park::Ready(outcome);
+        } else if let Some(mine) = waiting.wakers.get_mut(place.slot) {
+            if !mine.will_wake(waker) {
+                mine.clone_from(waker);
+            }
+        }
+        if waiting.asked {
+            Park::Wait
+        } else {
+            waiting.asked = true;
+            Park::Ask
+        }
+    }
+
+    /// Publishes the outcome for every parked caller and wakes them (the
+    /// actor, when it settles its waiters or answers a [`Park`] at once).
+    pub(crate) fn settle(&self, outcome: Result<AccessToken, BrokerError>) {
+        self.publish_outcome(outcome, false);
+    }
+
+    fn publish_outcome(&self, outcome: Result<AccessToken, BrokerError>, close: bool) {
+        let wakers = {
+            let mut waiting = self.waiting.lock();
+            if waiting.closed {
+                return;
+            }
+            waiting.round = waiting.round.wrapping_add(1);
+            waiting.outcome = Some(Box::new(outcome));
+            waiting.asked = false;
+            waiting.closed = close;
+            std::mem::take(&mut waiting.wakers)
+        };
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Whether callers are parked, waiting for the actor's answer.
+    pub(crate) fn asked(&self) -> bool {
+        self.waiting.lock().asked
+    }
+
+    /// The actor has stopped: parked callers get `outcome` (the broker has
+    /// stopped) and later ones are told at once.
+    pub(crate) fn close(&self, outcome: BrokerError) {
+        self.publish_outcome(Err(outcome), true);
+    }
+
+    /// The actor has been dropped, with everything it held.
+    pub(crate) fn mark_done(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.done_notify.notify_waiters();
+    }
+
+    /// Waits until [`mark_done`](Self::mark_done).
+    pub(crate) async fn wait_done(&self) {
+        loop {
+            let notified = self.done_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.done.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Publishes `token` as fresh until `until` on the wall clock (`None`:

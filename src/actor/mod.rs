@@ -250,11 +250,6 @@ impl TokenActor {
         }
     }
 
-    /// Also tells `tx` when the actor has stopped.
-    pub(crate) fn notify_on_stop(&mut self, tx: oneshot::Sender<Result<(), BrokerError>>) {
-        self.stop_waiters.push(tx);
-    }
-
     fn freshness(&self, now: SystemTime) -> Freshness {
         if self.rejected {
             return Freshness::Expired;
@@ -582,7 +577,8 @@ impl TokenActor {
 
     /// Answers everyone waiting for the cycle that just ended.
     fn settle_waiters(&mut self, answer: Option<Result<AccessToken, BrokerError>>, ctx: &mut Context<Self>) {
-        if self.waiters.borrow().is_empty() {
+        // Callers parked on the snapshot (`Park`) wait for the same outcome.
+        if self.waiters.borrow().is_empty() && !self.published.asked() {
             return;
         }
         let usable = !self.account_changed && self.freshness(SystemTime::now()).is_usable();
@@ -615,6 +611,7 @@ impl TokenActor {
         for waiter in waiters {
             let _ = waiter.send(result.clone());
         }
+        self.published.settle(result);
     }
 
     fn status(&self) -> Status {
@@ -679,6 +676,9 @@ impl Actor for TokenActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.published.publish(None, None);
+        self.published.close(BrokerError::Stopped {
+            location: self.cfg.location.clone(),
+        });
         let location = self.cfg.location.clone();
         for waiter in std::mem::take(&mut *self.waiters.borrow_mut()) {
             let _ = waiter.send(Err(BrokerError::Stopped {
@@ -712,6 +712,25 @@ impl Handler<GetToken> for TokenActor {
 
     fn handle(&mut self, _msg: GetToken, ctx: &mut Self::Context) -> Self::Result {
         self.answer(ctx)
+    }
+}
+
+/// A caller of [`TokenBroker::token`](crate::TokenBroker::token) parked on
+/// the published snapshot asks for the outcome of this round on behalf of
+/// every caller parked there (one message, not one per caller). Answered by
+/// publishing into the snapshot: at once, or by `settle_waiters` when the
+/// refresh in flight ends.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Park;
+
+impl Handler<Park> for TokenActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Park, ctx: &mut Self::Context) {
+        if let TokenReply::Ready(result) = self.answer(ctx) {
+            self.published.settle(result);
+        }
     }
 }
 

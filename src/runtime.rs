@@ -1,0 +1,130 @@
+//! The process's one shared actix runtime: a small pool of arbiters (one
+//! thread each, as many as the machine has cores, at most
+//! [`MAX_ARBITERS`]) on which every [`TokenActor`] of the process runs,
+//! whether it was built alone ([`TokenBroker::codex`](crate::TokenBroker::codex))
+//! or in a [`Brokers`](crate::Brokers) registry. Never a thread per
+//! credential.
+//!
+//! The pool starts with the first broker and lives until the process exits.
+//! Handles reach their actor through its address, which works from any
+//! runtime (a plain `#[tokio::main]`, a current-thread runtime, or code
+//! inside another actix System).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use actix::dev::channel;
+use actix::prelude::*;
+use actix_rt::ArbiterHandle;
+
+use crate::actor::{Config, Published, TokenActor};
+use crate::credentials::TokenSet;
+use crate::error::BrokerError;
+use crate::store::StoreVersion;
+
+/// The most arbiter threads the shared runtime starts.
+pub(crate) const MAX_ARBITERS: usize = 4;
+
+/// The actors' mailbox buffer (actix's default; the actor raises its
+/// capacity when it starts).
+const MAILBOX: usize = 16;
+
+pub(crate) struct Runtime {
+    arbiters: Vec<ArbiterHandle>,
+    next: AtomicUsize,
+}
+
+static SHARED: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+/// The shared runtime, started on first use.
+pub(crate) fn shared() -> Result<&'static Runtime, BrokerError> {
+    SHARED
+        .get_or_init(Runtime::start)
+        .as_ref()
+        .map_err(|e| BrokerError::Config(e.clone()))
+}
+
+impl Runtime {
+    fn start() -> Result<Runtime, String> {
+        let size = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_ARBITERS);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("token-broker".into())
+            .spawn(move || {
+                let system = actix_rt::System::new();
+                system.block_on(async move {
+                    let mut arbiters = vec![actix_rt::Arbiter::current()];
+                    let mut owned = Vec::new();
+                    for _ in 1..size {
+                        match actix_rt::Arbiter::try_new() {
+                            Ok(arbiter) => {
+                                arbiters.push(arbiter.handle());
+                                owned.push(arbiter);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = tx.send(arbiters);
+                    // Runs (and keeps the other arbiters) until the process exits.
+                    std::future::pending::<()>().await;
+                    drop(owned);
+                });
+            })
+            .map_err(|e| format!("could not start the broker thread: {e}"))?;
+        let arbiters = rx.recv().map_err(|_| "the broker thread failed to start".to_owned())?;
+        Ok(Runtime {
+            arbiters,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Starts a [`TokenActor`] on one of the arbiters and returns its
+    /// address at once (the actor is built and started on its arbiter).
+    /// When the actor has stopped and been dropped, `published` is marked
+    /// done (see [`TokenBroker::finish`](crate::TokenBroker::finish)).
+    pub(crate) fn spawn(
+        &self,
+        cfg: Arc<Config>,
+        tokens: TokenSet,
+        version: Option<StoreVersion>,
+        published: Published,
+    ) -> Result<Addr<TokenActor>, BrokerError> {
+        let (tx, rx) = channel::channel::<TokenActor>(MAILBOX);
+        let addr = Addr::new(tx);
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+        let started = self.arbiters[index].spawn_fn(move || {
+            let guard = Finished {
+                published: published.clone(),
+                cfg: cfg.clone(),
+            };
+            let actor = TokenActor::new(cfg, tokens, version, published);
+            let fut = Context::with_receiver(rx).into_future(actor);
+            actix_rt::spawn(async move {
+                fut.await;
+                drop(guard);
+            });
+        });
+        if !started {
+            return Err(BrokerError::Config("the broker runtime has stopped".into()));
+        }
+        Ok(addr)
+    }
+}
+
+/// Dropped once the actor has stopped and been dropped (or its task was
+/// torn down): parked callers are told, and `finish` returns.
+struct Finished {
+    published: Published,
+    cfg: Arc<Config>,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.published.close(BrokerError::Stopped {
+            location: self.cfg.location.clone(),
+        });
+        self.published.mark_done();
+    }
+}

@@ -211,6 +211,11 @@ impl TokenBroker {
     fn stopped(&self) -> BrokerError {
         stopped(&self.inner)
     }
+
+    /// Waits until the actor has stopped and been dropped.
+    pub(crate) async fn wait_stopped(&self) {
+        self.inner.published.wait_done().await;
+    }
 }
 
 fn stopped(inner: &Inner) -> BrokerError {
@@ -299,9 +304,10 @@ pub struct BrokerBuilder {
     refresh_ahead: Duration,
     http_timeout: Duration,
     lock_timeout: Option<Duration>,
-    watch_interval: Duration,
+    watch_interval: Option<Duration>,
     winner_wait: Duration,
     keep_fresh: Option<bool>,
+    endpoint_limit: Option<usize>,
 }
 
 impl BrokerBuilder {
@@ -316,9 +322,10 @@ impl BrokerBuilder {
             refresh_ahead: DEFAULT_REFRESH_AHEAD,
             http_timeout: DEFAULT_HTTP_TIMEOUT,
             lock_timeout: None,
-            watch_interval: DEFAULT_WATCH_INTERVAL,
+            watch_interval: None,
             winner_wait: DEFAULT_WINNER_WAIT,
             keep_fresh: None,
+            endpoint_limit: None,
         }
     }
 
@@ -382,8 +389,30 @@ impl BrokerBuilder {
     /// How often the broker checks the credentials file for changes made by
     /// someone else (another process, `codex login`) and adopts them
     /// (default 1 s; zero turns the check off). A check is one `stat` call.
+    ///
+    /// A [`MemoryStore`](crate::store::MemoryStore) is not checked unless
+    /// this is set: no timer runs for it (100,000 of them would wake the
+    /// process 100,000 times a second). Its [`set`](crate::store::MemoryStore::set)
+    /// is then adopted by the next refresh cycle or [`TokenBroker::reload`].
     pub fn watch_interval(mut self, interval: Duration) -> Self {
-        self.watch_interval = interval;
+        self.watch_interval = Some(interval);
+        self
+    }
+
+    /// At most `limit` token requests in flight to this broker's token
+    /// endpoint, shared by every broker of the process that uses the same
+    /// token URL (default
+    /// [`DEFAULT_ENDPOINT_LIMIT`](crate::provider::limit::DEFAULT_ENDPOINT_LIMIT);
+    /// zero counts as one). The last limit set for an endpoint applies to
+    /// all of its brokers; see [`provider::limit`](crate::provider::limit).
+    pub fn endpoint_limit(mut self, limit: usize) -> Self {
+        self.endpoint_limit = Some(limit);
+        self
+    }
+
+    /// The registry's endpoint limit, unless this builder set its own.
+    pub(crate) fn default_endpoint_limit(mut self, limit: usize) -> Self {
+        self.endpoint_limit.get_or_insert(limit);
         self
     }
 
@@ -477,20 +506,30 @@ impl BrokerBuilder {
                 );
             }
         }
+        // A memory store changes only through its owner: no poll timer
+        // unless asked for.
+        let watch_interval = self.watch_interval.unwrap_or_else(|| match store.version() {
+            Some(crate::store::StoreVersion::Memory(_)) => Duration::ZERO,
+            _ => DEFAULT_WATCH_INTERVAL,
+        });
+        let stopping = Arc::<std::sync::atomic::AtomicBool>::default();
+        let provider = Provider::new(token_url, client_id, dialect)
+            .with_timeout(self.http_timeout)
+            .shared_endpoint(self.endpoint_limit, stopping.clone());
         let cfg = Arc::new(Config {
             store,
-            provider: Arc::new(Provider::new(token_url, client_id, dialect).with_timeout(self.http_timeout)),
+            provider: Arc::new(provider),
             policy,
             winner_wait: self.winner_wait,
             keep_fresh: self.keep_fresh.unwrap_or(codex),
-            stopping: Arc::default(),
+            stopping,
             lock_timeout: self.lock_timeout.unwrap_or_else(|| {
                 self.http_timeout
                     .saturating_mul(2)
                     .saturating_add(self.winner_wait)
                     .saturating_add(Duration::from_secs(10))
             }),
-            watch_interval: self.watch_interval,
+            watch_interval,
             location: location.clone(),
             login_hint,
         });

@@ -12,6 +12,7 @@
 //! the credential needs a new sign-in) or [`RefreshError::Transient`]
 //! (retry later). Error text never carries a token.
 
+pub mod limit;
 mod response;
 
 use std::sync::OnceLock;
@@ -180,6 +181,11 @@ pub enum Failure {
     /// A 429 answer.
     #[error("rate limited (HTTP 429)")]
     RateLimited,
+    /// Nothing was sent: the endpoint asked every client of this process
+    /// to wait (a 429 or 503 with `Retry-After`), or the broker is stopping
+    /// (see [`limit`]).
+    #[error("not sent: {0}")]
+    NotSent(String),
     /// A success status with a body that holds no usable tokens: the
     /// provider has probably spent the refresh token.
     #[error("HTTP {status} with an unusable body: {why}")]
@@ -240,6 +246,7 @@ impl Failure {
             | Failure::Client(_)
             | Failure::Status { .. }
             | Failure::RateLimited
+            | Failure::NotSent(_)
             | Failure::NoUsableToken(_)
             | Failure::ExpiredOnArrival
             | Failure::UnsavedElsewhere(_)
@@ -297,6 +304,11 @@ pub struct Provider {
     dialect: Dialect,
     timeout: Duration,
     http: OnceLock<Result<reqwest::Client, String>>,
+    /// What the brokers of this token URL share (their limit, pause and
+    /// HTTP client): set for brokers' providers, see [`limit`].
+    endpoint: Option<std::sync::Arc<limit::Endpoint>>,
+    /// Set when the broker stops: a wait for a permit ends, nothing sent.
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Provider {
@@ -317,7 +329,22 @@ impl Provider {
             dialect,
             timeout: DEFAULT_HTTP_TIMEOUT,
             http: OnceLock::new(),
+            endpoint: None,
+            stop: None,
         }
+    }
+
+    /// Joins the process's shared state for this token URL (see [`limit`]),
+    /// setting its limit when `limit` is given; `stop` ends a wait for a
+    /// permit.
+    pub(crate) fn shared_endpoint(
+        mut self,
+        limit: Option<usize>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        self.endpoint = Some(limit::endpoint(&self.token_url, limit));
+        self.stop = Some(stop);
+        self
     }
 
     /// Sets the timeout of one token request (connect, send and read).
@@ -348,6 +375,15 @@ impl Provider {
             kind,
             retry_after: None,
         };
+        // The endpoint's limit and pause (`limit`): wait for a permit before
+        // anything is sent; held until the answer is read.
+        let _permit = match &self.endpoint {
+            Some(endpoint) => match endpoint.acquire(self.stop.as_deref()).await {
+                Ok(permit) => Some(permit),
+                Err(refused) => return Err(not_sent(&self.token_url, refused)),
+            },
+            None => None,
+        };
         let http = self.client().map_err(|e| fail(Failure::Client(e)))?;
         let request = self.build_request(http, refresh_token);
         let Answer {
@@ -356,6 +392,9 @@ impl Provider {
             retry_after,
             body,
         } = within(self.timeout, self.exchange(request)).await.map_err(fail)?;
+        if let (Some(endpoint), Some(wait), 429 | 503) = (&self.endpoint, retry_after, status) {
+            endpoint.pause(wait);
+        }
         let sent = SentSecrets::new(refresh_token, &self.client_id, &self.dialect);
         if (300..400).contains(&status) {
             let origin =
@@ -434,27 +473,29 @@ impl Provider {
     }
 
     fn client(&self) -> Result<&reqwest::Client, String> {
-        self.http
-            .get_or_init(|| {
-                // No overall reqwest timeout: `within` applies it, so that an
-                // answer that arrived while the process was stopped is read.
-                let builder = reqwest::Client::builder()
-                    .connect_timeout(self.timeout.min(Duration::from_secs(10)))
-                    .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
-                    // A redirect would re-send the refresh token and client
-                    // secret to wherever it points.
-                    .redirect(reqwest::redirect::Policy::none());
-                // A proxy from the environment would get a loopback
-                // endpoint's plain-http request, secrets and all (and no
-                // proxy can reach our loopback anyway).
-                let loopback = reqwest::Url::parse(&self.token_url).is_ok_and(|url| is_loopback(&url));
-                let builder = if loopback { builder.no_proxy() } else { builder };
-                builder
-                    .build()
-                    .map_err(|e| format!("could not build the HTTP client: {e}"))
-            })
-            .as_ref()
-            .map_err(Clone::clone)
+        let build = || {
+            // No overall reqwest timeout: `within` applies it, so that an
+            // answer that arrived while the process was stopped is read.
+            let builder = reqwest::Client::builder()
+                .connect_timeout(self.timeout.min(Duration::from_secs(10)))
+                .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+                // A redirect would re-send the refresh token and client
+                // secret to wherever it points.
+                .redirect(reqwest::redirect::Policy::none());
+            // A proxy from the environment would get a loopback
+            // endpoint's plain-http request, secrets and all (and no
+            // proxy can reach our loopback anyway).
+            let loopback = reqwest::Url::parse(&self.token_url).is_ok_and(|url| is_loopback(&url));
+            let builder = if loopback { builder.no_proxy() } else { builder };
+            builder
+                .build()
+                .map_err(|e| format!("could not build the HTTP client: {e}"))
+        };
+        match &self.endpoint {
+            // One client per endpoint (its settings are the first broker's).
+            Some(endpoint) => endpoint.client(build),
+            None => self.http.get_or_init(build).as_ref().map_err(Clone::clone),
+        }
     }
 
     fn build_request(&self, http: &reqwest::Client, refresh_token: &RefreshToken) -> reqwest::RequestBuilder {
@@ -490,6 +531,22 @@ impl Provider {
                 request.form(&form)
             }
         }
+    }
+}
+
+/// The error of a refresh for which no permit was given: nothing was sent.
+fn not_sent(token_url: &str, refused: limit::Refused) -> RefreshError {
+    let (why, retry_after) = match refused {
+        limit::Refused::Paused(left) => (
+            "the token endpoint asked every client to wait (HTTP 429 or 503 with Retry-After)",
+            Some(left),
+        ),
+        limit::Refused::Stopping => ("the broker is stopping", None),
+    };
+    RefreshError::Transient {
+        endpoint: token_url.to_owned(),
+        kind: Failure::NotSent(why.to_owned()),
+        retry_after,
     }
 }
 

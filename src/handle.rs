@@ -487,11 +487,13 @@ impl BrokerBuilder {
             }
         };
         let location = store.location().to_owned();
-        let login_hint = if login_hint.is_empty() {
+        let mut login_hint = if login_hint.is_empty() {
             format!("sign in again and write the new tokens to {location}")
         } else {
             login_hint
         };
+        // `format!` reserves twice its text: kept by every broker.
+        login_hint.shrink_to_fit();
         let tokens = store.load()?;
         let version = store.version();
         let codex = matches!(self.flavor, Flavor::Codex);
@@ -512,17 +514,14 @@ impl BrokerBuilder {
             Some(crate::store::StoreVersion::Memory(_)) => Duration::ZERO,
             _ => DEFAULT_WATCH_INTERVAL,
         });
-        let stopping = Arc::<std::sync::atomic::AtomicBool>::default();
-        let provider = Provider::new(token_url, client_id, dialect)
-            .with_timeout(self.http_timeout)
-            .shared_endpoint(self.endpoint_limit, stopping.clone());
+        let provider = shared_provider(token_url, client_id, dialect, self.http_timeout, self.endpoint_limit);
         let cfg = Arc::new(Config {
             store,
-            provider: Arc::new(provider),
+            provider,
             policy,
             winner_wait: self.winner_wait,
             keep_fresh: self.keep_fresh.unwrap_or(codex),
-            stopping,
+            stopping: Arc::default(),
             lock_timeout: self.lock_timeout.unwrap_or_else(|| {
                 self.http_timeout
                     .saturating_mul(2)
@@ -539,4 +538,49 @@ impl BrokerBuilder {
             inner: Arc::new(Inner { addr, published, cfg }),
         })
     }
+}
+
+/// The providers of the process's brokers, shared by every broker with the
+/// same endpoint, client, dialect and timeout (a `Provider` holds no
+/// per-credential state): one per distinct setting, not one per credential.
+type Providers = std::collections::HashMap<(String, String, Duration), Vec<std::sync::Weak<Provider>>>;
+
+fn shared_provider(
+    token_url: String,
+    client_id: String,
+    dialect: Dialect,
+    timeout: Duration,
+    limit: Option<usize>,
+) -> Arc<Provider> {
+    static PROVIDERS: std::sync::OnceLock<parking_lot::Mutex<Providers>> = std::sync::OnceLock::new();
+    let mut providers = PROVIDERS.get_or_init(Default::default).lock();
+    let key = (token_url, client_id, timeout);
+    if let Some(same) = providers.get_mut(&key) {
+        same.retain(|weak| weak.strong_count() > 0);
+        if let Some(found) = same
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|p| *p.dialect() == dialect)
+        {
+            if let Some(limit) = limit {
+                crate::provider::limit::endpoint(found.token_url(), Some(limit));
+            }
+            return found;
+        }
+    }
+    let (token_url, client_id, timeout) = key;
+    let provider = Arc::new(
+        Provider::new(token_url.clone(), client_id.clone(), dialect)
+            .with_timeout(timeout)
+            .shared_endpoint(limit),
+    );
+    if providers.len() >= 64 && providers.len().is_power_of_two() {
+        // Forget settings no broker uses any more (amortised).
+        providers.retain(|_, same| same.iter().any(|weak| weak.strong_count() > 0));
+    }
+    providers
+        .entry((token_url, client_id, timeout))
+        .or_default()
+        .push(Arc::downgrade(&provider));
+    provider
 }

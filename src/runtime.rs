@@ -95,16 +95,13 @@ impl Runtime {
         let addr = Addr::new(tx);
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
         let started = self.arbiters[index].spawn_fn(move || {
-            let guard = Finished {
-                published: published.clone(),
-                cfg: cfg.clone(),
-            };
+            let guard = Finished(published.clone());
             let actor = TokenActor::new(cfg, tokens, version, published);
             let fut = Context::with_receiver(rx).into_future(actor);
-            actix_rt::spawn(async move {
-                fut.await;
-                drop(guard);
-            });
+            // A plain struct, not an async block: an async block would hold
+            // the actor twice (its capture and its awaited future), doubling
+            // the task's 1.3 KiB.
+            actix_rt::spawn(Run { fut, _guard: guard });
         });
         if !started {
             return Err(BrokerError::Config("the broker runtime has stopped".into()));
@@ -113,18 +110,55 @@ impl Runtime {
     }
 }
 
-/// Dropped once the actor has stopped and been dropped (or its task was
-/// torn down): parked callers are told, and `finish` returns.
-struct Finished {
-    published: Published,
-    cfg: Arc<Config>,
+/// The actor's task: its context future, then the [`Finished`] guard
+/// (dropped after the actor, when the task completes or is torn down).
+struct Run {
+    fut: actix::dev::ContextFut<TokenActor, Context<TokenActor>>,
+    _guard: Finished,
 }
+
+impl std::future::Future for Run {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.fut).poll(cx)
+    }
+}
+
+/// Dropped once the actor has stopped and been dropped (or its task was
+/// torn down): `finish` returns, and callers still parked (only if the
+/// actor never ran its `stopped`) hear that the broker stopped.
+struct Finished(Published);
 
 impl Drop for Finished {
     fn drop(&mut self) {
-        self.published.close(BrokerError::Stopped {
-            location: self.cfg.location.clone(),
-        });
-        self.published.mark_done();
+        self.0.mark_done();
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        use std::mem::size_of;
+        eprintln!("TokenActor {}", size_of::<crate::actor::TokenActor>());
+        eprintln!("Run {}", size_of::<super::Run>());
+        eprintln!(
+            "ContextFut {}",
+            size_of::<actix::dev::ContextFut<crate::actor::TokenActor, actix::Context<crate::actor::TokenActor>>>()
+        );
+        eprintln!("Config {}", size_of::<crate::actor::Config>());
+        eprintln!("Provider {}", size_of::<crate::provider::Provider>());
+        eprintln!("Snapshot {}", size_of::<crate::snapshot::Snapshot>());
+        eprintln!("TokenSet {}", size_of::<crate::credentials::TokenSet>());
+        eprintln!("BrokerError {}", size_of::<crate::BrokerError>());
+        eprintln!("MemoryStore {}", size_of::<crate::store::MemoryStore>());
+        eprintln!("Sleep {}", size_of::<tokio::time::Sleep>());
+        eprintln!("Notify {}", size_of::<tokio::sync::Notify>());
+        eprintln!("Span {}", size_of::<tracing::Span>());
+        eprintln!("StoreVersion {}", size_of::<Option<crate::store::StoreVersion>>());
+        eprintln!("StoreLock {}", size_of::<Option<crate::store::StoreLock>>());
+        eprintln!("Counters {}", size_of::<crate::status::Counters>());
+        eprintln!("Policy {}", size_of::<crate::policy::RefreshPolicy>());
     }
 }

@@ -14,7 +14,7 @@
 //! deadline is served as fresh for at most 100 ms more.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::Waker;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -39,10 +39,8 @@ pub(crate) struct Snapshot {
     fresh_until: AtomicU64,
     /// Callers of [`TokenBroker::token`](crate::TokenBroker::token) parked
     /// until the actor publishes the outcome they wait for.
-    waiting: parking_lot::Mutex<Waiting>,
-    /// The actor has stopped and been dropped (with everything it held).
-    done: AtomicBool,
-    done_notify: tokio::sync::Notify,
+    /// (Made when the first caller parks: an idle credential pays 8 bytes.)
+    waiting: parking_lot::Mutex<Option<Box<Waiting>>>,
 }
 
 /// The parked callers and the outcomes published for them.
@@ -64,6 +62,8 @@ struct Waiting {
     asked: bool,
     /// The actor has stopped: nothing more will be published.
     closed: bool,
+    /// The actor has been dropped, with everything it held.
+    done: bool,
 }
 
 /// What a parked caller should do now (see [`Snapshot::park`]).
@@ -120,8 +120,6 @@ impl Snapshot {
             token: ArcSwapOption::empty(),
             fresh_until: AtomicU64::new(NO_DEADLINE),
             waiting: parking_lot::Mutex::default(),
-            done: AtomicBool::new(false),
-            done_notify: tokio::sync::Notify::new(),
         })
     }
 
@@ -130,6 +128,7 @@ impl Snapshot {
     /// `waker`), and whether it must ask the actor.
     pub(crate) fn park(&self, place: &mut Place, waker: &Waker) -> Park {
         let mut waiting = self.waiting.lock();
+        let waiting = waiting.get_or_insert_with(Box::default);
         if place.slot == usize::MAX {
             if waiting.closed {
                 return Park::Closed;
@@ -137,6 +136,9 @@ impl Snapshot {
             place.round = waiting.round;
             place.slot = waiting.wakers.len();
             waiting.wakers.push(waker.clone());
+        } else if waiting.round == place.round && waiting.done {
+            // Dropped without publishing (see `runtime::Finished`).
+            return Park::Closed;
         } else if waiting.round != place.round {
             let outcome = match &waiting.outcome {
                 Some(outcome) => (**outcome).clone(),
@@ -165,9 +167,13 @@ impl Snapshot {
     fn publish_outcome(&self, outcome: Result<AccessToken, BrokerError>, close: bool) {
         let wakers = {
             let mut waiting = self.waiting.lock();
-            if waiting.closed {
-                return;
-            }
+            let waiting = match waiting.as_mut() {
+                Some(waiting) if waiting.closed => return,
+                Some(waiting) => waiting,
+                // Nobody ever parked: nothing to tell, unless it is the end.
+                None if !close => return,
+                None => waiting.insert(Box::default()),
+            };
             waiting.round = waiting.round.wrapping_add(1);
             waiting.outcome = Some(Box::new(outcome));
             waiting.asked = false;
@@ -181,7 +187,7 @@ impl Snapshot {
 
     /// Whether callers are parked, waiting for the actor's answer.
     pub(crate) fn asked(&self) -> bool {
-        self.waiting.lock().asked
+        self.waiting.lock().as_ref().is_some_and(|w| w.asked)
     }
 
     /// The actor has stopped: parked callers get `outcome` (the broker has
@@ -190,23 +196,34 @@ impl Snapshot {
         self.publish_outcome(Err(outcome), true);
     }
 
-    /// The actor has been dropped, with everything it held.
+    /// The actor has been dropped, with everything it held (after
+    /// [`close`](Self::close)).
     pub(crate) fn mark_done(&self) {
-        self.done.store(true, Ordering::SeqCst);
-        self.done_notify.notify_waiters();
+        let wakers = {
+            let mut waiting = self.waiting.lock();
+            let waiting = waiting.get_or_insert_with(Box::default);
+            waiting.closed = true;
+            waiting.done = true;
+            std::mem::take(&mut waiting.wakers)
+        };
+        for waker in wakers {
+            waker.wake();
+        }
     }
 
     /// Waits until [`mark_done`](Self::mark_done).
     pub(crate) async fn wait_done(&self) {
-        loop {
-            let notified = self.done_notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.done.load(Ordering::SeqCst) {
-                return;
+        std::future::poll_fn(|cx| {
+            let mut waiting = self.waiting.lock();
+            let waiting = waiting.get_or_insert_with(Box::default);
+            if waiting.done {
+                return std::task::Poll::Ready(());
             }
-            notified.await;
-        }
+            // Woken by the end of a round too: then it looks again.
+            waiting.wakers.push(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
     }
 
     /// Publishes `token` as fresh until `until` on the wall clock (`None`:

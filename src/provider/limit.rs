@@ -34,6 +34,26 @@ use crate::policy::MAX_BACKOFF;
 /// Token requests in flight per endpoint unless configured otherwise.
 pub const DEFAULT_ENDPOINT_LIMIT: usize = 8;
 
+tokio::task_local! {
+    /// The stop flag of the broker whose refresh cycle runs in this task.
+    static STOP: Arc<AtomicBool>;
+}
+
+/// Runs `cycle` (a broker's refresh cycle) so that a wait for a permit in
+/// it ends when `stop` is set (the broker is shutting down), before
+/// anything is sent.
+pub(crate) fn stoppable<F: std::future::Future>(
+    stop: Arc<AtomicBool>,
+    cycle: F,
+) -> impl std::future::Future<Output = F::Output> {
+    STOP.scope(stop, cycle)
+}
+
+/// The stop flag of the current refresh cycle, if it runs in [`stoppable`].
+pub(crate) fn current_stop() -> Option<Arc<AtomicBool>> {
+    STOP.try_with(Arc::clone).ok()
+}
+
 /// How often a wait for a permit looks whether its broker is stopping.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 

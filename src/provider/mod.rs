@@ -307,8 +307,6 @@ pub struct Provider {
     /// What the brokers of this token URL share (their limit, pause and
     /// HTTP client): set for brokers' providers, see [`limit`].
     endpoint: Option<std::sync::Arc<limit::Endpoint>>,
-    /// Set when the broker stops: a wait for a permit ends, nothing sent.
-    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Provider {
@@ -330,20 +328,13 @@ impl Provider {
             timeout: DEFAULT_HTTP_TIMEOUT,
             http: OnceLock::new(),
             endpoint: None,
-            stop: None,
         }
     }
 
     /// Joins the process's shared state for this token URL (see [`limit`]),
-    /// setting its limit when `limit` is given; `stop` ends a wait for a
-    /// permit.
-    pub(crate) fn shared_endpoint(
-        mut self,
-        limit: Option<usize>,
-        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ) -> Self {
+    /// setting its limit when `limit` is given.
+    pub(crate) fn shared_endpoint(mut self, limit: Option<usize>) -> Self {
         self.endpoint = Some(limit::endpoint(&self.token_url, limit));
-        self.stop = Some(stop);
         self
     }
 
@@ -378,7 +369,7 @@ impl Provider {
         // The endpoint's limit and pause (`limit`): wait for a permit before
         // anything is sent; held until the answer is read.
         let _permit = match &self.endpoint {
-            Some(endpoint) => match endpoint.acquire(self.stop.as_deref()).await {
+            Some(endpoint) => match endpoint.acquire(limit::current_stop().as_deref()).await {
                 Ok(permit) => Some(permit),
                 Err(refused) => return Err(not_sent(&self.token_url, refused)),
             },

@@ -136,8 +136,8 @@ impl Snapshot {
             place.round = waiting.round;
             place.slot = waiting.wakers.len();
             waiting.wakers.push(waker.clone());
-        } else if waiting.round == place.round && waiting.done {
-            // Dropped without publishing (see `runtime::Finished`).
+        } else if waiting.round == place.round && waiting.closed {
+            // Stopped with no outcome published since this caller parked.
             return Park::Closed;
         } else if waiting.round != place.round {
             let outcome = match &waiting.outcome {
@@ -161,23 +161,16 @@ impl Snapshot {
     /// Publishes the outcome for every parked caller and wakes them (the
     /// actor, when it settles its waiters or answers a [`Park`] at once).
     pub(crate) fn settle(&self, outcome: Result<AccessToken, BrokerError>) {
-        self.publish_outcome(outcome, false);
-    }
-
-    fn publish_outcome(&self, outcome: Result<AccessToken, BrokerError>, close: bool) {
         let wakers = {
             let mut waiting = self.waiting.lock();
             let waiting = match waiting.as_mut() {
-                Some(waiting) if waiting.closed => return,
-                Some(waiting) => waiting,
-                // Nobody ever parked: nothing to tell, unless it is the end.
-                None if !close => return,
-                None => waiting.insert(Box::default()),
+                Some(waiting) if !waiting.closed => waiting,
+                // Nobody ever parked (or nobody can any more): nothing to tell.
+                _ => return,
             };
             waiting.round = waiting.round.wrapping_add(1);
             waiting.outcome = Some(Box::new(outcome));
             waiting.asked = false;
-            waiting.closed = close;
             std::mem::take(&mut waiting.wakers)
         };
         for waker in wakers {
@@ -190,20 +183,25 @@ impl Snapshot {
         self.waiting.lock().as_ref().is_some_and(|w| w.asked)
     }
 
-    /// The actor has stopped: parked callers get `outcome` (the broker has
-    /// stopped) and later ones are told at once.
-    pub(crate) fn close(&self, outcome: BrokerError) {
-        self.publish_outcome(Err(outcome), true);
+    /// The actor has stopped: callers parked since the last outcome, and
+    /// later ones, hear that the broker stopped ([`Park::Closed`]); callers
+    /// woken by the last outcome still get it.
+    pub(crate) fn close(&self) {
+        self.end(false);
     }
 
     /// The actor has been dropped, with everything it held (after
-    /// [`close`](Self::close)).
+    /// [`close`](Self::close), or instead of it if it never ran).
     pub(crate) fn mark_done(&self) {
+        self.end(true);
+    }
+
+    fn end(&self, done: bool) {
         let wakers = {
             let mut waiting = self.waiting.lock();
             let waiting = waiting.get_or_insert_with(Box::default);
             waiting.closed = true;
-            waiting.done = true;
+            waiting.done |= done;
             std::mem::take(&mut waiting.wakers)
         };
         for waker in wakers {

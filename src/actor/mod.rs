@@ -687,9 +687,7 @@ impl Actor for TokenActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.published.publish(None, None);
-        self.published.close(BrokerError::Stopped {
-            location: self.cfg.location.clone(),
-        });
+        self.published.close();
         let location = self.cfg.location.clone();
         for waiter in std::mem::take(&mut *self.waiters.borrow_mut()) {
             let _ = waiter.send(Err(BrokerError::Stopped {

@@ -14,7 +14,9 @@
 //!   left as `retry_after`: callers whose access token is still valid keep
 //!   getting it, those whose token has expired get
 //!   [`BrokerError::Unavailable`](crate::BrokerError::Unavailable) with
-//!   `retry_in`.
+//!   `retry_in`. The last [`PAUSE_WAIT`] of a pause is waited out instead
+//!   (a refresh that would fail and back off for longer than that waits
+//!   and is sent).
 //! - **One HTTP client** (connection pool and TLS configuration) per
 //!   endpoint, instead of one per credential.
 //!
@@ -53,6 +55,9 @@ pub(crate) fn stoppable<F: std::future::Future>(
 pub(crate) fn current_stop() -> Option<Arc<AtomicBool>> {
     STOP.try_with(Arc::clone).ok()
 }
+
+/// A pause with at most this left is waited out rather than failed.
+pub const PAUSE_WAIT: Duration = Duration::from_secs(1);
 
 /// How often a wait for a permit looks whether its broker is stopping.
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -188,22 +193,30 @@ impl Endpoint {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
+            let mut pause_left = Duration::ZERO;
             {
                 let mut state = self.lock();
                 if let Some(until) = state.paused_until {
-                    let left = until.saturating_duration_since(Instant::now());
-                    if !left.is_zero() {
-                        return Err(Refused::Paused(left));
+                    pause_left = until.saturating_duration_since(Instant::now());
+                    if pause_left > PAUSE_WAIT {
+                        return Err(Refused::Paused(pause_left));
                     }
-                    state.paused_until = None;
+                    if pause_left.is_zero() {
+                        state.paused_until = None;
+                    }
                 }
-                if state.in_flight < state.limit {
+                if pause_left.is_zero() && state.in_flight < state.limit {
                     state.in_flight += 1;
                     return Ok(Permit { endpoint: self.clone() });
                 }
             }
             if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
                 return Err(Refused::Stopping);
+            }
+            if !pause_left.is_zero() {
+                // The end of a pause: wait it out (in slices, for `stop`).
+                tokio::time::sleep(pause_left.min(STOP_CHECK)).await;
+                continue;
             }
             match stop {
                 Some(_) => {

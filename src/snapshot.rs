@@ -15,7 +15,7 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::task::Waker;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -104,11 +104,16 @@ struct Entry {
     generation: u64,
     token: Option<AccessToken>,
     fresh_until: u64,
-    owner: Weak<Snapshot>,
 }
 
+/// How many snapshots each thread keeps a copy of: a direct-mapped table
+/// (by snapshot id), so that a read costs the same with one credential or
+/// 100,000, and a thread's copies stay bounded (two credentials that share
+/// a slot and are read in turn only cost a fresh copy on each switch).
+const COPY_SLOTS: usize = 256;
+
 thread_local! {
-    static COPIES: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+    static COPIES: RefCell<Vec<Option<Entry>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Snapshot {
@@ -244,7 +249,11 @@ impl Snapshot {
         COPIES
             .try_with(|copies| {
                 let mut copies = copies.borrow_mut();
-                if let Some(entry) = copies.iter_mut().find(|e| e.id == self.id) {
+                if copies.is_empty() {
+                    copies.resize_with(COPY_SLOTS, || None);
+                }
+                let slot = &mut copies[self.id as usize % COPY_SLOTS];
+                if let Some(entry) = slot.as_mut().filter(|e| e.id == self.id) {
                     if entry.generation != generation {
                         entry.generation = generation;
                         entry.token = self.load_private_copy();
@@ -255,16 +264,14 @@ impl Snapshot {
                     }
                     return entry.token.clone();
                 }
-                // First read on this thread: forget copies of dropped brokers.
-                copies.retain(|e| e.owner.strong_count() > 0);
+                // First read here, or the slot held another snapshot.
                 let token = self.load_private_copy();
                 let fresh_until = self.fresh_until.load(Ordering::Relaxed);
-                copies.push(Entry {
+                *slot = Some(Entry {
                     id: self.id,
                     generation,
                     token: token.clone(),
                     fresh_until,
-                    owner: Arc::downgrade(self),
                 });
                 token.filter(|_| fresh_until == NO_DEADLINE || wall_ms() < fresh_until)
             })

@@ -8,7 +8,7 @@
 //!   ends the wait, and nothing is spent).
 //! - **A shared pause**: a 429 or 503 with `Retry-After` from the endpoint
 //!   pauses every credential of that endpoint until then (at most
-//!   [`MAX_BACKOFF`](crate::policy::MAX_BACKOFF)), not only the one that got it. A
+//!   [`MAX_BACKOFF`]), not only the one that got it. A
 //!   credential whose refresh falls in the pause sends nothing and fails
 //!   at once with [`Failure::NotSent`](super::Failure::NotSent) and the time
 //!   left as `retry_after`: callers whose access token is still valid keep

@@ -265,24 +265,34 @@ impl Future for TokenFuture {
                 Some(token) => Poll::Ready(Ok(token)),
                 None => panic!("TokenFuture polled after completion"),
             },
-            Pending::Parked { inner, place } => {
-                let outcome = match inner.published.park(place, cx.waker()) {
-                    Park::Wait => return Poll::Pending,
-                    Park::Ask if inner.addr.connected() => {
-                        // One message for everyone parked in this round;
-                        // answered through the snapshot, never through this
-                        // future, so dropping it cancels nothing.
-                        inner.addr.do_send(ParkMsg);
-                        return Poll::Pending;
-                    }
-                    Park::Ask | Park::Closed => Err(stopped(inner)),
-                    Park::Ready(outcome) => outcome,
-                };
-                this.0 = Pending::Done;
-                Poll::Ready(outcome)
-            }
+            Pending::Parked { .. } => this.poll_parked(cx),
             Pending::Done => panic!("TokenFuture polled after completion"),
         }
+    }
+}
+
+impl TokenFuture {
+    /// The slow path, kept out of line so that the fresh path stays small.
+    #[cold]
+    #[inline(never)]
+    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<Result<AccessToken, BrokerError>> {
+        let Pending::Parked { inner, place } = &mut self.0 else {
+            panic!("TokenFuture polled after completion")
+        };
+        let outcome = match inner.published.park(place, cx.waker()) {
+            Park::Wait => return Poll::Pending,
+            Park::Ask if inner.addr.connected() => {
+                // One message for everyone parked in this round; answered
+                // through the snapshot, never through this future, so
+                // dropping it cancels nothing.
+                inner.addr.do_send(ParkMsg);
+                return Poll::Pending;
+            }
+            Park::Ask | Park::Closed => Err(stopped(inner)),
+            Park::Ready(outcome) => outcome,
+        };
+        self.0 = Pending::Done;
+        Poll::Ready(outcome)
     }
 }
 

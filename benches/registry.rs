@@ -142,6 +142,17 @@ fn fill(rt: &tokio::runtime::Runtime, n: usize) -> Filled {
     }
 }
 
+/// Runs `op` in a plain loop, as `benches/hot_path.rs` does.
+fn timed(b: &mut criterion::Bencher, op: impl Fn()) {
+    b.iter_custom(|n| {
+        let start = Instant::now();
+        for _ in 0..n {
+            op();
+        }
+        start.elapsed()
+    })
+}
+
 fn registry(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -208,16 +219,31 @@ fn registry(c: &mut Criterion) {
     let broker = filled.brokers.get("cred-050000").unwrap();
     let token = broker.token().now_or_never().unwrap().unwrap();
     let swap = ArcSwapOption::from_pointee(token.clone());
+    // As in benches/hot_path.rs (1 thread): the token is cloned out and
+    // dropped; beside it a broker of its own, outside the registry.
+    let alone = TokenBroker::oauth2("https://idp.example.com/oauth/token", "bench-client")
+        .store(Arc::new(MemoryStore::new(tokens(0))))
+        .build()
+        .unwrap();
+    rt.block_on(alone.status()).unwrap();
     let mut group = c.benchmark_group("registry/hot_path");
     group.bench_function("TokenBroker::token (100,000 registered)", |b| {
-        b.iter(|| black_box(broker.token().now_or_never().unwrap().unwrap()))
+        timed(b, || drop(black_box(broker.token().now_or_never().unwrap().unwrap())))
+    });
+    group.bench_function("TokenBroker::token (a broker alone)", |b| {
+        timed(b, || drop(black_box(alone.token().now_or_never().unwrap().unwrap())))
     });
     group.bench_function("raw ArcSwap load+clone", |b| {
-        b.iter(|| black_box(swap.load().as_deref().cloned().unwrap()))
+        timed(b, || drop(black_box(swap.load().as_deref().cloned().unwrap())))
     });
     group.finish();
+    rt.block_on(alone.finish()).unwrap();
     rt.block_on(filled.brokers.finish()).unwrap();
 
+    if runs.is_empty() {
+        // Filtered out (`cargo bench --bench registry -- hot_path`).
+        return;
+    }
     let mut times: Vec<f64> = runs.iter().map(|r| r.0.as_secs_f64() * 1000.0).collect();
     times.sort_by(f64::total_cmp);
     let bytes = runs.iter().map(|r| r.1).fold(0.0, f64::max);

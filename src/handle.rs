@@ -448,8 +448,9 @@ impl BrokerBuilder {
 
     /// Reads the credentials and starts the broker's actor.
     ///
-    /// Blocks briefly: it reads the credentials file and starts the actor's
-    /// thread. Fails with [`BrokerError::Store`] when the credentials are
+    /// Blocks briefly: it reads the credentials file (and, for the first
+    /// broker of the process, starts the shared runtime); the actor starts
+    /// on the shared runtime without being waited for. Fails with [`BrokerError::Store`] when the credentials are
     /// missing or invalid and [`BrokerError::Config`] for unusable settings.
     pub fn build(self) -> Result<TokenBroker, BrokerError> {
         if self.http_timeout.is_zero() {

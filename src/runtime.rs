@@ -135,30 +135,3 @@ impl Drop for Finished {
         self.0.mark_done();
     }
 }
-
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        use std::mem::size_of;
-        eprintln!("TokenActor {}", size_of::<crate::actor::TokenActor>());
-        eprintln!("Run {}", size_of::<super::Run>());
-        eprintln!(
-            "ContextFut {}",
-            size_of::<actix::dev::ContextFut<crate::actor::TokenActor, actix::Context<crate::actor::TokenActor>>>()
-        );
-        eprintln!("Config {}", size_of::<crate::actor::Config>());
-        eprintln!("Provider {}", size_of::<crate::provider::Provider>());
-        eprintln!("Snapshot {}", size_of::<crate::snapshot::Snapshot>());
-        eprintln!("TokenSet {}", size_of::<crate::credentials::TokenSet>());
-        eprintln!("BrokerError {}", size_of::<crate::BrokerError>());
-        eprintln!("MemoryStore {}", size_of::<crate::store::MemoryStore>());
-        eprintln!("Sleep {}", size_of::<tokio::time::Sleep>());
-        eprintln!("Notify {}", size_of::<tokio::sync::Notify>());
-        eprintln!("Span {}", size_of::<tracing::Span>());
-        eprintln!("StoreVersion {}", size_of::<Option<crate::store::StoreVersion>>());
-        eprintln!("StoreLock {}", size_of::<Option<crate::store::StoreLock>>());
-        eprintln!("Counters {}", size_of::<crate::status::Counters>());
-        eprintln!("Policy {}", size_of::<crate::policy::RefreshPolicy>());
-    }
-}

@@ -2,8 +2,9 @@
 //!
 //! A handle is cheap to clone, `Send + Sync`, and works from any async
 //! runtime: a plain `#[tokio::main]` program that never set up an actix
-//! System, or code already inside one. Each broker runs its
-//! [`TokenActor`] on a small dedicated thread with its own actix System.
+//! System, or code already inside one. Every broker of the process runs its
+//! [`TokenActor`] on one shared runtime (a small pool of actix arbiters,
+//! one thread per core), never on a thread of its own.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -13,9 +14,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::sync::{oneshot, watch};
 
-use crate::actor::{Config, GetStatus, GetToken, Published, Reject, Reload, Rules, Shutdown, TokenActor};
+use crate::actor::{Config, GetStatus, Park as ParkMsg, Published, Reject, Reload, Rules, Shutdown, TokenActor};
 use crate::clock::{Clock, Jitter, RandomJitter, SystemClock};
 use crate::credentials::AccessToken;
 use crate::defaults::{
@@ -24,6 +24,7 @@ use crate::defaults::{
 use crate::error::BrokerError;
 use crate::policy::{RefreshPolicy, CODEX_REFRESH_MARK};
 use crate::provider::{ClientAuth, Dialect, Provider, CODEX_CLIENT_ID, CODEX_TOKEN_URL, CODEX_TOKEN_URL_ENV};
+use crate::snapshot::{Park, Place};
 use crate::status::Status;
 use crate::store::{CodexAuthFile, OAuth2File, Store};
 
@@ -94,8 +95,8 @@ pub struct TokenBroker {
 struct Inner {
     addr: Addr<TokenActor>,
     published: Published,
-    location: String,
-    done: watch::Receiver<bool>,
+    /// The actor's settings (for the location), shared rather than copied.
+    cfg: Arc<Config>,
 }
 
 impl Drop for Inner {
@@ -108,7 +109,7 @@ impl Drop for Inner {
 impl std::fmt::Debug for TokenBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenBroker")
-            .field("location", &self.inner.location)
+            .field("location", &self.location())
             .finish_non_exhaustive()
     }
 }
@@ -131,17 +132,20 @@ impl TokenBroker {
     }
 
     /// A valid access token. Served from the published snapshot without a
-    /// message round trip while the token is fresh; otherwise asks the
-    /// actor, which may wait for the one refresh in flight.
+    /// message round trip while the token is fresh; otherwise the caller
+    /// parks on the snapshot until the actor publishes the outcome (of the
+    /// one refresh in flight, if one is needed). However many callers park
+    /// at once, one message reaches the actor.
     ///
     /// Fails only when no valid access token is left and the refresh failed.
+    /// A caller that drops the future never cancels the refresh.
     pub fn token(&self) -> TokenFuture {
         match self.fresh_token() {
             Some(token) => TokenFuture::ready(token),
-            None => {
-                let broker = self.clone();
-                TokenFuture(Pending::Ask(Box::pin(async move { broker.ask(GetToken).await })))
-            }
+            None => TokenFuture(Pending::Parked {
+                inner: self.inner.clone(),
+                place: Place::NEW,
+            }),
         }
     }
 
@@ -178,7 +182,7 @@ impl TokenBroker {
 
     /// Where the credentials live.
     pub fn location(&self) -> &str {
-        &self.inner.location
+        &self.inner.cfg.location
     }
 
     /// Stops the actor once any refresh in flight has written its tokens,
@@ -195,8 +199,7 @@ impl TokenBroker {
     /// with this process. A command line must not exit 0 then.
     pub async fn finish(&self) -> Result<(), BrokerError> {
         let outcome = self.inner.addr.send(Shutdown).await.unwrap_or(Ok(()));
-        let mut done = self.inner.done.clone();
-        let _ = done.wait_for(|d| *d).await;
+        self.inner.published.wait_done().await;
         outcome
     }
 
@@ -210,21 +213,33 @@ impl TokenBroker {
     }
 
     fn stopped(&self) -> BrokerError {
-        BrokerError::Stopped {
-            location: self.inner.location.clone(),
-        }
+        stopped(&self.inner)
+    }
+
+    /// Waits until the actor has stopped and been dropped.
+    pub(crate) async fn wait_stopped(&self) {
+        self.inner.published.wait_done().await;
+    }
+}
+
+fn stopped(inner: &Inner) -> BrokerError {
+    BrokerError::Stopped {
+        location: inner.cfg.location.clone(),
     }
 }
 
 /// The future returned by [`TokenBroker::token`]: already complete when the
-/// token is fresh (no allocation, no message), otherwise a message to the
-/// actor.
+/// token is fresh (no allocation, no message), otherwise parked on the
+/// published snapshot until the actor publishes the outcome (no allocation
+/// of its own either; the first caller of a round sends the actor one
+/// message for everyone).
 #[must_use = "futures do nothing unless awaited"]
 pub struct TokenFuture(Pending);
 
 enum Pending {
     Ready(Option<AccessToken>),
-    Ask(Pin<Box<dyn Future<Output = Result<AccessToken, BrokerError>> + Send>>),
+    Parked { inner: Arc<Inner>, place: Place },
+    Done,
 }
 
 impl TokenFuture {
@@ -237,7 +252,8 @@ impl std::fmt::Debug for TokenFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self.0 {
             Pending::Ready(_) => "TokenFuture::Ready",
-            Pending::Ask(_) => "TokenFuture::Ask",
+            Pending::Parked { .. } => "TokenFuture::Parked",
+            Pending::Done => "TokenFuture::Done",
         })
     }
 }
@@ -247,13 +263,40 @@ impl Future for TokenFuture {
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.get_mut().0 {
+        let this = self.get_mut();
+        match &mut this.0 {
             Pending::Ready(token) => match token.take() {
                 Some(token) => Poll::Ready(Ok(token)),
                 None => panic!("TokenFuture polled after completion"),
             },
-            Pending::Ask(ask) => ask.as_mut().poll(cx),
+            Pending::Parked { .. } => this.poll_parked(cx),
+            Pending::Done => panic!("TokenFuture polled after completion"),
         }
+    }
+}
+
+impl TokenFuture {
+    /// The slow path, kept out of line so that the fresh path stays small.
+    #[cold]
+    #[inline(never)]
+    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<Result<AccessToken, BrokerError>> {
+        let Pending::Parked { inner, place } = &mut self.0 else {
+            panic!("TokenFuture polled after completion")
+        };
+        let outcome = match inner.published.park(place, cx.waker()) {
+            Park::Wait => return Poll::Pending,
+            Park::Ask if inner.addr.connected() => {
+                // One message for everyone parked in this round; answered
+                // through the snapshot, never through this future, so
+                // dropping it cancels nothing.
+                inner.addr.do_send(ParkMsg);
+                return Poll::Pending;
+            }
+            Park::Ask | Park::Closed => Err(stopped(inner)),
+            Park::Ready(outcome) => outcome,
+        };
+        self.0 = Pending::Done;
+        Poll::Ready(outcome)
     }
 }
 
@@ -274,6 +317,7 @@ pub struct BrokerBuilder {
     keep_fresh: Option<bool>,
     clock: Option<Arc<dyn Clock>>,
     jitter: Option<Arc<dyn Jitter>>,
+    endpoint_limit: Option<usize>,
 }
 
 impl BrokerBuilder {
@@ -293,6 +337,7 @@ impl BrokerBuilder {
             keep_fresh: None,
             clock: None,
             jitter: None,
+            endpoint_limit: None,
         }
     }
 
@@ -381,6 +426,23 @@ impl BrokerBuilder {
         self
     }
 
+    /// At most `limit` token requests in flight to this broker's token
+    /// endpoint, shared by every broker of the process that uses the same
+    /// token URL (default
+    /// [`DEFAULT_ENDPOINT_LIMIT`](crate::provider::limit::DEFAULT_ENDPOINT_LIMIT);
+    /// zero counts as one). The last limit set for an endpoint applies to
+    /// all of its brokers; see [`provider::limit`](crate::provider::limit).
+    pub fn endpoint_limit(mut self, limit: usize) -> Self {
+        self.endpoint_limit = Some(limit);
+        self
+    }
+
+    /// The registry's endpoint limit, unless this builder set its own.
+    pub(crate) fn default_endpoint_limit(mut self, limit: usize) -> Self {
+        self.endpoint_limit.get_or_insert(limit);
+        self
+    }
+
     /// Where the broker gets the time (default: the system's wall clock).
     /// Every decision (fresh, due, expired, backoff ended) is taken at the
     /// time this clock says; timers sleep for the difference. With a clock
@@ -453,11 +515,13 @@ impl BrokerBuilder {
             }
         };
         let location = store.location().to_owned();
-        let login_hint = if login_hint.is_empty() {
+        let mut login_hint = if login_hint.is_empty() {
             format!("sign in again and write the new tokens to {location}")
         } else {
             login_hint
         };
+        // `format!` reserves twice its text: kept by every broker.
+        login_hint.shrink_to_fit();
         let codex = self.dialect == Dialect::Codex;
         let mut policy = RefreshPolicy::new(self.refresh_ahead);
         if codex {
@@ -479,10 +543,13 @@ impl BrokerBuilder {
         };
         let cfg = Arc::new(Config {
             store,
-            provider: Arc::new(
-                Provider::new(token_url, client_id, self.dialect)
-                    .with_client_auth(self.client_auth.clone())
-                    .with_timeout(self.http_timeout),
+            provider: shared_provider(
+                token_url,
+                client_id,
+                self.dialect,
+                self.client_auth.clone(),
+                self.http_timeout,
+                self.endpoint_limit,
             ),
             rules,
             wall_clock: self.clock.is_none(),
@@ -497,55 +564,56 @@ impl BrokerBuilder {
             location: location.clone(),
         });
         let published: Published = crate::snapshot::Snapshot::new();
-        let actor_published = published.clone();
-        // The credentials are loaded on the actor's thread (the store is
-        // asynchronous); a load error comes back here.
-        let (addr, done) = spawn_actor(move || TokenActor::open(cfg, actor_published))?;
+        let addr = crate::runtime::shared()?.open(cfg.clone(), published.clone())?;
         Ok(TokenBroker {
-            inner: Arc::new(Inner {
-                addr,
-                published,
-                location,
-                done,
-            }),
+            inner: Arc::new(Inner { addr, published, cfg }),
         })
     }
 }
 
-/// Runs the actor `make` opens on a dedicated thread with its own actix
-/// System, so that the handle works whether or not the caller runs one.
-fn spawn_actor<F>(
-    make: impl FnOnce() -> F + Send + 'static,
-) -> Result<(Addr<TokenActor>, watch::Receiver<bool>), BrokerError>
-where
-    F: std::future::Future<Output = Result<TokenActor, BrokerError>>,
-{
-    let (addr_tx, addr_rx) = std::sync::mpsc::sync_channel(1);
-    let (done_tx, done_rx) = watch::channel(false);
-    std::thread::Builder::new()
-        .name("token-broker".into())
-        .spawn(move || {
-            let system = actix_rt::System::new();
-            system.block_on(async move {
-                let (stopped_tx, stopped_rx) = oneshot::channel();
-                let mut actor = match make().await {
-                    Ok(actor) => actor,
-                    Err(e) => {
-                        let _ = addr_tx.send(Err(e));
-                        return;
-                    }
-                };
-                actor.notify_on_stop(stopped_tx);
-                let addr = actor.start();
-                let _ = addr_tx.send(Ok(addr.clone()));
-                let _ = stopped_rx.await;
-                drop(addr);
-            });
-            let _ = done_tx.send(true);
-        })
-        .map_err(|e| BrokerError::Config(format!("could not start the broker thread: {e}")))?;
-    let addr = addr_rx
-        .recv()
-        .map_err(|_| BrokerError::Config("the broker thread failed to start".to_owned()))??;
-    Ok((addr, done_rx))
+/// The providers of the process's brokers, shared by every broker with the
+/// same endpoint, client, dialect, client authentication and timeout (a `Provider` holds no
+/// per-credential state): one per distinct setting, not one per credential.
+type Providers = std::collections::HashMap<(String, String, Duration), Vec<std::sync::Weak<Provider>>>;
+
+fn shared_provider(
+    token_url: String,
+    client_id: String,
+    dialect: Dialect,
+    client_auth: ClientAuth,
+    timeout: Duration,
+    limit: Option<usize>,
+) -> Arc<Provider> {
+    static PROVIDERS: std::sync::OnceLock<parking_lot::Mutex<Providers>> = std::sync::OnceLock::new();
+    let mut providers = PROVIDERS.get_or_init(Default::default).lock();
+    let key = (token_url, client_id, timeout);
+    if let Some(same) = providers.get_mut(&key) {
+        same.retain(|weak| weak.strong_count() > 0);
+        if let Some(found) = same
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|p| p.dialect() == dialect && *p.configured_client_auth() == client_auth)
+        {
+            if let Some(limit) = limit {
+                crate::provider::limit::endpoint(found.token_url(), Some(limit));
+            }
+            return found;
+        }
+    }
+    let (token_url, client_id, timeout) = key;
+    let provider = Arc::new(
+        Provider::new(token_url.clone(), client_id.clone(), dialect)
+            .with_client_auth(client_auth)
+            .with_timeout(timeout)
+            .shared_endpoint(limit),
+    );
+    if providers.len() >= 64 && providers.len().is_power_of_two() {
+        // Forget settings no broker uses any more (amortised).
+        providers.retain(|_, same| same.iter().any(|weak| weak.strong_count() > 0));
+    }
+    providers
+        .entry((token_url, client_id, timeout))
+        .or_default()
+        .push(Arc::downgrade(&provider));
+    provider
 }

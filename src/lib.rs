@@ -68,6 +68,8 @@ mod error;
 mod handle;
 pub mod policy;
 pub mod provider;
+mod registry;
+mod runtime;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod snapshot;
@@ -83,6 +85,7 @@ pub struct ReadmeDoctests;
 pub use error::BrokerError;
 pub use handle::{BrokerBuilder, TokenBroker, TokenFuture};
 pub use provider::Dialect;
+pub use registry::Brokers;
 pub use status::{State, Status};
 
 #[cfg(test)]

@@ -15,12 +15,14 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+use std::task::Waker;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 
 use crate::credentials::AccessToken;
+use crate::error::BrokerError;
 
 /// Gives every snapshot an id that is never reused.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -35,6 +37,62 @@ pub(crate) struct Snapshot {
     /// Unix milliseconds from which `token` is no longer fresh
     /// ([`NO_DEADLINE`]: until withdrawn).
     fresh_until: AtomicU64,
+    /// Callers of [`TokenBroker::token`](crate::TokenBroker::token) parked
+    /// until the actor publishes the outcome they wait for.
+    /// (Made when the first caller parks: an idle credential pays 8 bytes.)
+    waiting: parking_lot::Mutex<Option<Box<Waiting>>>,
+}
+
+/// The parked callers and the outcomes published for them.
+///
+/// Instead of one mailbox message and one reply channel per caller, a
+/// caller that finds no fresh token parks here (its waker, 16 bytes) and
+/// only the first one messages the actor ([`Park::Ask`]); every outcome the
+/// actor settles is published here with a new round number, and each caller
+/// takes the first outcome published after it parked.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Bumped by every published outcome.
+    round: u64,
+    outcome: Option<Box<Result<AccessToken, BrokerError>>>,
+    /// The parked callers of this round (a dropped caller's stays until the
+    /// round ends: waking it does nothing).
+    wakers: Vec<Waker>,
+    /// A caller has asked the actor for this round: the others only wait.
+    asked: bool,
+    /// The actor has stopped: nothing more will be published.
+    closed: bool,
+    /// The actor has been dropped, with everything it held.
+    done: bool,
+}
+
+/// What a parked caller should do now (see [`Snapshot::park`]).
+pub(crate) enum Park {
+    /// The outcome it waited for.
+    Ready(Result<AccessToken, BrokerError>),
+    /// Wait; nobody has asked the actor yet for this round: ask it.
+    Ask,
+    /// Wait; the actor has been asked.
+    Wait,
+    /// The actor has stopped.
+    Closed,
+}
+
+/// A caller's place among the parked callers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Place {
+    /// The round it parked in.
+    round: u64,
+    /// Its waker's index in that round (`usize::MAX`: not parked yet).
+    slot: usize,
+}
+
+impl Place {
+    /// Not parked yet.
+    pub(crate) const NEW: Place = Place {
+        round: 0,
+        slot: usize::MAX,
+    };
 }
 
 /// A published token without a wall-clock deadline.
@@ -46,11 +104,16 @@ struct Entry {
     generation: u64,
     token: Option<AccessToken>,
     fresh_until: u64,
-    owner: Weak<Snapshot>,
 }
 
+/// How many snapshots each thread keeps a copy of: a direct-mapped table
+/// (by snapshot id), so that a read costs the same with one credential or
+/// 100,000, and a thread's copies stay bounded (two credentials that share
+/// a slot and are read in turn only cost a fresh copy on each switch).
+const COPY_SLOTS: usize = 256;
+
 thread_local! {
-    static COPIES: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+    static COPIES: RefCell<Vec<Option<Entry>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Snapshot {
@@ -61,7 +124,109 @@ impl Snapshot {
             generation: AtomicU64::new(0),
             token: ArcSwapOption::empty(),
             fresh_until: AtomicU64::new(NO_DEADLINE),
+            waiting: parking_lot::Mutex::default(),
         })
+    }
+
+    /// Parks a caller (first call: `place` is [`Place::NEW`]) or checks on
+    /// it: the outcome published since it parked, else a wait (registering
+    /// `waker`), and whether it must ask the actor.
+    pub(crate) fn park(&self, place: &mut Place, waker: &Waker) -> Park {
+        let mut waiting = self.waiting.lock();
+        let waiting = waiting.get_or_insert_with(Box::default);
+        if place.slot == usize::MAX {
+            if waiting.closed {
+                return Park::Closed;
+            }
+            place.round = waiting.round;
+            place.slot = waiting.wakers.len();
+            waiting.wakers.push(waker.clone());
+        } else if waiting.round == place.round && waiting.closed {
+            // Stopped with no outcome published since this caller parked.
+            return Park::Closed;
+        } else if waiting.round != place.round {
+            let outcome = match &waiting.outcome {
+                Some(outcome) => (**outcome).clone(),
+                None => return Park::Closed,
+            };
+            return Park::Ready(outcome);
+        } else if let Some(mine) = waiting.wakers.get_mut(place.slot) {
+            if !mine.will_wake(waker) {
+                mine.clone_from(waker);
+            }
+        }
+        if waiting.asked {
+            Park::Wait
+        } else {
+            waiting.asked = true;
+            Park::Ask
+        }
+    }
+
+    /// Publishes the outcome for every parked caller and wakes them (the
+    /// actor, when it settles its waiters or answers a [`Park`] at once).
+    pub(crate) fn settle(&self, outcome: Result<AccessToken, BrokerError>) {
+        let wakers = {
+            let mut waiting = self.waiting.lock();
+            let waiting = match waiting.as_mut() {
+                Some(waiting) if !waiting.closed => waiting,
+                // Nobody ever parked (or nobody can any more): nothing to tell.
+                _ => return,
+            };
+            waiting.round = waiting.round.wrapping_add(1);
+            waiting.outcome = Some(Box::new(outcome));
+            waiting.asked = false;
+            std::mem::take(&mut waiting.wakers)
+        };
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Whether callers are parked, waiting for the actor's answer.
+    pub(crate) fn asked(&self) -> bool {
+        self.waiting.lock().as_ref().is_some_and(|w| w.asked)
+    }
+
+    /// The actor has stopped: callers parked since the last outcome, and
+    /// later ones, hear that the broker stopped ([`Park::Closed`]); callers
+    /// woken by the last outcome still get it.
+    pub(crate) fn close(&self) {
+        self.end(false);
+    }
+
+    /// The actor has been dropped, with everything it held (after
+    /// [`close`](Self::close), or instead of it if it never ran).
+    pub(crate) fn mark_done(&self) {
+        self.end(true);
+    }
+
+    fn end(&self, done: bool) {
+        let wakers = {
+            let mut waiting = self.waiting.lock();
+            let waiting = waiting.get_or_insert_with(Box::default);
+            waiting.closed = true;
+            waiting.done |= done;
+            std::mem::take(&mut waiting.wakers)
+        };
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Waits until [`mark_done`](Self::mark_done).
+    pub(crate) async fn wait_done(&self) {
+        std::future::poll_fn(|cx| {
+            let mut waiting = self.waiting.lock();
+            let waiting = waiting.get_or_insert_with(Box::default);
+            if waiting.done {
+                return std::task::Poll::Ready(());
+            }
+            // Woken by the end of a round too: then it looks again.
+            waiting.wakers.push(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
     }
 
     /// Publishes `token` as fresh until `until` on the wall clock (`None`:
@@ -84,7 +249,11 @@ impl Snapshot {
         COPIES
             .try_with(|copies| {
                 let mut copies = copies.borrow_mut();
-                if let Some(entry) = copies.iter_mut().find(|e| e.id == self.id) {
+                if copies.is_empty() {
+                    copies.resize_with(COPY_SLOTS, || None);
+                }
+                let slot = &mut copies[self.id as usize % COPY_SLOTS];
+                if let Some(entry) = slot.as_mut().filter(|e| e.id == self.id) {
                     if entry.generation != generation {
                         entry.generation = generation;
                         entry.token = self.load_private_copy();
@@ -95,16 +264,14 @@ impl Snapshot {
                     }
                     return entry.token.clone();
                 }
-                // First read on this thread: forget copies of dropped brokers.
-                copies.retain(|e| e.owner.strong_count() > 0);
+                // First read here, or the slot held another snapshot.
                 let token = self.load_private_copy();
                 let fresh_until = self.fresh_until.load(Ordering::Relaxed);
-                copies.push(Entry {
+                *slot = Some(Entry {
                     id: self.id,
                     generation,
                     token: token.clone(),
                     fresh_until,
-                    owner: Arc::downgrade(self),
                 });
                 token.filter(|_| fresh_until == NO_DEADLINE || wall_ms() < fresh_until)
             })

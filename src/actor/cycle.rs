@@ -263,6 +263,11 @@ async fn locked(
         });
     }
 
+    // Wait for the token endpoint's permit (at most so many requests in
+    // flight per endpoint, none while it asked every client to wait) before
+    // anything is recorded or sent; a shutdown ends the wait.
+    let mut permit = Some(permit(cfg).await?);
+
     // Record the attempt before the token leaves the process: if we are
     // killed before saving the result, the next holder of the lock knows.
     cfg.store.mark_refreshing(&refresh_token).await?;
@@ -278,10 +283,20 @@ async fn locked(
                 location: cfg.location.clone(),
             });
         }
-        // The last moment before the token leaves: is the lock still ours?
-        // (A file lock whose lock file was deleted or replaced, a lease
-        // that lapsed while an earlier attempt ran.)
-        if !slot.as_ref().is_some_and(StoreLock::is_valid) {
+        if permit.is_none() {
+            // A retry: the first attempt may have spent the token, so the
+            // record stays whatever happens here.
+            permit = Some(self::permit(cfg).await?);
+        }
+        // The last moment before the token leaves: is the lock still ours,
+        // and for long enough to hear the answer? (A file lock whose lock
+        // file was deleted or replaced; a lease that lapsed, or will lapse
+        // before the request can time out.)
+        let needed = cfg.provider.timeout().saturating_add(crate::defaults::TIMEOUT_GRACE);
+        let held = slot
+            .as_ref()
+            .is_some_and(|lock| lock.is_valid() && lock.valid_for().is_none_or(|left| left > needed));
+        if !held {
             warn!("the brokers' lock is no longer held (its lock file was deleted or replaced, or its lease lapsed); spending nothing and trying again");
             if attempt == 1 {
                 // Our record, for a token we did not send: remove it, unless
@@ -303,7 +318,10 @@ async fn locked(
         }
         requests.fetch_add(1, Ordering::Relaxed);
         info!(refresh = %refresh_token.fingerprint(), ?state, rejected, attempt, "spending the refresh token");
-        let error = match cfg.provider.refresh(&refresh_token).await {
+        let answer = cfg.provider.send(&refresh_token).await;
+        // The endpoint's next request may go.
+        drop(permit.take());
+        let error = match answer {
             Ok(refreshed) => {
                 return save(
                     cfg,
@@ -384,6 +402,20 @@ async fn locked(
             retry_in: None,
         });
     }
+}
+
+/// A permit to send one token request to the endpoint (see
+/// [`provider::limit`](crate::provider::limit)); nothing was sent when it
+/// is refused.
+async fn permit(cfg: &Config) -> Result<Option<crate::provider::limit::Permit>, BrokerError> {
+    cfg.provider
+        .permit(Some(&cfg.stopping))
+        .await
+        .map_err(|cause| BrokerError::Unavailable {
+            location: cfg.location.clone(),
+            cause,
+            retry_in: None,
+        })
 }
 
 /// A cycle that could not even read the store: unwritten tokens it was

@@ -575,15 +575,17 @@ impl Machine {
     }
 
     /// When the machine next wants [`tick`](Self::tick)ed: the end of the
-    /// fresh period (to withdraw the published token), the end of a backoff
-    /// with unwritten tokens or with `keep_fresh` due. `None`: never.
-    pub(crate) fn wake_at(&self, rules: &Rules, now: SystemTime) -> Option<SystemTime> {
+    /// fresh period (with `keep_fresh`, or when the shell must `withdraw`
+    /// the published token itself), the end of a backoff with unwritten
+    /// tokens or with `keep_fresh` due. `None`: never.
+    pub(crate) fn wake_at(&self, rules: &Rules, now: SystemTime, withdraw: bool) -> Option<SystemTime> {
         if self.refreshing() || self.stopping || matches!(self.state, State::Stopped) || self.account_changed() {
             return None;
         }
         let fresh = self.freshness(rules, now);
         let mut at = match fresh {
-            Freshness::Fresh { refresh_at } => Some(refresh_at),
+            // To withdraw the published token, or to refresh unasked.
+            Freshness::Fresh { refresh_at } if withdraw || rules.keep_fresh => Some(refresh_at),
             _ => None,
         };
         let retry = self.failing().map(|f| f.retry_at);
@@ -1009,7 +1011,7 @@ mod tests {
         ));
         assert_eq!(short(m.decide(&r, at(100))), "fail:login");
         assert!(!m.tick(&r, at(100)), "keep-fresh spends nothing after a refusal");
-        assert_eq!(m.wake_at(&r, at(100)), None);
+        assert_eq!(m.wake_at(&r, at(100), true), None);
         assert_eq!(m.status(&r, at(100)).0, crate::status::State::LoginRequired);
         // The same tokens, rewritten (a new version): worth one look.
         assert_eq!(m.adopt(&r, tokens("a", Some(-1)), version(2), 0.0), Adoption::Kept);
@@ -1117,7 +1119,7 @@ mod tests {
         assert_eq!(settle, Some(Settle::Answer(Ok(token("b")))));
         assert!(!m.tick(&r, at(0)), "no refresh loop");
         assert_eq!(
-            m.wake_at(&r, at(0)),
+            m.wake_at(&r, at(0), true),
             Some(at(1)),
             "keep-fresh tries again after the backoff"
         );
@@ -1130,14 +1132,17 @@ mod tests {
     fn keep_fresh_wakes_when_the_window_opens() {
         let r = rules(true);
         let m = Machine::new(tokens("a", Some(3600)), version(1), 0.0);
-        assert_eq!(m.wake_at(&r, at(0)), Some(at(3000)));
+        assert_eq!(m.wake_at(&r, at(0), true), Some(at(3000)));
         assert!(!m.tick(&r, at(2999)));
         assert!(m.tick(&r, at(3000)));
         // Without keep_fresh, the timer only withdraws the published token.
         let lazy = rules(false);
-        assert_eq!(m.wake_at(&lazy, at(0)), Some(at(3000)));
+        assert_eq!(m.wake_at(&lazy, at(0), true), Some(at(3000)));
+        // ...and only when readers cannot compare the deadline themselves.
+        assert_eq!(m.wake_at(&lazy, at(0), false), None);
+        assert_eq!(m.wake_at(&r, at(0), false), Some(at(3000)));
         assert!(!m.tick(&lazy, at(3000)));
-        assert_eq!(m.wake_at(&lazy, at(3000)), None);
+        assert_eq!(m.wake_at(&lazy, at(3000), true), None);
         assert_eq!(
             m.publication(&lazy, at(0)),
             Publication {
@@ -1154,7 +1159,7 @@ mod tests {
                 until: None
             }
         );
-        assert_eq!(unknown.wake_at(&r, at(0)), None);
+        assert_eq!(unknown.wake_at(&r, at(0), true), None);
     }
 
     fn unsaved(write_err: BrokerError) -> (Machine, Option<Settle>) {
@@ -1178,7 +1183,7 @@ mod tests {
         let (mut m, settle) = unsaved(write_error());
         assert!(matches!(settle, Some(Settle::Answer(Err(BrokerError::Store(_))))));
         assert!(!m.tick(&r, at(0)));
-        assert_eq!(m.wake_at(&r, at(0)), Some(at(1)));
+        assert_eq!(m.wake_at(&r, at(0), true), Some(at(1)));
         assert!(m.tick(&r, at(1)), "written again unasked");
         let begin = m.begin().unwrap();
         assert_eq!(begin.unsaved.unwrap().tokens, tokens("b", Some(7200)));

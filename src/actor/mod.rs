@@ -205,20 +205,11 @@ impl TokenActor {
         }
     }
 
-    /// Subscribes to the store's changes (unless watching is off), loads
-    /// the credentials, and makes the actor: subscribing first, so that a
-    /// change made between the load and the actor's start is not missed.
-    pub(crate) async fn open(cfg: Arc<Config>, published: Published) -> Result<Self, BrokerError> {
-        let changes = (!cfg.watch_interval.is_zero()).then(|| cfg.store.changes(cfg.watch_interval));
-        let Loaded { tokens, version } = cfg.store.load().await?;
-        let mut actor = TokenActor::new(cfg, tokens, Some(version), published);
-        actor.changes = changes;
-        Ok(actor)
-    }
-
-    /// Also tells `tx` when the actor has stopped.
-    pub(crate) fn notify_on_stop(&mut self, tx: oneshot::Sender<Result<(), BrokerError>>) {
-        self.stop_waiters.push(tx);
+    /// Also listens to `changes`, the store's notifications (subscribed to
+    /// before the credentials were loaded, so that none is missed).
+    pub(crate) fn with_changes(mut self, changes: Option<Changes>) -> Self {
+        self.changes = changes;
+        self
     }
 
     fn now(&self) -> SystemTime {
@@ -247,7 +238,11 @@ impl TokenActor {
             self.start_cycle(ctx);
             return;
         }
-        if let Some(at) = self.machine.wake_at(&self.cfg.rules, now) {
+        // Readers compare a published deadline with the wall clock
+        // themselves: without keep-fresh, the end of the fresh period needs
+        // no timer (one timer less per idle credential).
+        let withdraw = !self.cfg.wall_clock;
+        if let Some(at) = self.machine.wake_at(&self.cfg.rules, now, withdraw) {
             // A time already past with nothing to start would spin.
             if let Ok(wait) = at.duration_since(now) {
                 self.timer = Some(ctx.run_later(wait, |act, ctx| {
@@ -340,7 +335,8 @@ impl TokenActor {
             }
             CycleOutcome::Failed(err) => Outcome::Failed(err),
         };
-        let waiting = !self.waiters.borrow().is_empty();
+        // Callers parked on the snapshot (`Park`) wait for the same outcome.
+        let waiting = !self.waiters.borrow().is_empty() || self.published.asked();
         let now = self.now();
         let jitter = self.jitter();
         let settle = self
@@ -370,6 +366,7 @@ impl TokenActor {
                 for waiter in waiters {
                     let _ = waiter.send(result.clone());
                 }
+                self.published.settle(result);
             }
             None => {}
         }
@@ -423,6 +420,7 @@ impl Actor for TokenActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.published.publish(None, None);
+        self.published.close();
         let location = self.cfg.location.clone();
         for waiter in std::mem::take(&mut *self.waiters.borrow_mut()) {
             let _ = waiter.send(Err(BrokerError::Stopped {
@@ -447,6 +445,25 @@ impl Handler<GetToken> for TokenActor {
 
     fn handle(&mut self, _msg: GetToken, ctx: &mut Self::Context) -> Self::Result {
         self.answer(ctx)
+    }
+}
+
+/// A caller of [`TokenBroker::token`](crate::TokenBroker::token) parked on
+/// the published snapshot asks for the outcome of this round on behalf of
+/// every caller parked there (one message, not one per caller). Answered by
+/// publishing into the snapshot: at once, or when the refresh in flight
+/// ends.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct Park;
+
+impl Handler<Park> for TokenActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Park, ctx: &mut Self::Context) {
+        if let TokenReply::Ready(result) = self.answer(ctx) {
+            self.published.settle(result);
+        }
     }
 }
 

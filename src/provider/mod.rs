@@ -14,8 +14,10 @@
 //! (retry later). Error text never carries a token.
 
 mod code;
+pub mod limit;
 mod response;
 
+use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
@@ -203,6 +205,11 @@ pub enum Failure {
     /// A 429 answer.
     #[error("rate limited (HTTP 429)")]
     RateLimited,
+    /// Nothing was sent: the endpoint asked every client of this process
+    /// to wait (a 429 or 503 with `Retry-After`), or the broker is stopping
+    /// (see [`limit`]).
+    #[error("not sent: {0}")]
+    NotSent(String),
     /// A success status with a body that holds no usable tokens: the
     /// provider has probably spent the refresh token.
     #[error("HTTP {status} with an unusable body: {why}")]
@@ -263,6 +270,7 @@ impl Failure {
             | Failure::Client(_)
             | Failure::Status { .. }
             | Failure::RateLimited
+            | Failure::NotSent(_)
             | Failure::NoUsableToken(_)
             | Failure::ExpiredOnArrival
             | Failure::UnsavedElsewhere(_)
@@ -313,6 +321,9 @@ pub(crate) struct Provider {
     client_auth: ClientAuth,
     timeout: Duration,
     http: OnceLock<Result<reqwest::Client, String>>,
+    /// What the brokers of this token URL share (their limit, pause and
+    /// HTTP client): set for brokers' providers, see [`limit`].
+    endpoint: Option<std::sync::Arc<limit::Endpoint>>,
 }
 
 impl Provider {
@@ -334,6 +345,7 @@ impl Provider {
             client_auth: ClientAuth::None,
             timeout: DEFAULT_HTTP_TIMEOUT,
             http: OnceLock::new(),
+            endpoint: None,
         }
     }
 
@@ -353,6 +365,13 @@ impl Provider {
         }
     }
 
+    /// Joins the process's shared state for this token URL (see [`limit`]),
+    /// setting its limit when `limit` is given.
+    pub(crate) fn shared_endpoint(mut self, limit: Option<usize>) -> Self {
+        self.endpoint = Some(limit::endpoint(&self.token_url, limit));
+        self
+    }
+
     /// Sets the timeout of one token request (connect, send and read).
     pub(crate) fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -364,14 +383,53 @@ impl Provider {
         &self.client_id
     }
 
+    /// The dialect.
+    pub(crate) fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The client authentication as configured (see `client_auth` for what
+    /// is sent).
+    pub(crate) fn configured_client_auth(&self) -> &ClientAuth {
+        &self.client_auth
+    }
+
+    /// The timeout of one token request.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The token endpoint.
     pub(crate) fn token_url(&self) -> &str {
         &self.token_url
     }
 
-    /// Spends `refresh_token` once. Call only from the actor (or the
-    /// simulator's naive jobs, which show what goes wrong without one).
+    /// Waits for a permit to send one token request to this endpoint (see
+    /// [`limit`]): at most so many in flight per endpoint, none while it
+    /// asked every client of the process to wait. Ends as soon as `stop` is
+    /// set. `None`: this provider has no shared endpoint (no limit).
+    pub(crate) async fn permit(&self, stop: Option<&AtomicBool>) -> Result<Option<limit::Permit>, RefreshError> {
+        match &self.endpoint {
+            Some(endpoint) => match endpoint.acquire(stop).await {
+                Ok(permit) => Ok(Some(permit)),
+                Err(refused) => Err(not_sent(&self.token_url, refused)),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Spends `refresh_token` once, after waiting for the endpoint's permit.
+    /// Call only from the simulator's naive jobs, which show what goes wrong
+    /// without a broker; the actor's cycle takes the permit itself (before
+    /// its last check of the lock) and calls [`send`](Self::send).
     pub(crate) async fn refresh(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
+        let _permit = self.permit(None).await?;
+        self.send(refresh_token).await
+    }
+
+    /// Spends `refresh_token` once: the request itself, under a permit the
+    /// caller holds. Call only from the actor's refresh cycle.
+    pub(crate) async fn send(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
         let fail = |kind: Failure| RefreshError::Transient {
             endpoint: self.token_url.clone(),
             kind,
@@ -385,6 +443,9 @@ impl Provider {
             retry_after,
             body,
         } = within(self.timeout, self.exchange(request)).await.map_err(fail)?;
+        if let (Some(endpoint), Some(wait), 429 | 503) = (&self.endpoint, retry_after, status) {
+            endpoint.pause(wait);
+        }
         let sent = SentSecrets::new(refresh_token, &self.client_id, self.client_auth());
         if (300..400).contains(&status) {
             let origin =
@@ -463,27 +524,29 @@ impl Provider {
     }
 
     fn client(&self) -> Result<&reqwest::Client, String> {
-        self.http
-            .get_or_init(|| {
-                // No overall reqwest timeout: `within` applies it, so that an
-                // answer that arrived while the process was stopped is read.
-                let builder = reqwest::Client::builder()
-                    .connect_timeout(self.timeout.min(Duration::from_secs(10)))
-                    .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
-                    // A redirect would re-send the refresh token and client
-                    // secret to wherever it points.
-                    .redirect(reqwest::redirect::Policy::none());
-                // A proxy from the environment would get a loopback
-                // endpoint's plain-http request, secrets and all (and no
-                // proxy can reach our loopback anyway).
-                let loopback = reqwest::Url::parse(&self.token_url).is_ok_and(|url| is_loopback(&url));
-                let builder = if loopback { builder.no_proxy() } else { builder };
-                builder
-                    .build()
-                    .map_err(|e| format!("could not build the HTTP client: {e}"))
-            })
-            .as_ref()
-            .map_err(Clone::clone)
+        let build = || {
+            // No overall reqwest timeout: `within` applies it, so that an
+            // answer that arrived while the process was stopped is read.
+            let builder = reqwest::Client::builder()
+                .connect_timeout(self.timeout.min(Duration::from_secs(10)))
+                .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+                // A redirect would re-send the refresh token and client
+                // secret to wherever it points.
+                .redirect(reqwest::redirect::Policy::none());
+            // A proxy from the environment would get a loopback
+            // endpoint's plain-http request, secrets and all (and no
+            // proxy can reach our loopback anyway).
+            let loopback = reqwest::Url::parse(&self.token_url).is_ok_and(|url| is_loopback(&url));
+            let builder = if loopback { builder.no_proxy() } else { builder };
+            builder
+                .build()
+                .map_err(|e| format!("could not build the HTTP client: {e}"))
+        };
+        match &self.endpoint {
+            // One client per endpoint (its settings are the first broker's).
+            Some(endpoint) => endpoint.client(build),
+            None => self.http.get_or_init(build).as_ref().map_err(Clone::clone),
+        }
     }
 
     fn build_request(&self, http: &reqwest::Client, refresh_token: &RefreshToken) -> reqwest::RequestBuilder {
@@ -519,6 +582,22 @@ impl Provider {
                 request.form(&form)
             }
         }
+    }
+}
+
+/// The error of a refresh for which no permit was given: nothing was sent.
+fn not_sent(token_url: &str, refused: limit::Refused) -> RefreshError {
+    let (why, retry_after) = match refused {
+        limit::Refused::Paused(left) => (
+            "the token endpoint asked every client to wait (HTTP 429 or 503 with Retry-After)",
+            Some(left),
+        ),
+        limit::Refused::Stopping => ("the broker is stopping", None),
+    };
+    RefreshError::Transient {
+        endpoint: token_url.to_owned(),
+        kind: Failure::NotSent(why.to_owned()),
+        retry_after,
     }
 }
 

@@ -150,6 +150,9 @@ struct Shared {
     invalid: AtomicU64,
     faults_served: AtomicU64,
     replayed: AtomicU64,
+    /// Token requests being answered now, and the most at once.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
     faults: Mutex<std::collections::VecDeque<Fault>>,
     /// Who asked (the `User-Agent`) and how each spend ended.
     spends: Mutex<Vec<SpendRecord>>,
@@ -198,6 +201,8 @@ impl ProviderServer {
             invalid: AtomicU64::new(0),
             faults_served: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
             faults: Mutex::new(Default::default()),
             spends: Mutex::new(Vec::new()),
         });
@@ -317,6 +322,23 @@ impl ProviderServer {
     /// and how it ended.
     pub fn spends(&self) -> Vec<SpendRecord> {
         self.shared.spends.lock().clone()
+    }
+
+    /// The most token requests that were being answered at the same
+    /// moment, since the start or the last [`reset_peak`](Self::reset_peak).
+    pub fn peak_concurrent_token_requests(&self) -> u64 {
+        self.shared.peak_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Token requests being answered right now.
+    pub fn concurrent_token_requests(&self) -> u64 {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Starts measuring [`peak_concurrent_token_requests`](Self::peak_concurrent_token_requests) again.
+    pub fn reset_peak(&self) {
+        let now = self.shared.in_flight.load(Ordering::SeqCst);
+        self.shared.peak_in_flight.store(now, Ordering::SeqCst);
     }
 
     /// Requests made to the token endpoint so far.
@@ -515,7 +537,26 @@ pub enum Fault {
     Huge200(usize),
 }
 
+/// Counts a token request as in flight until dropped (also when the client
+/// goes away mid-answer).
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: &Arc<Shared>) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let _in_flight = InFlight::new(&shared);
     shared.token_requests.fetch_add(1, Ordering::SeqCst);
     let config = shared.config.lock().clone();
     let fault = shared.faults.lock().pop_front();

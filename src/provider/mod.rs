@@ -422,6 +422,7 @@ impl Provider {
     /// Call only from the simulator's naive jobs, which show what goes wrong
     /// without a broker; the actor's cycle takes the permit itself (before
     /// its last check of the lock) and calls [`send`](Self::send).
+    #[cfg(feature = "sim")]
     pub(crate) async fn refresh(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
         let _permit = self.permit(None).await?;
         self.send(refresh_token).await

@@ -72,13 +72,13 @@ pub(crate) enum Idle {
     /// Nothing is known to be wrong.
     Ready,
     /// The last attempts failed; the next waits for the backoff.
-    BackingOff(Failing),
+    BackingOff(Box<Failing>),
     /// A refresh returned tokens that the store has not taken yet: they are
     /// written again when the backoff ends (the shell keeps the store's
     /// lock meanwhile).
-    Unsaved(Box<Unsaved>, Failing),
+    Unsaved(Box<Unsaved>, Box<Failing>),
     /// A new sign-in is needed, unless the store changes.
-    LoginRequired(Login),
+    LoginRequired(Box<Login>),
     /// The store holds another account's tokens: nothing is served.
     AccountChanged,
 }
@@ -223,14 +223,14 @@ impl Machine {
 
     fn login(&self) -> Option<&Login> {
         match self.idle() {
-            Some(Idle::LoginRequired(login)) => Some(login),
+            Some(Idle::LoginRequired(login)) => Some(&**login),
             _ => None,
         }
     }
 
     fn failing(&self) -> Option<&Failing> {
         match self.idle() {
-            Some(Idle::BackingOff(f) | Idle::Unsaved(_, f)) => Some(f),
+            Some(Idle::BackingOff(f) | Idle::Unsaved(_, f)) => Some(&**f),
             _ => None,
         }
     }
@@ -406,12 +406,12 @@ impl Machine {
                 self.counters.failures += 1;
                 let err = login_error(rules, &login.reason);
                 self.seen = login.version.clone();
-                self.state = State::Idle(Idle::LoginRequired(login));
+                self.state = State::Idle(Idle::LoginRequired(Box::new(login)));
                 Some(Err(err))
             }
             Outcome::Unsaved(unsaved, err) => {
                 let err = self.fail(
-                    Idle::Unsaved(unsaved, placeholder(&err, now)),
+                    Idle::Unsaved(unsaved, Box::new(placeholder(&err, now))),
                     failures,
                     err,
                     None,
@@ -481,11 +481,11 @@ impl Machine {
         let count = failures.saturating_add(1);
         let retry_at = crate::policy::later(now, backoff_with(count, retry_after, jitter));
         let err = with_retry_in(err, retry_at, now);
-        let failing = Failing {
+        let failing = Box::new(Failing {
             count,
             retry_at,
             last: err.clone(),
-        };
+        });
         self.state = State::Idle(match from {
             Idle::Unsaved(unsaved, _) => Idle::Unsaved(unsaved, failing),
             _ => Idle::BackingOff(failing),

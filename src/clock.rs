@@ -112,6 +112,18 @@ impl Jitter for FixedJitter {
     }
 }
 
+/// The system clock, shared (no allocation per broker).
+pub(crate) fn system() -> Arc<dyn Clock> {
+    static SYSTEM: std::sync::OnceLock<Arc<dyn Clock>> = std::sync::OnceLock::new();
+    SYSTEM.get_or_init(|| Arc::new(SystemClock)).clone()
+}
+
+/// Uniform jitter, shared (no allocation per broker).
+pub(crate) fn random() -> Arc<dyn Jitter> {
+    static RANDOM: std::sync::OnceLock<Arc<dyn Jitter>> = std::sync::OnceLock::new();
+    RANDOM.get_or_init(|| Arc::new(RandomJitter)).clone()
+}
+
 /// A fraction from `jitter`, clamped to `[0, 1)` (NaN counts as 0).
 pub(crate) fn fraction(jitter: &dyn Jitter) -> f64 {
     let f = jitter.fraction();

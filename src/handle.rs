@@ -16,7 +16,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use crate::actor::{Config, GetStatus, Park as ParkMsg, Published, Reject, Reload, Rules, Shutdown, TokenActor};
-use crate::clock::{Clock, Jitter, RandomJitter, SystemClock};
+use crate::clock::{Clock, Jitter};
 use crate::credentials::AccessToken;
 use crate::defaults::{
     default_lock_timeout, DEFAULT_HTTP_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_WATCH_INTERVAL, DEFAULT_WINNER_WAIT,
@@ -182,7 +182,7 @@ impl TokenBroker {
 
     /// Where the credentials live.
     pub fn location(&self) -> &str {
-        &self.inner.cfg.location
+        &self.inner.cfg.rules.location
     }
 
     /// Stops the actor once any refresh in flight has written its tokens,
@@ -224,7 +224,7 @@ impl TokenBroker {
 
 fn stopped(inner: &Inner) -> BrokerError {
     BrokerError::Stopped {
-        location: inner.cfg.location.clone(),
+        location: inner.cfg.rules.location.clone(),
     }
 }
 
@@ -481,13 +481,14 @@ impl BrokerBuilder {
                     .or_else(|| std::env::var(CODEX_TOKEN_URL_ENV).ok().filter(|v| !v.is_empty()))
                     .unwrap_or_else(|| CODEX_TOKEN_URL.to_owned()),
                 self.client_id.clone().unwrap_or_else(|| CODEX_CLIENT_ID.to_owned()),
-                "sign in again with `codex login`".to_owned(),
+                Some("sign in again with `codex login`"),
             ),
             // `TokenBroker::oauth2` always sets both.
             Dialect::OAuth2 => (
                 self.token_url.clone().unwrap_or_default(),
                 self.client_id.clone().unwrap_or_default(),
-                String::new(),
+                // Said with the location when needed (not kept per broker).
+                None,
             ),
         };
         crate::provider::check_token_url(&token_url).map_err(|why| {
@@ -515,13 +516,6 @@ impl BrokerBuilder {
             }
         };
         let location = store.location().to_owned();
-        let mut login_hint = if login_hint.is_empty() {
-            format!("sign in again and write the new tokens to {location}")
-        } else {
-            login_hint
-        };
-        // `format!` reserves twice its text: kept by every broker.
-        login_hint.shrink_to_fit();
         let codex = self.dialect == Dialect::Codex;
         let mut policy = RefreshPolicy::new(self.refresh_ahead);
         if codex {
@@ -534,34 +528,35 @@ impl BrokerBuilder {
                 );
             }
         }
+        let provider = shared_provider(
+            token_url,
+            client_id,
+            self.dialect,
+            self.client_auth.clone(),
+            self.http_timeout,
+            self.endpoint_limit,
+        );
         let rules = Rules {
             policy,
             keep_fresh: self.keep_fresh.unwrap_or(codex),
-            location: location.clone(),
+            location,
             login_hint,
-            token_url: token_url.clone(),
+            token_url: provider.token_url_shared(),
         };
         let cfg = Arc::new(Config {
             store,
-            provider: shared_provider(
-                token_url,
-                client_id,
-                self.dialect,
-                self.client_auth.clone(),
-                self.http_timeout,
-                self.endpoint_limit,
-            ),
+            provider,
             rules,
             wall_clock: self.clock.is_none(),
-            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
-            jitter: self.jitter.unwrap_or_else(|| Arc::new(RandomJitter)),
+            clock: self.clock.unwrap_or_else(crate::clock::system),
+            jitter: self.jitter.unwrap_or_else(crate::clock::random),
             winner_wait: self.winner_wait,
-            stopping: Arc::default(),
+            stopping: Default::default(),
+            requests: Default::default(),
             lock_timeout: self
                 .lock_timeout
                 .unwrap_or_else(|| default_lock_timeout(self.http_timeout, self.winner_wait)),
             watch_interval: self.watch_interval,
-            location: location.clone(),
         });
         let published: Published = crate::snapshot::Snapshot::new();
         let addr = crate::runtime::shared()?.open(cfg.clone(), published.clone())?;

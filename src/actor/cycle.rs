@@ -80,9 +80,9 @@ pub(crate) struct CycleEnd {
     pub unsaved_abandoned: bool,
 }
 
-pub(crate) async fn run(cfg: Arc<Config>, input: CycleInput, requests: Arc<AtomicU64>) -> CycleEnd {
+pub(crate) async fn run(cfg: Arc<Config>, input: CycleInput) -> CycleEnd {
     let mut unsaved_abandoned = false;
-    let outcome = match run_inner(&cfg, input, &requests, &mut unsaved_abandoned).await {
+    let outcome = match run_inner(&cfg, input, &cfg.requests, &mut unsaved_abandoned).await {
         Ok(outcome) => outcome,
         Err(e) => CycleOutcome::Failed(e),
     };
@@ -137,7 +137,7 @@ async fn locked(
             *unsaved_abandoned = input.unsaved.is_some();
             warn!("the credentials now belong to another account; spending nothing");
             return Err(BrokerError::AccountChanged {
-                location: cfg.location.clone(),
+                location: cfg.rules.location.clone(),
             });
         }
     }
@@ -214,7 +214,7 @@ async fn locked(
         let deadline = SystemTime::now() + cfg.winner_wait;
         return match wait_for_winner(cfg, &on_disk, deadline, String::new(), refresh_token).await? {
             CycleOutcome::LoginRequired { .. } => Err(BrokerError::Unavailable {
-                location: cfg.location.clone(),
+                location: cfg.rules.location.clone(),
                 cause: crate::provider::RefreshError::Transient {
                     endpoint: cfg.provider.token_url().to_owned(),
                     kind: crate::provider::Failure::UnsavedElsewhere(pid),
@@ -259,7 +259,7 @@ async fn locked(
     // finished and written; this one has not started).
     if cfg.stopping.load(Ordering::SeqCst) {
         return Err(BrokerError::Stopped {
-            location: cfg.location.clone(),
+            location: cfg.rules.location.clone(),
         });
     }
 
@@ -280,7 +280,7 @@ async fn locked(
         // was asked for: the record stays, and the next start settles it.
         if attempt > 1 && cfg.stopping.load(Ordering::SeqCst) {
             return Err(BrokerError::Stopped {
-                location: cfg.location.clone(),
+                location: cfg.rules.location.clone(),
             });
         }
         if permit.is_none() {
@@ -307,7 +307,7 @@ async fn locked(
                 }
             }
             return Err(BrokerError::Unavailable {
-                location: cfg.location.clone(),
+                location: cfg.rules.location.clone(),
                 cause: crate::provider::RefreshError::Transient {
                     endpoint: cfg.provider.token_url().to_owned(),
                     kind: crate::provider::Failure::LockLost,
@@ -397,7 +397,7 @@ async fn locked(
         }
         warn!(%error, "refresh failed; will retry with backoff");
         return Err(BrokerError::Unavailable {
-            location: cfg.location.clone(),
+            location: cfg.rules.location.clone(),
             cause: error,
             retry_in: None,
         });
@@ -412,7 +412,7 @@ async fn permit(cfg: &Config) -> Result<Option<crate::provider::limit::Permit>, 
         .permit(Some(&cfg.stopping))
         .await
         .map_err(|cause| BrokerError::Unavailable {
-            location: cfg.location.clone(),
+            location: cfg.rules.location.clone(),
             cause,
             retry_in: None,
         })
@@ -443,7 +443,7 @@ async fn take_lock(cfg: &Arc<Config>, write_only: bool) -> Result<StoreLock, Bro
     loop {
         if !write_only && cfg.stopping.load(Ordering::SeqCst) {
             return Err(BrokerError::Stopped {
-                location: cfg.location.clone(),
+                location: cfg.rules.location.clone(),
             });
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -509,7 +509,7 @@ async fn wait_for_winner(
                         if held != now {
                             warn!("the credentials now belong to another account; spending nothing");
                             return Err(BrokerError::AccountChanged {
-                                location: cfg.location.clone(),
+                                location: cfg.rules.location.clone(),
                             });
                         }
                     }

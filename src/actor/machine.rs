@@ -37,10 +37,11 @@ pub(crate) struct Rules {
     pub keep_fresh: bool,
     /// Where the credentials live, for errors.
     pub location: String,
-    /// What a person should do when a new sign-in is needed.
-    pub login_hint: String,
-    /// The token endpoint, for errors.
-    pub token_url: String,
+    /// What a person should do when a new sign-in is needed (`None`:
+    /// "sign in again and write the new tokens to" the location).
+    pub login_hint: Option<&'static str>,
+    /// The token endpoint, for errors (shared with the provider).
+    pub token_url: std::sync::Arc<str>,
 }
 
 /// The last failed refresh attempts, and when the next may start.
@@ -723,7 +724,7 @@ fn unavailable(rules: &Rules, kind: FailureKind) -> BrokerError {
     BrokerError::Unavailable {
         location: rules.location.clone(),
         cause: RefreshError::Transient {
-            endpoint: rules.token_url.clone(),
+            endpoint: rules.token_url.to_string(),
             kind,
             retry_after: None,
         },
@@ -741,7 +742,10 @@ fn login_error(rules: &Rules, reason: &str) -> BrokerError {
     BrokerError::LoginRequired {
         location: rules.location.clone(),
         reason: reason.to_owned(),
-        hint: rules.login_hint.clone(),
+        hint: match rules.login_hint {
+            Some(hint) => hint.to_owned(),
+            None => format!("sign in again and write the new tokens to {}", rules.location),
+        },
     }
 }
 
@@ -799,8 +803,8 @@ mod tests {
             policy: RefreshPolicy::new(s(600)),
             keep_fresh,
             location: "memory".into(),
-            login_hint: "sign in again".into(),
-            token_url: "http://127.0.0.1:1/token".into(),
+            login_hint: Some("sign in again"),
+            token_url: std::sync::Arc::from("http://127.0.0.1:1/token"),
         }
     }
 

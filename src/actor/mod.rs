@@ -50,10 +50,11 @@ pub(crate) struct Config {
     pub winner_wait: Duration,
     /// Set when a shutdown is asked for: a cycle that has not spent the
     /// refresh token yet spends nothing.
-    pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    pub stopping: std::sync::atomic::AtomicBool,
+    /// Token requests sent (each spends a refresh token), for status.
+    pub requests: AtomicU64,
     /// How often to check the store for outside changes (zero: never).
     pub watch_interval: Duration,
-    pub location: String,
     /// What the state machine needs: policy, keep-fresh, names for errors.
     pub rules: Rules,
     /// Where the time comes from.
@@ -165,11 +166,11 @@ pub struct TokenActor {
     change_pending: bool,
     /// Callers waiting for the refresh in flight: the reply channels of
     /// their messages, answered directly (no task or channel of our own).
-    waiters: Waiters,
+    /// (Made on first use: most credentials never have a message waiting.)
+    waiters: Option<Waiters>,
     published: Published,
     /// When the machine next wants to look at the time.
     timer: Option<SpawnHandle>,
-    requests: Arc<AtomicU64>,
     stop_waiters: Vec<oneshot::Sender<Result<(), BrokerError>>>,
     span: tracing::Span,
 }
@@ -177,17 +178,17 @@ pub struct TokenActor {
 impl std::fmt::Debug for TokenActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenActor")
-            .field("location", &self.cfg.location)
+            .field("location", &self.cfg.rules.location)
             .field("access", &self.machine.tokens().access_token)
             .field("refreshing", &self.machine.refreshing())
-            .field("waiters", &self.waiters.borrow().len())
+            .field("waiters", &self.waiting_messages())
             .finish_non_exhaustive()
     }
 }
 
 impl TokenActor {
     pub(crate) fn new(cfg: Arc<Config>, tokens: TokenSet, version: Option<Version>, published: Published) -> Self {
-        let span = info_span!("credential", location = %cfg.location);
+        let span = info_span!("credential", location = %cfg.rules.location);
         let machine = Machine::new(tokens, version, crate::clock::fraction(&*cfg.jitter));
         TokenActor {
             cfg,
@@ -196,10 +197,9 @@ impl TokenActor {
             reloading: false,
             changes: None,
             change_pending: false,
-            waiters: Waiters::default(),
+            waiters: None,
             published,
             timer: None,
-            requests: Arc::new(AtomicU64::new(0)),
             stop_waiters: Vec::new(),
             span,
         }
@@ -210,6 +210,19 @@ impl TokenActor {
     pub(crate) fn with_changes(mut self, changes: Option<Changes>) -> Self {
         self.changes = changes;
         self
+    }
+
+    /// How many messages wait for the refresh in flight.
+    fn waiting_messages(&self) -> usize {
+        self.waiters.as_ref().map_or(0, |w| w.borrow().len())
+    }
+
+    /// The reply channels of the messages waiting, emptied.
+    fn take_waiters(&mut self) -> Vec<Waiter> {
+        self.waiters
+            .as_ref()
+            .map(|w| std::mem::take(&mut *w.borrow_mut()))
+            .unwrap_or_default()
     }
 
     fn now(&self) -> SystemTime {
@@ -264,7 +277,7 @@ impl TokenActor {
             Decision::Fail(err) => TokenReply::Ready(Err(err)),
             Decision::Wait => {
                 self.start_cycle(ctx);
-                TokenReply::Wait(self.waiters.clone())
+                TokenReply::Wait(self.waiters.get_or_insert_with(Waiters::default).clone())
             }
         }
     }
@@ -307,7 +320,7 @@ impl TokenActor {
             held_lock: self.unsaved_lock.take(),
         };
         let span = info_span!(parent: &self.span, "refresh");
-        let fut = cycle::run(self.cfg.clone(), input, self.requests.clone()).instrument(span);
+        let fut = cycle::run(self.cfg.clone(), input).instrument(span);
         ctx.spawn(fut.into_actor(self).map(|end, act, ctx| act.finish_cycle(end, ctx)));
     }
 
@@ -336,7 +349,7 @@ impl TokenActor {
             CycleOutcome::Failed(err) => Outcome::Failed(err),
         };
         // Callers parked on the snapshot (`Park`) wait for the same outcome.
-        let waiting = !self.waiters.borrow().is_empty() || self.published.asked();
+        let waiting = self.waiting_messages() > 0 || self.published.asked();
         let now = self.now();
         let jitter = self.jitter();
         let settle = self
@@ -361,7 +374,7 @@ impl TokenActor {
                 return;
             }
             Some(Settle::Answer(result)) => {
-                let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+                let waiters = self.take_waiters();
                 debug!(parent: &self.span, waiters = waiters.len(), ok = result.is_ok(), "answering waiters");
                 for waiter in waiters {
                     let _ = waiter.send(result.clone());
@@ -388,9 +401,9 @@ impl TokenActor {
         let (state, last_error) = self.machine.status(&self.cfg.rules, self.now());
         let tokens = self.machine.tokens();
         let mut counters = self.machine.counters();
-        counters.token_requests = self.requests.load(Ordering::Relaxed);
+        counters.token_requests = self.cfg.requests.load(Ordering::Relaxed);
         Status {
-            location: self.cfg.location.clone(),
+            location: self.cfg.rules.location.clone(),
             state,
             account_id: tokens.account_id.clone(),
             expires_at: tokens.expiry.map(|e| e.at),
@@ -421,8 +434,8 @@ impl Actor for TokenActor {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.published.publish(None, None);
         self.published.close();
-        let location = self.cfg.location.clone();
-        for waiter in std::mem::take(&mut *self.waiters.borrow_mut()) {
+        let location = self.cfg.rules.location.clone();
+        for waiter in self.take_waiters() {
             let _ = waiter.send(Err(BrokerError::Stopped {
                 location: location.clone(),
             }));

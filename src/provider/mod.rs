@@ -314,7 +314,8 @@ impl RefreshError {
 /// refresh, so handing out a still-valid token never pays for it.
 #[derive(Debug)]
 pub(crate) struct Provider {
-    token_url: String,
+    /// Shared with the brokers' rules (for messages), not copied.
+    token_url: std::sync::Arc<str>,
     client_id: String,
     dialect: Dialect,
     /// Used by [`Dialect::OAuth2`] only.
@@ -334,9 +335,9 @@ impl Provider {
     /// percent-encoded, so that messages naming it stay on one line.
     pub(crate) fn new(token_url: impl Into<String>, client_id: impl Into<String>, dialect: Dialect) -> Self {
         let token_url = token_url.into();
-        let token_url = match reqwest::Url::parse(&token_url) {
-            Ok(url) => String::from(url),
-            Err(_) => token_url.chars().filter(|c| !c.is_control()).collect(),
+        let token_url: std::sync::Arc<str> = match reqwest::Url::parse(&token_url) {
+            Ok(url) => String::from(url).into(),
+            Err(_) => token_url.chars().filter(|c| !c.is_control()).collect::<String>().into(),
         };
         Provider {
             token_url,
@@ -404,6 +405,11 @@ impl Provider {
         &self.token_url
     }
 
+    /// The token endpoint, shared (as the parser wrote it: one line).
+    pub(crate) fn token_url_shared(&self) -> std::sync::Arc<str> {
+        self.token_url.clone()
+    }
+
     /// Waits for a permit to send one token request to this endpoint (see
     /// [`limit`]): at most so many in flight per endpoint, none while it
     /// asked every client of the process to wait. Ends as soon as `stop` is
@@ -432,7 +438,7 @@ impl Provider {
     /// caller holds. Call only from the actor's refresh cycle.
     pub(crate) async fn send(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
         let fail = |kind: Failure| RefreshError::Transient {
-            endpoint: self.token_url.clone(),
+            endpoint: self.token_url.to_string(),
             kind,
             retry_after: None,
         };
@@ -466,7 +472,7 @@ impl Provider {
                 None => ("unknown".to_owned(), String::new()),
             };
             return Err(RefreshError::Rejected {
-                endpoint: self.token_url.clone(),
+                endpoint: self.token_url.to_string(),
                 status,
                 code: scrub_code(&code),
                 description: describe(&description),
@@ -480,7 +486,7 @@ impl Provider {
             },
         };
         Err(RefreshError::Transient {
-            endpoint: self.token_url.clone(),
+            endpoint: self.token_url.to_string(),
             kind,
             retry_after,
         })
@@ -552,7 +558,7 @@ impl Provider {
 
     fn build_request(&self, http: &reqwest::Client, refresh_token: &RefreshToken) -> reqwest::RequestBuilder {
         let request = http
-            .post(&self.token_url)
+            .post(&*self.token_url)
             .header(reqwest::header::ACCEPT, "application/json");
         match self.dialect {
             Dialect::Codex => request.json(&serde_json::json!({

@@ -6,14 +6,14 @@ use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 
-use super::{Changes, HeldLock, Loaded, Location, Store, StoreError, StoreFuture, StoreLock, Version};
+use super::{Changed, Changes, HeldLock, Loaded, Location, Store, StoreError, StoreFuture, StoreLock, Version};
 use crate::credentials::TokenSet;
 
 /// Credentials kept in memory. Clones share the same credentials.
 ///
-/// Its version is a write counter; [`changes`](Store::changes) are sent
-/// through an in-process channel on every write ([`set`](Self::set) or a
-/// save).
+/// Its version is a write counter; [`changes`](Store::changes) wake on
+/// every write ([`set`](Self::set) or a save) through an in-process
+/// notification: no thread, no timer.
 ///
 /// ```
 /// use token_broker::credentials::TokenSet;
@@ -25,36 +25,54 @@ use crate::credentials::TokenSet;
 /// ```
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    /// The tokens and their revision; every write goes through `revision`'s
-    /// sender, which also tells the subscribers.
-    inner: Arc<Mutex<TokenSet>>,
-    revision: Arc<tokio::sync::watch::Sender<u64>>,
-    lock: Arc<tokio::sync::Mutex<()>>,
+    /// One allocation per store: 100,000 of them live in a registry.
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// The tokens and their revision (a write counter).
+    state: Mutex<(TokenSet, u64)>,
+    /// Woken on every write; subscribers compare the revision.
+    changed: tokio::sync::Notify,
+    /// The brokers' lock: one permit.
+    lock: tokio::sync::Semaphore,
     /// Refused refresh tokens: SHA-256 hex and when.
-    refused: Arc<Mutex<Vec<(String, SystemTime)>>>,
+    refused: Mutex<Vec<(String, SystemTime)>>,
+}
+
+impl Shared {
+    fn revision(&self) -> u64 {
+        self.state.lock().1
+    }
 }
 
 impl MemoryStore {
     /// A store holding `tokens`.
     pub fn new(tokens: TokenSet) -> Self {
         MemoryStore {
-            inner: Arc::new(Mutex::new(tokens)),
-            revision: Arc::new(tokio::sync::watch::Sender::new(0)),
-            lock: Arc::new(tokio::sync::Mutex::new(())),
-            refused: Arc::default(),
+            shared: Arc::new(Shared {
+                state: Mutex::new((tokens, 0)),
+                changed: tokio::sync::Notify::new(),
+                lock: tokio::sync::Semaphore::new(1),
+                refused: Mutex::default(),
+            }),
         }
     }
 
     /// Replaces the credentials, as an outside writer would.
     pub fn set(&self, tokens: TokenSet) {
-        let mut inner = self.inner.lock();
-        *inner = tokens;
-        self.revision.send_modify(|r| *r += 1);
+        {
+            let mut state = self.shared.state.lock();
+            state.0 = tokens;
+            state.1 += 1;
+        }
+        self.shared.changed.notify_waiters();
     }
 
     /// The stored tokens, now (no waiting).
     pub fn get(&self) -> TokenSet {
-        self.inner.lock().clone()
+        self.shared.state.lock().0.clone()
     }
 
     fn location_of(&self) -> Location {
@@ -62,9 +80,14 @@ impl MemoryStore {
     }
 }
 
-/// The memory store's lock: a guard of an in-process mutex, valid until
-/// released.
-struct MemoryLock(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>);
+/// The memory store's lock: its one permit, given back when released.
+struct MemoryLock(Arc<Shared>);
+
+impl Drop for MemoryLock {
+    fn drop(&mut self) {
+        self.0.lock.add_permits(1);
+    }
+}
 
 impl std::fmt::Debug for MemoryLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,39 +112,52 @@ impl Store for MemoryStore {
     }
 
     fn load(&self) -> StoreFuture<'_, Result<Loaded, StoreError>> {
-        let inner = self.inner.lock();
+        let state = self.shared.state.lock();
         let loaded = Loaded {
-            tokens: inner.clone(),
-            version: Version::from_revision(*self.revision.borrow()),
+            tokens: state.0.clone(),
+            version: Version::from_revision(state.1),
         };
         Box::pin(std::future::ready(Ok(loaded)))
     }
 
     fn save<'a>(&'a self, tokens: &'a TokenSet, expected: &'a Version) -> StoreFuture<'a, Result<Version, StoreError>> {
-        let mut inner = self.inner.lock();
-        let current = *self.revision.borrow();
-        let result = if Version::from_revision(current) != *expected {
-            Err(StoreError::Conflict {
-                location: self.location_of(),
-            })
-        } else {
-            *inner = tokens.clone();
-            self.revision.send_modify(|r| *r += 1);
-            Ok(Version::from_revision(current + 1))
+        let result = {
+            let mut state = self.shared.state.lock();
+            if Version::from_revision(state.1) != *expected {
+                Err(StoreError::Conflict {
+                    location: self.location_of(),
+                })
+            } else {
+                state.0 = tokens.clone();
+                state.1 += 1;
+                Ok(Version::from_revision(state.1))
+            }
         };
+        if result.is_ok() {
+            self.shared.changed.notify_waiters();
+        }
         Box::pin(std::future::ready(result))
     }
 
     fn lock(&self, timeout: Duration) -> StoreFuture<'_, Result<StoreLock, StoreError>> {
-        let lock = self.lock.clone();
+        let shared = self.shared.clone();
         let location = self.location_of();
         Box::pin(async move {
-            match tokio::time::timeout(timeout, lock.lock_owned()).await {
-                Ok(guard) => Ok(StoreLock::new(MemoryLock(guard))),
-                Err(_) => Err(StoreError::LockTimeout {
+            let acquired = match tokio::time::timeout(timeout, shared.lock.acquire()).await {
+                Ok(Ok(permit)) => {
+                    // Given back by the guard's drop.
+                    permit.forget();
+                    true
+                }
+                Ok(Err(_)) | Err(_) => false,
+            };
+            if acquired {
+                Ok(StoreLock::new(MemoryLock(shared)))
+            } else {
+                Err(StoreError::LockTimeout {
                     location,
                     waited: timeout,
-                }),
+                })
             }
         })
     }
@@ -129,12 +165,34 @@ impl Store for MemoryStore {
     /// An event on every write, through the store's own channel: no
     /// thread, no polling; `fallback_poll` is not needed.
     fn changes(&self, _fallback_poll: Duration) -> Changes {
-        Changes::from_watch(self.revision.subscribe())
+        let shared = self.shared.clone();
+        let seen = shared.revision();
+        Changes::new(futures_util::stream::unfold(
+            (shared, seen),
+            |(shared, mut seen)| async move {
+                loop {
+                    {
+                        // Registered before the revision is read: no write is
+                        // missed between the two.
+                        let notified = shared.changed.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        let now = shared.revision();
+                        if now == seen {
+                            notified.await;
+                            continue;
+                        }
+                        seen = now;
+                    }
+                    return Some((Changed, (shared, seen)));
+                }
+            },
+        ))
     }
 
     fn record_refused<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
         let hash = key.to_owned();
-        let mut refused = self.refused.lock();
+        let mut refused = self.shared.refused.lock();
         refused.retain(|(h, _)| *h != hash);
         refused.push((hash, SystemTime::now()));
         let excess = refused.len().saturating_sub(32);
@@ -143,7 +201,13 @@ impl Store for MemoryStore {
     }
 
     fn refused_at<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Result<Option<SystemTime>, StoreError>> {
-        let at = self.refused.lock().iter().find(|(h, _)| h == key).map(|(_, at)| *at);
+        let at = self
+            .shared
+            .refused
+            .lock()
+            .iter()
+            .find(|(h, _)| h == key)
+            .map(|(_, at)| *at);
         Box::pin(std::future::ready(Ok(at)))
     }
 }

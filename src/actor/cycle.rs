@@ -318,7 +318,7 @@ async fn locked(
         }
         requests.fetch_add(1, Ordering::Relaxed);
         info!(refresh = %refresh_token.fingerprint(), ?state, rejected, attempt, "spending the refresh token");
-        let answer = cfg.provider.send(&refresh_token).await;
+        let answer = cfg.provider.send(&refresh_token, &*cfg.clock).await;
         // The endpoint's next request may go.
         drop(permit.take());
         let error = match answer {
@@ -409,7 +409,7 @@ async fn locked(
 /// is refused.
 async fn permit(cfg: &Config) -> Result<Option<crate::provider::limit::Permit>, BrokerError> {
     cfg.provider
-        .permit(Some(&cfg.stopping))
+        .permit(Some(&cfg.stopping), &*cfg.clock)
         .await
         .map_err(|cause| BrokerError::Unavailable {
             location: cfg.rules.location.clone(),

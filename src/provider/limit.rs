@@ -29,7 +29,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::Clock;
 
 use crate::defaults::MAX_BACKOFF;
 
@@ -53,7 +55,8 @@ pub struct Endpoint {
 struct State {
     limit: usize,
     in_flight: usize,
-    paused_until: Option<Instant>,
+    /// By the clock of the broker that was told to wait.
+    paused_until: Option<SystemTime>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -146,17 +149,17 @@ impl Endpoint {
         self.lock().in_flight
     }
 
-    /// How long the endpoint is still paused for.
-    pub fn paused_for(&self) -> Option<Duration> {
+    /// How long the endpoint is still paused for at `now`.
+    pub fn paused_for(&self, now: SystemTime) -> Option<Duration> {
         let until = self.lock().paused_until?;
-        let left = until.saturating_duration_since(Instant::now());
+        let left = until.duration_since(now).unwrap_or_default();
         (!left.is_zero()).then_some(left)
     }
 
-    /// Pauses every credential of the endpoint for `wait` (at most
-    /// [`MAX_BACKOFF`]), unless a longer pause is already set.
-    pub fn pause(&self, wait: Duration) {
-        let until = Instant::now() + wait.min(MAX_BACKOFF);
+    /// Pauses every credential of the endpoint for `wait` from `now` (at
+    /// most [`MAX_BACKOFF`]), unless a longer pause is already set.
+    pub fn pause(&self, wait: Duration, now: SystemTime) {
+        let until = crate::policy::later(now, wait.min(MAX_BACKOFF));
         let mut state = self.lock();
         if state.paused_until.is_none_or(|at| at < until) {
             state.paused_until = Some(until);
@@ -167,8 +170,9 @@ impl Endpoint {
     }
 
     /// Waits for a permit to send one token request. Fails at once while
-    /// the endpoint is paused, and as soon as `stop` is set.
-    pub async fn acquire(self: &Arc<Self>, stop: Option<&AtomicBool>) -> Result<Permit, Refused> {
+    /// the endpoint is paused (at the time `clock` says), and as soon as
+    /// `stop` is set.
+    pub async fn acquire(self: &Arc<Self>, stop: Option<&AtomicBool>, clock: &dyn Clock) -> Result<Permit, Refused> {
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
@@ -177,7 +181,7 @@ impl Endpoint {
             {
                 let mut state = self.lock();
                 if let Some(until) = state.paused_until {
-                    pause_left = until.saturating_duration_since(Instant::now());
+                    pause_left = until.duration_since(clock.now()).unwrap_or_default();
                     if pause_left > PAUSE_WAIT {
                         return Err(Refused::Paused(pause_left));
                     }
@@ -222,22 +226,33 @@ mod tests {
 
     #[tokio::test]
     async fn at_most_the_limit_in_flight_and_a_pause_refuses_everyone() {
+        let clock = crate::clock::ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
         let endpoint = endpoint("https://limit.test/token", Some(2));
-        let a = endpoint.acquire(None).await.unwrap();
-        let _b = endpoint.acquire(None).await.unwrap();
+        let a = endpoint.acquire(None, &clock).await.unwrap();
+        let _b = endpoint.acquire(None, &clock).await.unwrap();
         assert_eq!(endpoint.in_flight(), 2);
         let stop = AtomicBool::new(false);
-        let waiting = endpoint.acquire(Some(&stop));
+        let waiting = endpoint.acquire(Some(&stop), &clock);
         tokio::pin!(waiting);
         assert!(futures_util::FutureExt::now_or_never(waiting.as_mut()).is_none());
         drop(a);
         let c = waiting.await.unwrap();
         assert_eq!(endpoint.in_flight(), 2);
         stop.store(true, Ordering::SeqCst);
-        assert_eq!(endpoint.acquire(Some(&stop)).await.unwrap_err(), Refused::Stopping);
+        assert_eq!(
+            endpoint.acquire(Some(&stop), &clock).await.unwrap_err(),
+            Refused::Stopping
+        );
         drop(c);
-        endpoint.pause(Duration::from_secs(30));
-        assert!(matches!(endpoint.acquire(None).await, Err(Refused::Paused(left)) if left > Duration::from_secs(29)));
+        endpoint.pause(Duration::from_secs(30), clock.now());
+        assert!(
+            matches!(endpoint.acquire(None, &clock).await, Err(Refused::Paused(left)) if left == Duration::from_secs(30))
+        );
+        assert_eq!(endpoint.paused_for(clock.now()), Some(Duration::from_secs(30)));
+        // The pause ends by the clock that set it, not by the wall.
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(endpoint.paused_for(clock.now()), None);
+        drop(endpoint.acquire(None, &clock).await.unwrap());
         // The same URL is the same endpoint; no limit given leaves it.
         assert_eq!(super::endpoint("https://limit.test/token", None).limit(), 2);
         assert_eq!(

@@ -414,9 +414,13 @@ impl Provider {
     /// [`limit`]): at most so many in flight per endpoint, none while it
     /// asked every client of the process to wait. Ends as soon as `stop` is
     /// set. `None`: this provider has no shared endpoint (no limit).
-    pub(crate) async fn permit(&self, stop: Option<&AtomicBool>) -> Result<Option<limit::Permit>, RefreshError> {
+    pub(crate) async fn permit(
+        &self,
+        stop: Option<&AtomicBool>,
+        clock: &dyn crate::clock::Clock,
+    ) -> Result<Option<limit::Permit>, RefreshError> {
         match &self.endpoint {
-            Some(endpoint) => match endpoint.acquire(stop).await {
+            Some(endpoint) => match endpoint.acquire(stop, clock).await {
                 Ok(permit) => Ok(Some(permit)),
                 Err(refused) => Err(not_sent(&self.token_url, refused)),
             },
@@ -430,13 +434,20 @@ impl Provider {
     /// its last check of the lock) and calls [`send`](Self::send).
     #[cfg(feature = "sim")]
     pub(crate) async fn refresh(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
-        let _permit = self.permit(None).await?;
-        self.send(refresh_token).await
+        let clock = crate::clock::SystemClock;
+        let _permit = self.permit(None, &clock).await?;
+        self.send(refresh_token, &clock).await
     }
 
     /// Spends `refresh_token` once: the request itself, under a permit the
     /// caller holds. Call only from the actor's refresh cycle.
-    pub(crate) async fn send(&self, refresh_token: &RefreshToken) -> Result<Refreshed, RefreshError> {
+    /// A 429 or 503 with `Retry-After` pauses the endpoint from the time
+    /// `clock` says.
+    pub(crate) async fn send(
+        &self,
+        refresh_token: &RefreshToken,
+        clock: &dyn crate::clock::Clock,
+    ) -> Result<Refreshed, RefreshError> {
         let fail = |kind: Failure| RefreshError::Transient {
             endpoint: self.token_url.to_string(),
             kind,
@@ -451,7 +462,7 @@ impl Provider {
             body,
         } = within(self.timeout, self.exchange(request)).await.map_err(fail)?;
         if let (Some(endpoint), Some(wait), 429 | 503) = (&self.endpoint, retry_after, status) {
-            endpoint.pause(wait);
+            endpoint.pause(wait, clock.now());
         }
         let sent = SentSecrets::new(refresh_token, &self.client_id, self.client_auth());
         if (300..400).contains(&status) {

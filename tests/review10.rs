@@ -1,0 +1,119 @@
+//! Hostile review of the issue-10 redesign (state machine, shared runtime,
+//! store seam, endpoint limiter). Each test reproduces one finding and
+//! failed on the code before its fix.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use token_broker::actor::GetToken;
+use token_broker::clock::{FixedJitter, ManualClock};
+use token_broker::sim::{Issued, ProviderServer, SimConfig};
+use token_broker::store::{Changes, Loaded, MemoryStore, Store, StoreError, StoreFuture, StoreLock, Version};
+use token_broker::{TokenBroker, TokenSet};
+
+fn sim(config: SimConfig) -> ProviderServer {
+    ProviderServer::start(config).expect("start the simulated provider")
+}
+
+fn set(issued: &Issued) -> TokenSet {
+    let mut tokens = TokenSet::new(&issued.access_token, Some(&issued.refresh_token)).unwrap();
+    tokens.account_id = Some(issued.account_id.clone());
+    tokens
+}
+
+/// A memory store that counts its loads.
+#[derive(Debug)]
+struct Counting {
+    inner: MemoryStore,
+    loads: AtomicU64,
+}
+
+impl Store for Counting {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn load(&self) -> StoreFuture<'_, Result<Loaded, StoreError>> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        self.inner.load()
+    }
+    fn save<'a>(&'a self, tokens: &'a TokenSet, expected: &'a Version) -> StoreFuture<'a, Result<Version, StoreError>> {
+        self.inner.save(tokens, expected)
+    }
+    fn lock(&self, timeout: Duration) -> StoreFuture<'_, Result<StoreLock, StoreError>> {
+        self.inner.lock(timeout)
+    }
+    fn changes(&self, fallback_poll: Duration) -> Changes {
+        self.inner.changes(fallback_poll)
+    }
+}
+
+/// Finding 1: the refresh cycle decides freshness by `SystemTime::now()`,
+/// not by the broker's clock (`BrokerBuilder::clock`). With a manual clock
+/// past the token's expiry, the machine says "expired, wait for a refresh",
+/// the cycle says "fresh, nothing to do": the caller gets an error and the
+/// expired token is never refreshed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_clock_past_expiry_gets_a_refresh() {
+    let sim = sim(SimConfig {
+        access_lifetime: Duration::from_secs(7200),
+        ..SimConfig::default()
+    });
+    let issued = sim.sign_in(3600.0);
+    let clock = ManualClock::new(SystemTime::now());
+    let broker = TokenBroker::codex()
+        .store(Arc::new(MemoryStore::new(set(&issued))))
+        .token_url(sim.token_url())
+        .keep_fresh(false)
+        .watch_interval(Duration::ZERO)
+        .clock(Arc::new(clock.clone()))
+        .jitter(Arc::new(FixedJitter(0.0)))
+        .build()
+        .unwrap();
+    // By the broker's clock, the token has expired.
+    clock.advance(Duration::from_secs(3700));
+    let got = broker.addr().send(GetToken).await.unwrap();
+    let token = match got {
+        Ok(token) => token,
+        Err(e) => panic!("an expired token is refreshed, got: {e}"),
+    };
+    assert_ne!(token.expose(), issued.access_token);
+    assert_eq!(sim.token_requests(), 1);
+    broker.shutdown().await;
+}
+
+/// Finding 1, keep-fresh: with the broker's clock inside the refresh-ahead
+/// window (the wall clock is not), the machine starts a cycle, the cycle
+/// finds nothing to do, and the machine starts the next one at once: a
+/// busy loop of lock + load, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_fresh_with_a_broker_clock_does_not_spin() {
+    let sim = sim(SimConfig {
+        access_lifetime: Duration::from_secs(7200),
+        ..SimConfig::default()
+    });
+    let issued = sim.sign_in(3600.0);
+    let store = Arc::new(Counting {
+        inner: MemoryStore::new(set(&issued)),
+        loads: AtomicU64::new(0),
+    });
+    let clock = ManualClock::new(SystemTime::now());
+    let broker = TokenBroker::codex()
+        .store(store.clone())
+        .token_url(sim.token_url())
+        .keep_fresh(true)
+        .watch_interval(Duration::ZERO)
+        .clock(Arc::new(clock.clone()))
+        .jitter(Arc::new(FixedJitter(0.0)))
+        .build()
+        .unwrap();
+    // Inside the window by the broker's clock (less than 10 minutes left).
+    clock.advance(Duration::from_secs(3300));
+    // Any event makes the actor look at the time again.
+    broker.reload().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loads = store.loads.load(Ordering::SeqCst);
+    assert!(loads < 20, "{loads} loads in half a second: a refresh-cycle loop");
+    assert_eq!(sim.token_requests(), 1, "one refresh-ahead inside the window");
+    broker.shutdown().await;
+}

@@ -177,7 +177,8 @@ async fn locked(
         None => false,
     };
 
-    let now = SystemTime::now();
+    // The broker's clock, as the machine that started this cycle used.
+    let now = cfg.clock.now();
     let rejected = input.rejected.as_ref() == Some(&on_disk.access_token);
     let state = freshness(&on_disk, now, cfg.rules.policy);
     if !rejected && matches!(state, Freshness::Fresh { .. } | Freshness::Unknown) {

@@ -10,7 +10,7 @@ use token_broker::actor::GetToken;
 use token_broker::clock::{FixedJitter, ManualClock};
 use token_broker::sim::{Issued, ProviderServer, SimConfig};
 use token_broker::store::{Changes, Loaded, MemoryStore, Store, StoreError, StoreFuture, StoreLock, Version};
-use token_broker::{TokenBroker, TokenSet};
+use token_broker::{BrokerError, TokenBroker, TokenSet};
 
 fn sim(config: SimConfig) -> ProviderServer {
     ProviderServer::start(config).expect("start the simulated provider")
@@ -115,5 +115,53 @@ async fn keep_fresh_with_a_broker_clock_does_not_spin() {
     let loads = store.loads.load(Ordering::SeqCst);
     assert!(loads < 20, "{loads} loads in half a second: a refresh-cycle loop");
     assert_eq!(sim.token_requests(), 1, "one refresh-ahead inside the window");
+    broker.shutdown().await;
+}
+
+/// Finding 2: the store switches to another account (a `codex login` as
+/// someone else) while the refresh request is in flight. The save meets a
+/// conflict and the cycle adopts what it finds without comparing the
+/// account: the broker then serves the other account's token to its
+/// callers, where a re-read under the lock or a `Reload` would say
+/// "signed in to another account".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_account_written_during_a_refresh_is_never_served() {
+    let sim = sim(SimConfig {
+        latency: Duration::from_millis(600),
+        ..SimConfig::default()
+    });
+    let mine = sim.sign_in(-1.0);
+    let store = Arc::new(MemoryStore::new(set(&mine)));
+    let broker = TokenBroker::codex()
+        .store(store.clone())
+        .token_url(sim.token_url())
+        .keep_fresh(false)
+        .build()
+        .unwrap();
+    let caller = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.token().await })
+    };
+    // The request is on its way: someone signs in as another account.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let theirs = sim.sign_in_as("acct-other-0002", 3600.0);
+    store.set(set(&theirs));
+    let got = caller.await.unwrap();
+    assert_eq!(sim.token_requests(), 1);
+    match got {
+        Err(BrokerError::AccountChanged { .. }) => {}
+        Ok(token) => {
+            assert!(
+                token.expose() != theirs.access_token,
+                "the other account's token was served"
+            );
+        }
+        Err(other) => panic!("{other:?}"),
+    }
+    // Nor later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Ok(token) = broker.addr().send(GetToken).await.unwrap() {
+        assert!(token.expose() != theirs.access_token, "the other account's token is served");
+    }
     broker.shutdown().await;
 }

@@ -361,7 +361,7 @@ async fn locked(
             let Loaded { tokens: again, version } = cfg.store.load().await?;
             if again.differs_from(&on_disk) {
                 info!("someone else refreshed meanwhile; adopting their tokens");
-                return Ok(CycleOutcome::Adopted(again, Some(version)));
+                return adopt_theirs(cfg, &on_disk, again, version);
             }
             let reason = match &interrupted_by {
                 Some(how) => format!(
@@ -383,7 +383,7 @@ async fn locked(
             let Loaded { tokens: again, version } = cfg.store.load().await?;
             if again.differs_from(&on_disk) {
                 cfg.store.clear_refreshing().await?;
-                return Ok(CycleOutcome::Adopted(again, Some(version)));
+                return adopt_theirs(cfg, &on_disk, again, version);
             }
             // Many providers accept a just-rotated token again for a short
             // grace period and return the same new tokens.
@@ -573,7 +573,7 @@ async fn save(
                 }
                 warn!("another writer replaced the tokens during the refresh; keeping theirs");
                 cfg.store.clear_refreshing().await?;
-                return Ok(CycleOutcome::Adopted(theirs.tokens, Some(theirs.version)));
+                return adopt_theirs(cfg, &replaces, theirs.tokens, theirs.version);
             }
             // A full disk or a passing I/O error: try again while still
             // holding the lock, before anyone else can mistake our record
@@ -603,6 +603,26 @@ async fn save(
             ))
         }
     }
+}
+
+/// Tokens someone else wrote, found by a re-read during the cycle: adopted,
+/// unless they belong to another account than `ours` (then nothing is
+/// served, as when the cycle finds them under the lock at its start).
+fn adopt_theirs(
+    cfg: &Config,
+    ours: &TokenSet,
+    theirs: TokenSet,
+    version: Version,
+) -> Result<CycleOutcome, BrokerError> {
+    if let (Some(held), Some(now)) = (&ours.account_id, &theirs.account_id) {
+        if held != now {
+            warn!("the credentials now belong to another account; not adopting them");
+            return Err(BrokerError::AccountChanged {
+                location: cfg.rules.location.clone(),
+            });
+        }
+    }
+    Ok(CycleOutcome::Adopted(theirs, Some(version)))
 }
 
 /// How many times a save goes on over a store rewritten with the very

@@ -1132,6 +1132,37 @@ mod tests {
         assert_eq!(m.counters().failures, 1);
     }
 
+    /// Review of issue 10, finding 3: a provider (or a clock) that keeps
+    /// handing out tokens already expired on arrival is a provider fault
+    /// "with backoff", but the backoff restarted at one failure on every
+    /// such refresh: a keep-fresh broker spent a refresh token every second,
+    /// forever, instead of backing off exponentially to 5 minutes.
+    #[test]
+    fn tokens_expired_on_arrival_again_and_again_back_off_longer_each_time() {
+        let r = rules(true);
+        let mut m = Machine::new(tokens("a", Some(-1)), version(1), 0.0);
+        let mut now = at(0);
+        let mut waits = Vec::new();
+        for n in 0..5 {
+            assert!(m.tick(&r, now), "keep-fresh tries again after the backoff");
+            m.begin().unwrap();
+            m.apply(
+                &r,
+                Outcome::Refreshed(tokens(&format!("x{n}"), Some(0)), version(n + 2)),
+                false,
+                false,
+                now,
+                0.999,
+            );
+            let Some(Failing { retry_at, count, .. }) = m.failing().cloned() else {
+                panic!()
+            };
+            waits.push((count, retry_at.duration_since(now).unwrap().as_secs()));
+            now = retry_at;
+        }
+        assert_eq!(waits, [(1, 1), (2, 1), (3, 3), (4, 7), (5, 15)]);
+    }
+
     #[test]
     fn keep_fresh_wakes_when_the_window_opens() {
         let r = rules(true);

@@ -392,7 +392,7 @@ impl Machine {
                     // as after any provider fault, or a keep-fresh broker
                     // would refresh in a loop.
                     let fault = unavailable(rules, FailureKind::ExpiredOnArrival);
-                    self.fail(Idle::Ready, 0, fault, None, now, jitter);
+                    self.fail(Idle::Ready, failures, fault, None, now, jitter);
                 }
                 // The waiters asked for the result of this refresh: they get
                 // it even if the local clock already calls it expired.

@@ -444,10 +444,14 @@ impl BrokerBuilder {
     }
 
     /// Where the broker gets the time (default: the system's wall clock).
-    /// Every decision (fresh, due, expired, backoff ended) is taken at the
-    /// time this clock says; timers sleep for the difference. With a clock
-    /// other than the system's, the published token is withdrawn by the
-    /// actor's timer alone, not checked against the wall clock on each read.
+    /// Every decision (fresh, due, expired, backoff ended, an endpoint's
+    /// `Retry-After` over) is taken at the time this clock says; timers
+    /// sleep for the difference. With a clock other than the system's,
+    /// nothing is published for the lock-free fast path (it compares
+    /// deadlines with the system's wall clock): every
+    /// [`token`](TokenBroker::token) asks the actor. Brokers of one token
+    /// endpoint share its pause after a 429, kept in the time of the broker
+    /// that was told to wait: give them the same clock.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self

@@ -159,6 +159,8 @@ pub struct TokenActor {
     unsaved_lock: Option<crate::store::StoreLock>,
     /// A re-read of the store is under way.
     reloading: bool,
+    /// Refresh cycles ended so far (a re-read that spans one is stale).
+    cycles: u32,
     /// Notifications of outside changes, subscribed to before the first
     /// load (see [`TokenActor::open`]); taken by `started`.
     changes: Option<Changes>,
@@ -195,6 +197,7 @@ impl TokenActor {
             machine,
             unsaved_lock: None,
             reloading: false,
+            cycles: 0,
             changes: None,
             change_pending: false,
             waiters: None,
@@ -241,11 +244,7 @@ impl TokenActor {
             ctx.cancel_future(timer);
         }
         let now = self.now();
-        let publication = self.machine.publication(&self.cfg.rules, now);
-        // The fast path checks deadlines against the system's wall clock;
-        // with another clock, the timer alone withdraws the token.
-        let until = publication.until.filter(|_| self.cfg.wall_clock);
-        self.published.publish(publication.token.as_ref(), until);
+        self.publish_at(now);
         if self.machine.tick(&self.cfg.rules, now) {
             debug!(parent: &self.span, "refreshing unasked (the refresh-ahead window is open, or unwritten tokens wait)");
             self.start_cycle(ctx);
@@ -325,6 +324,7 @@ impl TokenActor {
     }
 
     fn finish_cycle(&mut self, end: cycle::CycleEnd, ctx: &mut Context<Self>) {
+        self.cycles = self.cycles.wrapping_add(1);
         let before = self.machine.tokens().access_token.clone();
         let outcome = match end.outcome {
             CycleOutcome::Adopted(tokens, version) => Outcome::Adopted(tokens, version),
@@ -392,9 +392,20 @@ impl TokenActor {
 
     /// Publishes without touching the timer (a cycle is about to run).
     fn publish_only(&mut self) {
-        let publication = self.machine.publication(&self.cfg.rules, self.now());
-        let until = publication.until.filter(|_| self.cfg.wall_clock);
-        self.published.publish(publication.token.as_ref(), until);
+        self.publish_at(self.now());
+    }
+
+    /// Publishes what the machine says is fresh at `now`. The fast path
+    /// checks a token's deadline against the system's wall clock, so with
+    /// another clock nothing is published: every caller asks the actor,
+    /// which decides at the time that clock says.
+    fn publish_at(&mut self, now: SystemTime) {
+        let publication = self.machine.publication(&self.cfg.rules, now);
+        if self.cfg.wall_clock {
+            self.published.publish(publication.token.as_ref(), publication.until);
+        } else {
+            self.published.publish(None, None);
+        }
     }
 
     fn status(&self) -> Status {
@@ -497,10 +508,17 @@ impl Handler<Reload> for TokenActor {
 
     fn handle(&mut self, _msg: Reload, _ctx: &mut Self::Context) -> Self::Result {
         self.reloading = true;
+        let cycles = self.cycles;
         let store = self.cfg.store.clone();
         let read = async move { store.load().await };
-        Box::pin(read.into_actor(self).map(|result, act, ctx| {
+        Box::pin(read.into_actor(self).map(move |result, act, ctx| {
             act.reloading = false;
+            if act.cycles != cycles {
+                // A cycle ended while this read ran: what it read may be
+                // older than what the cycle installed. Look again.
+                act.poll_store(ctx);
+                return Ok(());
+            }
             let (tokens, version) = match result {
                 Ok(Loaded { tokens, version }) => (tokens, Some(version)),
                 Err(e) => {

@@ -161,7 +161,10 @@ async fn another_account_written_during_a_refresh_is_never_served() {
     // Nor later.
     tokio::time::sleep(Duration::from_millis(200)).await;
     if let Ok(token) = broker.addr().send(GetToken).await.unwrap() {
-        assert!(token.expose() != theirs.access_token, "the other account's token is served");
+        assert!(
+            token.expose() != theirs.access_token,
+            "the other account's token is served"
+        );
     }
     broker.shutdown().await;
 }

@@ -127,23 +127,7 @@ impl Freshness {
 /// assert!(matches!(freshness(&set, now, Duration::from_secs(600)), Freshness::Fresh { .. }));
 /// ```
 pub fn freshness(tokens: &TokenSet, now: SystemTime, policy: impl Into<RefreshPolicy>) -> Freshness {
-    let policy = policy.into();
-    let Some(expiry) = tokens.expiry else {
-        return Freshness::Unknown;
-    };
-    if now >= expiry.at {
-        return Freshness::Expired;
-    }
-    let lifetime = expiry
-        .lifetime
-        .or_else(|| tokens.last_refresh.and_then(|at| expiry.at.duration_since(at).ok()));
-    let ahead = policy.ahead(lifetime);
-    let refresh_at = expiry.at.checked_sub(ahead).unwrap_or(SystemTime::UNIX_EPOCH);
-    if now < refresh_at {
-        Freshness::Fresh { refresh_at }
-    } else {
-        Freshness::Due { expires_at: expiry.at }
-    }
+    freshness_jittered(tokens, now, policy, 0.0)
 }
 
 /// The largest share of the refresh-ahead window by which a refresh is

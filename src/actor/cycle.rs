@@ -12,25 +12,12 @@ use std::time::{Duration, SystemTime};
 use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
+use super::machine::Begin;
 use super::Config;
-use crate::credentials::{AccessToken, RefreshToken, TokenSet};
+use crate::credentials::{RefreshToken, TokenSet};
 use crate::error::BrokerError;
 use crate::policy::{freshness, Freshness};
 use crate::store::{Changes, Loaded, StoreError, StoreLock, Version};
-
-/// What the actor knows when it starts a cycle.
-pub(crate) struct CycleInput {
-    /// The tokens the actor holds.
-    pub held: TokenSet,
-    /// The access token the upstream API rejected, if any.
-    pub rejected: Option<AccessToken>,
-    /// A refresh token the provider already refused: never sent again.
-    pub dead_refresh: Option<RefreshToken>,
-    /// Tokens a refresh returned that could not be written yet.
-    pub unsaved: Option<Unsaved>,
-    /// The brokers' lock, still held since that refresh.
-    pub held_lock: Option<StoreLock>,
-}
 
 /// Rotated tokens a refresh returned that could not be written yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,9 +67,12 @@ pub(crate) struct CycleEnd {
     pub unsaved_abandoned: bool,
 }
 
-pub(crate) async fn run(cfg: Arc<Config>, input: CycleInput) -> CycleEnd {
+/// Runs one cycle with what the state machine says the actor knows
+/// (`input`) and, when unwritten tokens are to be written, the brokers' lock
+/// still held since their refresh (`held_lock`).
+pub(crate) async fn run(cfg: Arc<Config>, input: Begin, held_lock: Option<StoreLock>) -> CycleEnd {
     let mut unsaved_abandoned = false;
-    let outcome = match run_inner(&cfg, input, &cfg.requests, &mut unsaved_abandoned).await {
+    let outcome = match run_inner(&cfg, input, held_lock, &cfg.requests, &mut unsaved_abandoned).await {
         Ok(outcome) => outcome,
         Err(e) => CycleOutcome::Failed(e),
     };
@@ -94,7 +84,8 @@ pub(crate) async fn run(cfg: Arc<Config>, input: CycleInput) -> CycleEnd {
 
 async fn run_inner(
     cfg: &Arc<Config>,
-    mut input: CycleInput,
+    input: Begin,
+    held_lock: Option<StoreLock>,
     requests: &AtomicU64,
     unsaved_abandoned: &mut bool,
 ) -> Result<CycleOutcome, BrokerError> {
@@ -102,7 +93,6 @@ async fn run_inner(
     // cycle ends (or earlier, before waiting for a winner), on every path
     // but one: tokens that could not be written, which keep it until they
     // are.
-    let held_lock = input.held_lock.take();
     let lock = match held_lock {
         Some(lock) => lock,
         None => take_lock(cfg, input.unsaved.is_some()).await?,
@@ -117,7 +107,7 @@ async fn run_inner(
 /// release it early or to keep it with unwritten tokens.
 async fn locked(
     cfg: &Arc<Config>,
-    input: CycleInput,
+    input: Begin,
     slot: &mut Option<StoreLock>,
     requests: &AtomicU64,
     unsaved_abandoned: &mut bool,

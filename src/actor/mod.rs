@@ -30,7 +30,7 @@ use crate::error::BrokerError;
 use crate::provider::Provider;
 use crate::status::Status;
 use crate::store::{Changed, Changes, Loaded, Store, Version};
-use cycle::{CycleInput, CycleOutcome};
+use cycle::CycleOutcome;
 pub(crate) use machine::Rules;
 use machine::{
     Adoption, Begin, Decision, Login, Machine, Outcome, Settle, Shutdown as MachineShutdown, MIN_USEFUL_LIFETIME,
@@ -311,15 +311,8 @@ impl TokenActor {
         if let Some(timer) = self.timer.take() {
             ctx.cancel_future(timer);
         }
-        let input = CycleInput {
-            held: begin.held,
-            rejected: begin.rejected,
-            dead_refresh: begin.dead_refresh,
-            unsaved: begin.unsaved,
-            held_lock: self.unsaved_lock.take(),
-        };
         let span = info_span!(parent: &self.span, "refresh");
-        let fut = cycle::run(self.cfg.clone(), input).instrument(span);
+        let fut = cycle::run(self.cfg.clone(), begin, self.unsaved_lock.take()).instrument(span);
         ctx.spawn(fut.into_actor(self).map(|end, act, ctx| act.finish_cycle(end, ctx)));
     }
 

@@ -8,7 +8,6 @@
 //! waiting on the wall clock, as smithy-rs does with its time source.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +18,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The time now.
     fn now(&self) -> SystemTime;
+
+    /// Events each time the clock is moved by hand (a [`ManualClock`]), so
+    /// that a broker looks at the time again at once instead of when its
+    /// timer, which sleeps in real time, fires. `None` (the default): the
+    /// clock moves by itself.
+    fn moves(&self) -> Option<Moves> {
+        None
+    }
 }
+
+/// A stream of "the clock was moved" events from [`Clock::moves`].
+pub type Moves = std::pin::Pin<Box<dyn futures_util::Stream<Item = ()> + Send>>;
 
 /// The operating system's wall clock: the default.
 #[derive(Clone, Copy, Debug, Default)]
@@ -46,8 +56,8 @@ impl Clock for SystemClock {
 /// ```
 #[derive(Clone, Debug)]
 pub struct ManualClock {
-    /// Nanoseconds since the Unix epoch.
-    nanos: Arc<AtomicU64>,
+    /// Nanoseconds since the Unix epoch; its subscribers hear every move.
+    nanos: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl ManualClock {
@@ -55,7 +65,7 @@ impl ManualClock {
     /// epoch).
     pub fn new(at: SystemTime) -> Self {
         let clock = ManualClock {
-            nanos: Arc::new(AtomicU64::new(0)),
+            nanos: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         clock.set(at);
         clock
@@ -66,21 +76,28 @@ impl ManualClock {
         let nanos = at
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        self.nanos.store(nanos, Ordering::SeqCst);
+        self.nanos.send_replace(nanos);
     }
 
     /// Moves the clock forward by `by` (saturating).
     pub fn advance(&self, by: Duration) {
         let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        let _ = self
-            .nanos
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some(n.saturating_add(by)));
+        self.nanos.send_modify(|n| *n = n.saturating_add(by));
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_nanos(self.nanos.load(Ordering::SeqCst))
+        UNIX_EPOCH + Duration::from_nanos(*self.nanos.borrow())
+    }
+
+    fn moves(&self) -> Option<Moves> {
+        let mut rx = self.nanos.subscribe();
+        rx.mark_unchanged();
+        Some(Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some(((), rx))
+        })))
     }
 }
 
@@ -151,6 +168,19 @@ mod tests {
             let f = fraction(&RandomJitter);
             assert!((0.0..1.0).contains(&f));
         }
+    }
+
+    #[tokio::test]
+    async fn a_manual_clock_says_when_it_is_moved() {
+        use futures_util::StreamExt;
+        let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(10));
+        let mut moves = clock.moves().expect("a manual clock reports its moves");
+        let quiet = tokio::time::timeout(Duration::from_millis(20), moves.next()).await;
+        assert!(quiet.is_err(), "no event before a move");
+        clock.advance(Duration::from_secs(1));
+        let moved = tokio::time::timeout(Duration::from_secs(1), moves.next()).await;
+        assert_eq!(moved.unwrap(), Some(()));
+        assert!(SystemClock.moves().is_none());
     }
 
     #[test]

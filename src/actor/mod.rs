@@ -432,6 +432,11 @@ impl Actor for TokenActor {
         if let Some(changes) = self.changes.take() {
             ctx.add_stream(changes);
         }
+        if let Some(moves) = self.cfg.clock.moves() {
+            // A clock moved by hand (tests, simulations): look at the time
+            // again at once, not when a timer sleeping in real time fires.
+            ctx.add_stream(futures_util::StreamExt::map(moves, |()| ClockMoved));
+        }
         debug!(parent: &self.span, access = %self.machine.tokens().access_token.fingerprint(), "token actor started");
     }
 
@@ -556,6 +561,19 @@ impl StreamHandler<Changed> for TokenActor {
     fn finished(&mut self, _ctx: &mut Self::Context) {
         debug!(parent: &self.span, "the store's change notifications ended");
     }
+}
+
+/// The broker's clock was moved by hand (see [`Clock::moves`]).
+struct ClockMoved;
+
+impl StreamHandler<ClockMoved> for TokenActor {
+    fn handle(&mut self, _event: ClockMoved, ctx: &mut Self::Context) {
+        if !self.machine.refreshing() {
+            self.refresh_view(ctx);
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Self::Context) {}
 }
 
 impl Handler<GetStatus> for TokenActor {

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use token_broker::clock::ManualClock;
 use token_broker::credentials::{AccessToken, RefreshToken};
 use token_broker::sim::{codex_auth_json, Fault, ProviderServer, SimConfig};
 use token_broker::store::CodexAuthFile;
@@ -18,14 +19,30 @@ type Failing = FailingSaves<CodexAuthFile>;
 /// A Codex broker over `path` whose next `failures` saves fail, with the
 /// short test winner wait.
 fn failing_broker(fx: &Fixture, path: &std::path::Path, failures: u32) -> (Arc<Failing>, TokenBroker) {
+    failing_broker_at(fx, path, failures, None)
+}
+
+/// [`failing_broker`] on `clock`, if given.
+fn failing_broker_at(
+    fx: &Fixture,
+    path: &std::path::Path,
+    failures: u32,
+    clock: Option<&ManualClock>,
+) -> (Arc<Failing>, TokenBroker) {
     let store = FailingSaves::new(CodexAuthFile::new(path), failures);
-    let broker = TokenBroker::codex()
+    let mut builder = TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())
-        .winner_wait(TEST_WINNER_WAIT)
-        .build()
-        .unwrap();
-    (store, broker)
+        .winner_wait(TEST_WINNER_WAIT);
+    if let Some(clock) = clock {
+        builder = builder.clock(Arc::new(clock.clone()));
+    }
+    (store, builder.build().unwrap())
+}
+
+/// A clock standing at the wall clock's time, moved only by the test.
+fn manual_clock() -> ManualClock {
+    ManualClock::new(std::time::SystemTime::now())
 }
 
 /// Review 1: the file holds other tokens of the same account (D) that the
@@ -38,11 +55,13 @@ async fn unwritten_tokens_replace_what_they_replaced(watch: Duration) {
     let held = fx.sim.sign_in(3600.0);
     let path = fx.write_codex(&held);
     let store = FailingSaves::new(CodexAuthFile::new(&path), 0);
+    let clock = manual_clock();
     let broker = TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())
         .winner_wait(TEST_WINNER_WAIT)
         .watch_interval(watch)
+        .clock(Arc::new(clock.clone()))
         .build()
         .unwrap();
     assert_eq!(broker.token().await.unwrap().expose(), held.access_token);
@@ -53,7 +72,8 @@ async fn unwritten_tokens_replace_what_they_replaced(watch: Duration) {
         .reject(&AccessToken::new(held.access_token.as_str()))
         .await
         .is_err());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Past the backoff, by the broker's clock.
+    clock.advance(Duration::from_millis(1500));
     let token = broker.token().await.unwrap();
     broker.finish().await.unwrap();
     let counts = fx.sim.counts();
@@ -195,11 +215,17 @@ async fn unwritten_tokens_keep_the_lock_while_the_file_is_unreadable() {
     let fx = Fixture::codex();
     let path = fx.write_codex(&fx.sim.sign_in(-1.0));
     let original = std::fs::read(&path).unwrap();
-    let (store, one) = failing_broker(&fx, &path, u32::MAX);
+    let clock = manual_clock();
+    let (store, one) = failing_broker_at(&fx, &path, u32::MAX, Some(&clock));
     assert!(one.token().await.is_err(), "its write failed");
     std::fs::write(&path, b"{ half-written").unwrap();
-    // Its retry (after the 1 s backoff) cannot read the file.
-    tokio::time::sleep(Duration::from_millis(1800)).await;
+    // Its retry (after the 1 s backoff, by its clock) cannot read the file.
+    clock.advance(Duration::from_millis(1100));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while one.status().await.unwrap().counters.failures < 2 {
+        assert!(std::time::Instant::now() < deadline, "the retry never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     std::fs::write(&path, &original).unwrap();
     let two = fx
         .codex_broker(&path)
@@ -225,13 +251,17 @@ async fn unwritten_tokens_are_retried_unasked() {
     let fx = Fixture::codex();
     let path = fx.write_codex(&fx.sim.sign_in(-1.0));
     let store = FailingSaves::new(CodexAuthFile::new(&path), 4);
+    let clock = manual_clock();
     let broker = TokenBroker::codex()
         .store(store.clone())
         .token_url(fx.sim.token_url())
         .keep_fresh(false)
+        .clock(Arc::new(clock.clone()))
         .build()
         .unwrap();
     assert!(broker.token().await.is_err(), "its write failed");
+    // The backoff ends by the broker's clock; nobody asks.
+    clock.advance(Duration::from_millis(1100));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !fx
         .sim

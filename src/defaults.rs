@@ -67,3 +67,12 @@ pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 /// The largest credentials file token-broker reads. Real files are a few
 /// KiB.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Token requests in flight per token endpoint, shared by every broker of
+/// the process that uses it, unless configured otherwise
+/// ([`BrokerBuilder::endpoint_limit`](crate::BrokerBuilder::endpoint_limit)).
+pub const DEFAULT_ENDPOINT_LIMIT: usize = 8;
+
+/// A pause an endpoint asked for (429 or 503 with `Retry-After`) with at
+/// most this left is waited out rather than failed.
+pub const PAUSE_WAIT: Duration = Duration::from_secs(1);

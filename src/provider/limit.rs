@@ -34,12 +34,7 @@ use std::time::{Duration, SystemTime};
 use crate::clock::Clock;
 
 use crate::defaults::MAX_BACKOFF;
-
-/// Token requests in flight per endpoint unless configured otherwise.
-pub const DEFAULT_ENDPOINT_LIMIT: usize = 8;
-
-/// A pause with at most this left is waited out rather than failed.
-pub const PAUSE_WAIT: Duration = Duration::from_secs(1);
+pub use crate::defaults::{DEFAULT_ENDPOINT_LIMIT, PAUSE_WAIT};
 
 /// How often a wait for a permit looks whether its broker is stopping.
 const STOP_CHECK: Duration = Duration::from_millis(100);

@@ -214,6 +214,11 @@ fn sigkill_at_any_instant_never_tears_the_file_or_loses_a_rotation_silently() {
         std::thread::sleep(Duration::from_micros(fastrand::u64(0..80_000)));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
+        // The provider may still be answering the dead child's request, and
+        // spend its refresh token after this: judge the round only once it
+        // is done, or a token spent a moment later counts as unspent, and
+        // the next round's child resends it.
+        settle(&fx.sim);
 
         let bytes = std::fs::read(&path).unwrap();
         let after_kill = CodexAuthFile::parse(&path, &bytes)
@@ -303,6 +308,19 @@ fn sigkill_at_any_instant_never_tears_the_file_or_loses_a_rotation_silently() {
         interrupted,
         "every reuse is a reported interruption"
     );
+}
+
+/// Waits until the simulated provider answers no token request: a request
+/// whose client was killed goes on until the provider notices, and may
+/// spend its refresh token after the kill (past the first half of the
+/// latency, the spend comes before the provider looks at the connection
+/// again). One whose handler had not started yet is dropped unanswered.
+fn settle(sim: &token_broker::sim::ProviderServer) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sim.concurrent_token_requests() > 0 {
+        assert!(Instant::now() < deadline, "the provider never finished a request");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A refresh interrupted after the provider spent the token, found on the

@@ -168,3 +168,37 @@ async fn another_account_written_during_a_refresh_is_never_served() {
     }
     broker.shutdown().await;
 }
+
+/// Found by CI after the review: the actor answered the callers waiting
+/// through messages before it published the same outcome for the callers
+/// parked on the snapshot. A caller that heard the failed answer, moved
+/// past the backoff and asked again at once could park in the round that
+/// was about to close, and be handed the old failure instead of the new
+/// token. Many rounds, to catch the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_after_a_failed_answer_never_gets_that_old_failure() {
+    let sim = sim(SimConfig::default());
+    for round in 0..300 {
+        let issued = sim.sign_in(-1.0);
+        sim.inject([token_broker::sim::Fault::Status {
+            status: 503,
+            retry_after: None,
+        }]);
+        let clock = ManualClock::new(SystemTime::now());
+        let broker = TokenBroker::codex()
+            .store(Arc::new(MemoryStore::new(set(&issued))))
+            .token_url(sim.token_url())
+            .clock(Arc::new(clock.clone()))
+            .jitter(Arc::new(FixedJitter(0.0)))
+            .build()
+            .unwrap();
+        // Answered through the message's reply channel.
+        let failed = broker.addr().send(GetToken).await.unwrap();
+        assert!(failed.is_err(), "round {round}: the provider failed");
+        clock.advance(Duration::from_secs(2));
+        // Parks on the snapshot at once.
+        let token = broker.token().await;
+        assert!(token.is_ok(), "round {round}: an old outcome: {token:?}");
+        broker.shutdown().await;
+    }
+}

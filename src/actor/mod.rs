@@ -369,10 +369,12 @@ impl TokenActor {
             Some(Settle::Answer(result)) => {
                 let waiters = self.take_waiters();
                 debug!(parent: &self.span, waiters = waiters.len(), ok = result.is_ok(), "answering waiters");
+                // Parked callers first: a caller that parks after hearing a
+                // reply below must never be handed this (older) outcome.
+                self.published.settle(result.clone());
                 for waiter in waiters {
                     let _ = waiter.send(result.clone());
                 }
-                self.published.settle(result);
             }
             None => {}
         }

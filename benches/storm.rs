@@ -79,6 +79,27 @@ fn callers(
     (valid, expired, tasks)
 }
 
+/// Waits until all `n` credentials are refreshed (or 10 minutes), then
+/// stops the callers and the registry: whether all were, and when.
+fn settle(
+    rt: &tokio::runtime::Runtime,
+    sim: &ProviderServer,
+    n: usize,
+    start: Instant,
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    registry: &Brokers,
+) -> (bool, Duration) {
+    let all = wait_until(Duration::from_secs(600), || sim.counts().refreshed >= n as u64);
+    let took = start.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        let _ = rt.block_on(task);
+    }
+    rt.block_on(registry.finish()).unwrap();
+    (all, took)
+}
+
 fn wait_until(deadline: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < deadline {
@@ -110,13 +131,7 @@ fn storm(rt: &tokio::runtime::Runtime, n: usize) -> serde_json::Value {
     }
     let registered = start.elapsed();
     let (valid, _, tasks) = callers(rt, Arc::new(handles), stop.clone());
-    let all = wait_until(Duration::from_secs(600), || sim.counts().refreshed >= n as u64);
-    let took = start.elapsed();
-    stop.store(true, Ordering::SeqCst);
-    for task in tasks {
-        let _ = rt.block_on(task);
-    }
-    rt.block_on(registry.finish()).unwrap();
+    let (all, took) = settle(rt, &sim, n, start, &stop, tasks, &registry);
     let counts = sim.counts();
     serde_json::json!({
         "credentials": n,
@@ -163,13 +178,7 @@ fn rate_limited(rt: &tokio::runtime::Runtime, n: usize) -> serde_json::Value {
     let at_429 = sim.token_requests();
     std::thread::sleep(Duration::from_millis(retry_after * 1000 - 100));
     let during_pause = sim.token_requests() - at_429;
-    let all = wait_until(Duration::from_secs(600), || sim.counts().refreshed >= n as u64);
-    let took = start.elapsed();
-    stop.store(true, Ordering::SeqCst);
-    for task in tasks {
-        let _ = rt.block_on(task);
-    }
-    rt.block_on(registry.finish()).unwrap();
+    let (all, took) = settle(rt, &sim, n, start, &stop, tasks, &registry);
     serde_json::json!({
         "credentials": n,
         "retry_after_s": retry_after,

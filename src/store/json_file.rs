@@ -392,6 +392,41 @@ mod tests {
         assert_eq!(next_event(&mut changes).await, Some(Changed));
     }
 
+    /// Two spellings of one folder (a symbolic link to it, or `..` in a
+    /// path) are one inotify watch: a store reached through one spelling
+    /// must not blind, or unwatch, a store reached through the other.
+    #[tokio::test]
+    async fn two_spellings_of_one_folder_do_not_blind_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let first = real.join("first.json");
+        std::fs::write(&first, codex_auth_json(&issued(1))).unwrap();
+        std::fs::write(real.join("second.json"), codex_auth_json(&issued(2))).unwrap();
+
+        // No polling: only the OS can tell.
+        let mut watched = CodexAuthFile::new(&first).changes(Duration::ZERO);
+        let other = CodexAuthFile::new(link.join("second.json")).changes(Duration::ZERO);
+
+        std::fs::write(&first, codex_auth_json(&issued(3))).unwrap();
+        assert_eq!(
+            next_event(&mut watched).await,
+            Some(Changed),
+            "a store through another spelling of the folder blinded this one"
+        );
+        while !quiet(&mut watched).await {}
+
+        drop(other);
+        std::fs::write(&first, codex_auth_json(&issued(4))).unwrap();
+        assert_eq!(
+            next_event(&mut watched).await,
+            Some(Changed),
+            "dropping a store through another spelling of the folder unwatched this one"
+        );
+    }
+
     #[tokio::test]
     async fn save_is_a_compare_and_swap_on_the_tokens() {
         let dir = tempfile::tempdir().unwrap();

@@ -37,11 +37,16 @@ use super::{Changed, Changes};
 pub(crate) fn subscribe(path: &Path, fallback_poll: Duration) -> Changes {
     let hub = hub();
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    // Folders by their canonical path: two spellings of one folder (a
+    // symbolic link to it, `..`) are one inotify watch, which reports its
+    // events under one name only and is removed for both by one unwatch.
     let mut keys: Vec<(PathBuf, OsString)> = Vec::new();
-    keys.extend(split(&absolute));
+    keys.extend(split(&absolute).map(|(dir, name)| (std::fs::canonicalize(&dir).unwrap_or(dir), name)));
     if let Ok(target) = std::fs::canonicalize(&absolute) {
-        if target != absolute {
-            keys.extend(split(&target));
+        if let Some(key) = split(&target) {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
         }
     }
     let baseline = identity(&absolute);

@@ -202,3 +202,87 @@ async fn a_caller_after_a_failed_answer_never_gets_that_old_failure() {
         broker.shutdown().await;
     }
 }
+
+/// A memory store whose next load, once armed, reads at once and answers
+/// late (a slow disk, a network store).
+#[derive(Debug)]
+struct SlowOnce {
+    inner: MemoryStore,
+    slow: std::sync::atomic::AtomicBool,
+}
+
+impl Store for SlowOnce {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+    fn load(&self) -> StoreFuture<'_, Result<Loaded, StoreError>> {
+        let slow = self.slow.swap(false, Ordering::SeqCst);
+        let read = self.inner.load();
+        Box::pin(async move {
+            let loaded = read.await;
+            if slow {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            loaded
+        })
+    }
+    fn save<'a>(&'a self, tokens: &'a TokenSet, expected: &'a Version) -> StoreFuture<'a, Result<Version, StoreError>> {
+        self.inner.save(tokens, expected)
+    }
+    fn lock(&self, timeout: Duration) -> StoreFuture<'_, Result<StoreLock, StoreError>> {
+        self.inner.lock(timeout)
+    }
+    fn changes(&self, fallback_poll: Duration) -> Changes {
+        self.inner.changes(fallback_poll)
+    }
+}
+
+/// Review 2: `Reload` answers with a future spawned in the actor's
+/// context, so two reloads run side by side, and the `reloading` flag is
+/// cleared by whichever ends first. A slow re-read that began before the
+/// store switched to another account ends after a fast one that saw the
+/// switch: its stale read brings "the account we started with back", and
+/// the broker serves the signed-out account's token again while the store
+/// holds the other account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_reload_never_undoes_a_newer_one() {
+    let sim = sim(SimConfig::default());
+    let mine = sim.sign_in(3600.0);
+    let store = Arc::new(SlowOnce {
+        inner: MemoryStore::new(set(&mine)),
+        slow: Default::default(),
+    });
+    let broker = TokenBroker::codex()
+        .store(store.clone())
+        .token_url(sim.token_url())
+        .keep_fresh(false)
+        .build()
+        .unwrap();
+    assert_eq!(broker.token().await.unwrap().expose(), mine.access_token);
+
+    // A re-read that reads now and answers late.
+    store.slow.store(true, Ordering::SeqCst);
+    let slow = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.reload().await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Someone signs in as another account; a second re-read sees it.
+    let theirs = sim.sign_in_as("acct-other-0002", 3600.0);
+    store.inner.set(set(&theirs));
+    let fast = broker.reload().await;
+    assert!(matches!(fast, Err(BrokerError::AccountChanged { .. })), "{fast:?}");
+    let _ = slow.await.unwrap();
+
+    // The store still holds the other account: the first account's token
+    // must not be served again.
+    let got = broker.addr().send(GetToken).await.unwrap();
+    if let Ok(token) = &got {
+        assert_ne!(
+            token.expose(),
+            mine.access_token,
+            "a stale re-read undid the account change: the signed-out account's token is served"
+        );
+    }
+    broker.shutdown().await;
+}

@@ -157,8 +157,14 @@ pub struct TokenActor {
     /// The brokers' lock, held from a refresh whose tokens could not be
     /// written until they are.
     unsaved_lock: Option<crate::store::StoreLock>,
-    /// A re-read of the store is under way.
-    reloading: bool,
+    /// Re-reads of the store under way (a `Reload` answers with a future
+    /// spawned in the context: several may run side by side).
+    reloading: u32,
+    /// Re-reads started so far, and the latest of them whose result was
+    /// applied: a re-read that ends after a later one was applied is older
+    /// than what is installed.
+    reads_started: u64,
+    reads_applied: u64,
     /// Refresh cycles ended so far (a re-read that spans one is stale).
     cycles: u32,
     /// Notifications of outside changes, subscribed to before the first
@@ -196,7 +202,9 @@ impl TokenActor {
             cfg,
             machine,
             unsaved_lock: None,
-            reloading: false,
+            reloading: 0,
+            reads_started: 0,
+            reads_applied: 0,
             cycles: 0,
             changes: None,
             change_pending: false,
@@ -285,7 +293,7 @@ impl TokenActor {
     /// a cycle or a re-read runs (it may have read before the change), once
     /// it is over.
     fn poll_store(&mut self, ctx: &mut Context<Self>) {
-        if self.machine.refreshing() || self.reloading {
+        if self.machine.refreshing() || self.reloading > 0 {
             if !self.change_pending {
                 self.change_pending = true;
                 ctx.run_later(CHANGE_RECHECK, |act, ctx| {
@@ -507,12 +515,18 @@ impl Handler<Reload> for TokenActor {
     type Result = ResponseActFuture<Self, Result<(), BrokerError>>;
 
     fn handle(&mut self, _msg: Reload, _ctx: &mut Self::Context) -> Self::Result {
-        self.reloading = true;
+        self.reloading += 1;
+        self.reads_started += 1;
+        let read_no = self.reads_started;
         let cycles = self.cycles;
         let store = self.cfg.store.clone();
         let read = async move { store.load().await };
         Box::pin(read.into_actor(self).map(move |result, act, ctx| {
-            act.reloading = false;
+            act.reloading -= 1;
+            if act.reads_applied > read_no {
+                // A later re-read was applied already: this one is older.
+                return Ok(());
+            }
             if act.cycles != cycles {
                 // A cycle ended while this read ran: what it read may be
                 // older than what the cycle installed. Look again.
@@ -520,7 +534,10 @@ impl Handler<Reload> for TokenActor {
                 return Ok(());
             }
             let (tokens, version) = match result {
-                Ok(Loaded { tokens, version }) => (tokens, Some(version)),
+                Ok(Loaded { tokens, version }) => {
+                    act.reads_applied = read_no;
+                    (tokens, Some(version))
+                }
                 Err(e) => {
                     warn!(parent: &act.span, error = %e, "could not re-read the credentials; keeping the current tokens");
                     return Err(e.into());

@@ -160,13 +160,12 @@ pub struct TokenActor {
     /// Re-reads of the store under way (a `Reload` answers with a future
     /// spawned in the context: several may run side by side).
     reloading: u32,
-    /// Re-reads started so far, and the latest of them whose result was
-    /// applied: a re-read that ends after a later one was applied is older
-    /// than what is installed.
+    /// Re-reads started so far, and the newest of them that what the actor
+    /// holds is known to be as new as (the last re-read applied, or every
+    /// re-read started before the last refresh cycle ended): one that ends
+    /// at or below it read older contents and is dropped.
     reads_started: u64,
-    reads_applied: u64,
-    /// Refresh cycles ended so far (a re-read that spans one is stale).
-    cycles: u32,
+    reads_settled: u64,
     /// Notifications of outside changes, subscribed to before the first
     /// load (see [`TokenActor::open`]); taken by `started`.
     changes: Option<Changes>,
@@ -204,8 +203,7 @@ impl TokenActor {
             unsaved_lock: None,
             reloading: 0,
             reads_started: 0,
-            reads_applied: 0,
-            cycles: 0,
+            reads_settled: 0,
             changes: None,
             change_pending: false,
             waiters: None,
@@ -325,7 +323,9 @@ impl TokenActor {
     }
 
     fn finish_cycle(&mut self, end: cycle::CycleEnd, ctx: &mut Context<Self>) {
-        self.cycles = self.cycles.wrapping_add(1);
+        // Whatever a re-read started before now found, this cycle read
+        // the store after it, under the lock.
+        self.reads_settled = self.reads_started;
         let before = self.machine.tokens().access_token.clone();
         let outcome = match end.outcome {
             CycleOutcome::Adopted(tokens, version) => Outcome::Adopted(tokens, version),
@@ -518,24 +518,19 @@ impl Handler<Reload> for TokenActor {
         self.reloading += 1;
         self.reads_started += 1;
         let read_no = self.reads_started;
-        let cycles = self.cycles;
         let store = self.cfg.store.clone();
         let read = async move { store.load().await };
         Box::pin(read.into_actor(self).map(move |result, act, ctx| {
             act.reloading -= 1;
-            if act.reads_applied > read_no {
-                // A later re-read was applied already: this one is older.
-                return Ok(());
-            }
-            if act.cycles != cycles {
-                // A cycle ended while this read ran: what it read may be
-                // older than what the cycle installed. Look again.
-                act.poll_store(ctx);
+            if act.reads_settled >= read_no {
+                // A later re-read was applied, or a refresh cycle ended,
+                // while this one ran: what it read is older than what the
+                // actor holds. (A change made since is notified again.)
                 return Ok(());
             }
             let (tokens, version) = match result {
                 Ok(Loaded { tokens, version }) => {
-                    act.reads_applied = read_no;
+                    act.reads_settled = read_no;
                     (tokens, Some(version))
                 }
                 Err(e) => {

@@ -40,6 +40,20 @@ fn failing_broker_at(
     (store, builder.build().unwrap())
 }
 
+/// A second broker on `path`, while the first holds the brokers' lock with
+/// tokens it could not write: it spends nothing and is told to try again.
+async fn a_second_broker_is_told_to_try_again(fx: &Fixture, path: &std::path::Path) {
+    let two = fx
+        .codex_broker(path)
+        .lock_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let err = two.token().await.unwrap_err();
+    assert!(err.to_string().contains("another process is refreshing"), "{err}");
+    two.shutdown().await;
+    assert_eq!(fx.sim.counts().reused, 0, "{:?}", fx.sim.spends());
+}
+
 /// A clock standing at the wall clock's time, moved only by the test.
 fn manual_clock() -> ManualClock {
     ManualClock::new(std::time::SystemTime::now())
@@ -135,15 +149,7 @@ async fn a_second_broker_in_the_process_never_spends_what_the_first_holds() {
     // Its writes fail until the test lets them succeed.
     let (store, one) = failing_broker(&fx, &path, u32::MAX);
     assert!(one.token().await.is_err(), "its write failed");
-    let two = fx
-        .codex_broker(&path)
-        .lock_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let err = two.token().await.unwrap_err();
-    assert!(err.to_string().contains("another process is refreshing"), "{err}");
-    assert_eq!(fx.sim.counts().reused, 0);
-    two.shutdown().await;
+    a_second_broker_is_told_to_try_again(&fx, &path).await;
     // The disk is fixed: the first writes its tokens (on its next attempt,
     // or its last one on shutdown).
     store.failures_left.store(0, Ordering::SeqCst);
@@ -227,15 +233,7 @@ async fn unwritten_tokens_keep_the_lock_while_the_file_is_unreadable() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     std::fs::write(&path, &original).unwrap();
-    let two = fx
-        .codex_broker(&path)
-        .lock_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let err = two.token().await.unwrap_err();
-    assert!(err.to_string().contains("another process is refreshing"), "{err}");
-    two.shutdown().await;
-    assert_eq!(fx.sim.counts().reused, 0, "{:?}", fx.sim.spends());
+    a_second_broker_is_told_to_try_again(&fx, &path).await;
     store.failures_left.store(0, Ordering::SeqCst);
     one.finish().await.unwrap();
     assert!(fx

@@ -70,6 +70,10 @@ struct SimulateArgs {
     /// The fraction of token requests the provider fails with 503 (0 to 1).
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     fault_rate: f64,
+    /// Seeds which token requests fail, so that a run with faults can be
+    /// repeated: the n-th token request fails or not alike in every run.
+    #[arg(long, value_name = "SEED", requires = "fault_rate")]
+    fault_seed: Option<u64>,
     /// The provider revokes the whole token family when a refresh token is reused.
     #[arg(long)]
     revoke_on_reuse: bool,
@@ -577,6 +581,7 @@ async fn simulate(args: &SimulateArgs, json: bool) -> Result<(), CliError> {
         duration: args.duration,
         latency: args.latency,
         fault_rate: args.fault_rate,
+        fault_seed: args.fault_seed,
         revoke_family_on_reuse: args.revoke_on_reuse,
         ..SimulationConfig::default()
     };

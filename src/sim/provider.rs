@@ -55,6 +55,10 @@ pub struct SimConfig {
     pub account_id: String,
     /// The fraction of token requests answered 503 before any token is spent.
     pub fault_rate: f64,
+    /// Seeds the draw that picks which token requests fail (`fault_rate`):
+    /// with a seed, the n-th token request fails or not the same way in
+    /// every run. `None` seeds it at random.
+    pub fault_seed: Option<u64>,
     /// How long a spent refresh token is accepted again, answered with the
     /// same new tokens (zero: never, every reuse is `refresh_token_reused`).
     pub reuse_grace: Duration,
@@ -79,6 +83,7 @@ impl Default for SimConfig {
             omit_id_token: false,
             account_id: "acct-sim-0001".to_owned(),
             fault_rate: 0.0,
+            fault_seed: None,
             reuse_grace: Duration::ZERO,
             revoke_family_on_reuse: false,
             whole_second_exp: false,
@@ -154,6 +159,8 @@ struct Shared {
     in_flight: AtomicU64,
     peak_in_flight: AtomicU64,
     faults: Mutex<std::collections::VecDeque<Fault>>,
+    /// Draws which token requests fail at `fault_rate`, in arrival order.
+    fault_draw: Mutex<fastrand::Rng>,
     /// Who asked (the `User-Agent`) and how each spend ended.
     spends: Mutex<Vec<SpendRecord>>,
 }
@@ -192,6 +199,9 @@ impl ProviderServer {
         let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        let fault_draw = config
+            .fault_seed
+            .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
         let shared = Arc::new(Shared {
             config: Mutex::new(config),
             ledger: Mutex::new(Ledger::default()),
@@ -204,6 +214,7 @@ impl ProviderServer {
             in_flight: AtomicU64::new(0),
             peak_in_flight: AtomicU64::new(0),
             faults: Mutex::new(Default::default()),
+            fault_draw: Mutex::new(fault_draw),
             spends: Mutex::new(Vec::new()),
         });
         let (tx, rx) = oneshot::channel::<()>();
@@ -575,7 +586,7 @@ async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, b
         Some(Fault::HangBeforeSpend(d)) => tokio::time::sleep(*d).await,
         _ => {}
     }
-    if config.fault_rate > 0.0 && fastrand::f64() < config.fault_rate {
+    if config.fault_rate > 0.0 && shared.fault_draw.lock().f64() < config.fault_rate {
         shared.faults_served.fetch_add(1, Ordering::SeqCst);
         return status_fault(config.dialect, 503, None);
     }

@@ -54,6 +54,8 @@ pub struct SimulationConfig {
     pub latency: Duration,
     /// The fraction of token requests the provider answers with 503.
     pub fault_rate: f64,
+    /// Seeds which token requests fail (see [`SimConfig::fault_seed`]).
+    pub fault_seed: Option<u64>,
     /// The provider revokes a whole token family when a refresh token is
     /// reused, as some providers do.
     pub revoke_family_on_reuse: bool,
@@ -72,6 +74,7 @@ impl Default for SimulationConfig {
             token_lifetime: Duration::from_secs(2),
             latency: Duration::from_millis(50),
             fault_rate: 0.0,
+            fault_seed: None,
             revoke_family_on_reuse: false,
             duration: Duration::from_secs(10),
         }
@@ -141,6 +144,7 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
         access_lifetime: config.token_lifetime,
         latency: config.latency,
         fault_rate: config.fault_rate,
+        fault_seed: config.fault_seed,
         revoke_family_on_reuse: config.revoke_family_on_reuse,
         ..SimConfig::default()
     })?);

@@ -70,6 +70,8 @@ pub mod policy;
 pub mod provider;
 mod registry;
 mod runtime;
+#[cfg(feature = "server")]
+pub mod server;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod snapshot;

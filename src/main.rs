@@ -12,8 +12,12 @@ use std::time::{Duration, SystemTime};
 
 mod cli;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use token_broker::provider::ClientAuth;
+use token_broker::server::client::{ClientError, DaemonClient};
+use token_broker::server::config::{Config, ConfigError, Profile, DEFAULT_PROFILE};
+use token_broker::server::daemon::{Daemon, DaemonError};
+use token_broker::server::TokenReply;
 use token_broker::{BrokerError, Dialect, TokenBroker};
 
 /// Hands out OAuth access tokens without ever racing on a refresh token.
@@ -29,12 +33,22 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print a valid access token and a newline, refreshing only if needed.
-    Token,
+    Token {
+        /// How to print it: the token alone, the daemon's token JSON, an
+        /// `Authorization` header, or a Kubernetes ExecCredential (for
+        /// kubectl's exec credential plugins).
+        #[arg(long, value_enum, default_value_t = Format::Plain)]
+        format: Format,
+    },
     /// Show the credential's state without secrets.
     Status,
     /// Run the demonstration: a simulated provider on loopback and a
     /// scheduler of cron jobs and request actors sharing one credential.
     Simulate(SimulateArgs),
+    /// Serve every profile of the configuration to the processes of this
+    /// host over a Unix socket, until SIGTERM or SIGINT (SIGHUP reloads
+    /// the configuration).
+    Serve,
     /// Keep a broker running and print a line (a fingerprint, never the
     /// token) whenever the access token changes.
     Watch {
@@ -147,8 +161,44 @@ fn parse_fraction(text: &str) -> Result<f64, String> {
     }
 }
 
+/// `token --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// The token and a newline.
+    Plain,
+    /// `{"access_token","token_type","expires_at","account_id"}`.
+    Json,
+    /// `Authorization: Bearer <token>`.
+    Header,
+    /// A `client.authentication.k8s.io/v1` ExecCredential.
+    ExecCredential,
+}
+
+/// `--daemon`: whether a profile is asked of a running daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DaemonMode {
+    /// Ask the daemon; read the credentials directly when none answers.
+    Auto,
+    /// Ask the daemon; fail (exit 5) when none answers.
+    Require,
+    /// Never ask a daemon.
+    Never,
+}
+
 #[derive(Debug, Args)]
 struct CredentialArgs {
+    /// The configuration file [default: $TOKEN_BROKER_CONFIG, else
+    /// $XDG_CONFIG_HOME/token-broker/config.toml, else ~/.config/token-broker/config.toml].
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Use this profile of the configuration (asked of the daemon first,
+    /// see --daemon) instead of the credential flags.
+    #[arg(long, global = true, value_name = "NAME")]
+    profile: Option<String>,
+    /// With --profile: ask a running daemon (auto: when one answers,
+    /// require: or fail with exit 5, never: read the credentials here).
+    #[arg(long, global = true, value_enum, default_value_t = DaemonMode::Auto, env = "TOKEN_BROKER_DAEMON")]
+    daemon: DaemonMode,
     /// The credentials file [default for codex: $CODEX_HOME/auth.json, else ~/.codex/auth.json].
     #[arg(long, global = true, value_name = "PATH")]
     auth_file: Option<PathBuf>,
@@ -223,6 +273,17 @@ enum CliError {
     /// A broker error already printed (by `watch`): exit with its code and
     /// print nothing more.
     Reported(BrokerError),
+    /// The configuration file could not be used.
+    Config(ConfigError),
+    /// `--daemon require` and no daemon answers.
+    NoDaemon {
+        socket: PathBuf,
+        why: String,
+    },
+    /// The daemon answered with an error, or badly.
+    Daemon(ClientError),
+    /// `serve` could not start, or stopped badly.
+    Serve(DaemonError),
 }
 
 impl From<BrokerError> for CliError {
@@ -233,9 +294,21 @@ impl From<BrokerError> for CliError {
 
 fn main() -> ExitCode {
     keep_secrets_out_of_dumps();
-    let cli = Cli::parse();
-    init_logging();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let serving = matches!(cli.command, Command::Serve);
+    init_logging(if serving { "info" } else { "off" });
     let json = cli.creds.json;
+    let explicit = explicit_credential_flags(&matches);
+    if serving {
+        return match serve(&cli.creds, &explicit) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(json, &e),
+        };
+    }
     if let Command::Simulate(args) = &cli.command {
         // The job actors run on an actix System of their own.
         return match actix_rt::System::new().block_on(simulate(args, json)) {
@@ -247,10 +320,42 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(json, &CliError::Simulation(e)),
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, explicit)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(json, &e),
     }
+}
+
+/// The credential flags given on the command line (or, for
+/// `--winner-wait`, in its variable): a profile takes these settings from
+/// the configuration instead.
+fn explicit_credential_flags(matches: &clap::ArgMatches) -> Vec<&'static str> {
+    use clap::parser::ValueSource;
+    const FLAGS: [(&str, &str); 9] = [
+        ("auth_file", "--auth-file"),
+        ("provider", "--provider"),
+        ("token_url", "--token-url"),
+        ("client_id", "--client-id"),
+        ("client_secret_env", "--client-secret-env"),
+        ("client_auth", "--client-auth"),
+        ("refresh_ahead", "--refresh-ahead"),
+        ("winner_wait", "--winner-wait"),
+        ("timeout", "--timeout"),
+    ];
+    // Global flags may be given after the subcommand: look there too.
+    let sub = matches.subcommand().map(|(_, m)| m);
+    FLAGS
+        .iter()
+        .filter(|(id, _)| {
+            [Some(matches), sub].into_iter().flatten().any(|m| {
+                matches!(
+                    m.try_get_raw(id).ok().flatten().and(m.value_source(id)),
+                    Some(ValueSource::CommandLine)
+                )
+            })
+        })
+        .map(|(_, flag)| *flag)
+        .collect()
 }
 
 /// The process holds live tokens and client secrets in memory: no core dump
@@ -268,35 +373,77 @@ fn keep_secrets_out_of_dumps() {
     let _ = rlimit::setrlimit(rlimit::Resource::CORE, 0, 0);
 }
 
-/// Logs go to stderr, quiet unless `RUST_LOG` asks for more.
-fn init_logging() {
+/// Logs go to stderr, `default` (quiet but for `serve`) unless `RUST_LOG`
+/// asks for more.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
 }
 
-async fn run(cli: Cli) -> Result<(), CliError> {
+async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
     // Before anything can spend a refresh token: a signal must never cut a
     // refresh between spending the old token and writing the new ones.
     let mut signals = Signals::install().map_err(CliError::Output)?;
     // Only a long-running broker keeps the file fresh unasked: a one-shot
     // `status` must never spend a refresh token.
     let keep_fresh = matches!(cli.command, Command::Watch { .. });
-    let broker = build(&cli.creds, keep_fresh)?;
+    let json = cli.creds.json;
+    // A profile: named, or `default` when the daemon is required.
+    let profile = match (&cli.creds.profile, cli.creds.daemon) {
+        (Some(name), _) => Some(name.clone()),
+        (None, DaemonMode::Require) => Some(DEFAULT_PROFILE.to_owned()),
+        (None, _) => None,
+    };
+    let (broker, timeout, winner_wait) = match &profile {
+        None => (build(&cli.creds, keep_fresh)?, cli.creds.timeout, cli.creds.winner_wait),
+        Some(name) => {
+            if let Some(flag) = explicit.first() {
+                return Err(CliError::Broker(BrokerError::Config(format!(
+                    "{flag} cannot be used with a profile: the profile's settings come from the configuration"
+                ))));
+            }
+            let config = Config::load(cli.creds.config.as_deref()).map_err(CliError::Config)?;
+            let settings = config.profiles.get(name).cloned();
+            if cli.creds.daemon != DaemonMode::Never && !keep_fresh {
+                let client = daemon_client(&config, settings.as_ref());
+                let asked = tokio::select! {
+                    asked = ask_daemon(&client, name, &cli.command, json) => asked,
+                    signal = signals.recv() => return Err(CliError::Interrupted(signal)),
+                };
+                match asked {
+                    Err(ClientError::Unreachable { .. }) if cli.creds.daemon == DaemonMode::Auto => {
+                        tracing::debug!(socket = %client.socket().display(), "no daemon answers: reading the credentials here");
+                    }
+                    Err(ClientError::Unreachable { socket, why }) => {
+                        return Err(CliError::NoDaemon { socket, why });
+                    }
+                    other => return other.map_err(CliError::Daemon).and_then(|output| write_out(&output)),
+                }
+            } else if cli.creds.daemon == DaemonMode::Require {
+                return Err(CliError::Broker(BrokerError::Config(
+                    "watch runs its own broker: use --daemon auto or never with it".into(),
+                )));
+            }
+            let settings = config.profile(name).map_err(CliError::Config)?;
+            let broker = settings.builder()?.keep_fresh(keep_fresh).build()?;
+            (broker, settings.timeout, settings.winner_wait)
+        }
+    };
     let result: Result<(), CliError> = match cli.command {
-        Command::Token => tokio::select! {
-            result = print_token(&broker) => result,
+        Command::Token { format } => tokio::select! {
+            result = print_token(&broker, format) => result,
             signal = signals.recv() => Err(CliError::Interrupted(signal)),
         },
         Command::Status => tokio::select! {
-            result = print_status(&broker, cli.creds.json) => result,
+            result = print_status(&broker, json) => result,
             signal = signals.recv() => Err(CliError::Interrupted(signal)),
         },
-        Command::Watch { interval, duration } => watch(&broker, interval, duration, cli.creds.json, &mut signals).await,
-        Command::Simulate(_) => unreachable!("handled in main"),
+        Command::Watch { interval, duration } => watch(&broker, interval, duration, json, &mut signals).await,
+        Command::Simulate(_) | Command::Serve => unreachable!("handled in main"),
     };
     // Let a refresh in flight write its tokens before the process exits,
     // whatever signals arrive meanwhile (they stay caught). A cycle that has
@@ -304,13 +451,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     // (an unknown outcome is retried once, each with a second of grace), the
     // wait for a winner, and its writes (four attempts, each waiting up to
     // 10 s for the Codex CLI's commit locks).
-    let bound = cli
-        .creds
-        .timeout
-        .saturating_add(token_broker::defaults::TIMEOUT_GRACE)
-        .saturating_mul(2)
-        .saturating_add(cli.creds.winner_wait)
-        .saturating_add(Duration::from_secs(45));
+    let bound = finish_bound(timeout, winner_wait);
     match tokio::time::timeout(bound, broker.finish()).await {
         Ok(Ok(())) => result,
         // Rotated tokens that could not be written outrank everything, even
@@ -318,6 +459,142 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Ok(Err(lost)) => Err(lost.into()),
         Err(_) => Err(CliError::Unfinished(bound)),
     }
+}
+
+/// How long a refresh in flight may take to reach the store after a stop.
+fn finish_bound(timeout: Duration, winner_wait: Duration) -> Duration {
+    timeout
+        .saturating_add(token_broker::defaults::TIMEOUT_GRACE)
+        .saturating_mul(2)
+        .saturating_add(winner_wait)
+        .saturating_add(Duration::from_secs(45))
+}
+
+/// A client of the configured daemon, waiting as long as the daemon may
+/// take to refresh the profile (its settings, when this configuration
+/// knows them).
+fn daemon_client(config: &Config, profile: Option<&Profile>) -> DaemonClient {
+    let settings = profile.cloned().unwrap_or_else(Profile::codex_defaults);
+    let wait = settings
+        .timeout
+        .saturating_add(token_broker::defaults::TIMEOUT_GRACE)
+        .saturating_mul(2)
+        .saturating_add(settings.winner_wait)
+        .saturating_add(Duration::from_secs(15));
+    DaemonClient::new(&config.daemon.socket).timeout(wait)
+}
+
+/// Asks the daemon for what `command` prints; returns the output.
+async fn ask_daemon(
+    client: &DaemonClient,
+    profile: &str,
+    command: &Command,
+    json: bool,
+) -> Result<String, ClientError> {
+    match command {
+        Command::Token { format } => Ok(format_token(&client.token(profile).await?, *format)),
+        Command::Status if json => Ok(format!("{}\n", client.status_json(profile).await?)),
+        Command::Status => client.status_text(profile).await,
+        Command::Watch { .. } | Command::Simulate(_) | Command::Serve => unreachable!("not asked of a daemon"),
+    }
+}
+
+fn write_out(text: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(CliError::Output)
+}
+
+/// A token as `--format` asks, with a final newline.
+fn format_token(reply: &TokenReply, format: Format) -> String {
+    match format {
+        Format::Plain => format!("{}\n", reply.access_token.expose()),
+        Format::Json => format!("{}\n", reply.to_json()),
+        Format::Header => format!("Authorization: Bearer {}\n", reply.access_token.expose()),
+        Format::ExecCredential => format!("{}\n", reply.to_exec_credential()),
+    }
+}
+
+/// `serve`: the daemon, in the foreground, until SIGTERM or SIGINT.
+fn serve(creds: &CredentialArgs, explicit: &[&'static str]) -> Result<(), CliError> {
+    if let Some(flag) = explicit.first() {
+        return Err(CliError::Broker(BrokerError::Config(format!(
+            "serve takes its profiles from the configuration, not {flag}"
+        ))));
+    }
+    if creds.profile.is_some() {
+        return Err(CliError::Broker(BrokerError::Config(
+            "serve serves every profile of the configuration, not --profile".into(),
+        )));
+    }
+    let flag = creds.config.clone();
+    let config = Config::load(flag.as_deref()).map_err(CliError::Config)?;
+    // Many clients at once (idle ones included): lift the soft descriptor limit.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(CliError::Output)?;
+    runtime.block_on(async move {
+        let mut signals = Signals::install().map_err(CliError::Output)?;
+        let daemon = Daemon::bind(config).await.map_err(CliError::Serve)?;
+        let profiles = daemon.profiles();
+        writeln!(
+            std::io::stdout(),
+            "token-broker: listening on {} ({} profile{}: {})",
+            daemon.socket().display(),
+            profiles.len(),
+            if profiles.len() == 1 { "" } else { "s" },
+            profiles.join(", ")
+        )
+        .and_then(|()| std::io::stdout().flush())
+        .map_err(CliError::Output)?;
+        let control = daemon.control();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<i32>();
+        tokio::spawn(async move {
+            loop {
+                let signal = signals.recv().await;
+                if signal != libc::SIGHUP {
+                    let _ = stop.send(signal);
+                    // Later signals stay caught: the stop lets refreshes
+                    // in flight reach the store.
+                    loop {
+                        let again = signals.recv().await;
+                        tracing::warn!(signal = signal_name(again), "already stopping");
+                    }
+                }
+                match Config::load(flag.as_deref()) {
+                    Ok(config) => {
+                        let report = control.reload(config).await;
+                        tracing::info!(
+                            started = ?report.started,
+                            stopped = ?report.stopped,
+                            restarted = ?report.restarted,
+                            unchanged = report.unchanged.len(),
+                            "reloaded the configuration"
+                        );
+                        for (name, why) in &report.failed {
+                            tracing::warn!(profile = %name, error = %why, "the profile could not start");
+                        }
+                        for what in &report.ignored {
+                            tracing::warn!("not applied until a restart: {what}");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "the configuration is not reloaded; the one in force stays"),
+                }
+            }
+        });
+        let result = daemon
+            .run(async move {
+                if let Ok(signal) = stopped.await {
+                    tracing::info!(signal = signal_name(signal), "stopping");
+                }
+            })
+            .await;
+        result.map_err(CliError::Serve)
+    })
 }
 
 /// The signals that end a command: caught, so that the broker can finish a
@@ -422,7 +699,7 @@ fn client_auth(args: &CredentialArgs) -> Result<ClientAuth, BrokerError> {
     })
 }
 
-async fn print_token(broker: &TokenBroker) -> Result<(), CliError> {
+async fn print_token(broker: &TokenBroker, format: Format) -> Result<(), CliError> {
     let token = broker.token().await?;
     // A still-valid token is served even when the credential can no longer
     // be refreshed (or the last refresh failed): say so, or the first sign
@@ -434,13 +711,14 @@ async fn print_token(broker: &TokenBroker) -> Result<(), CliError> {
         tokio::time::sleep(Duration::from_millis(20)).await;
         status = broker.status().await.ok();
     }
-    if let Some(error) = status.and_then(|s| s.last_error) {
+    if let Some(error) = status.as_ref().and_then(|s| s.last_error.as_deref()) {
         let _ = writeln!(std::io::stderr(), "token-broker: warning: {error}");
     }
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", token.expose())
-        .and_then(|()| out.flush())
-        .map_err(CliError::Output)
+    let reply = match &status {
+        Some(status) => TokenReply::with_status(token, status),
+        None => TokenReply::from_token(token),
+    };
+    write_out(&format_token(&reply, format))
 }
 
 async fn print_status(broker: &TokenBroker, json: bool) -> Result<(), CliError> {
@@ -631,8 +909,11 @@ fn fail(json: bool, e: &CliError) -> ExitCode {
 fn exit_code(e: &CliError) -> i32 {
     match e {
         CliError::Broker(e) | CliError::Reported(e) => cli::exit_code(e),
-        CliError::Output(_) | CliError::Simulation(_) | CliError::Unfinished(_) => 1,
+        CliError::Output(_) | CliError::Simulation(_) | CliError::Unfinished(_) | CliError::Serve(_) => 1,
         CliError::Interrupted(signal) => 128 + signal,
+        CliError::Config(_) => 2,
+        CliError::NoDaemon { .. } => 5,
+        CliError::Daemon(e) => cli::daemon_exit_code(e),
     }
 }
 
@@ -646,6 +927,16 @@ fn error_line(json: bool, e: &CliError) -> String {
             "interrupted",
             format!("interrupted by {}; no refresh was cut short", signal_name(*signal)),
         ),
+        CliError::Config(e) => ("config", e.to_string()),
+        CliError::NoDaemon { socket, why } => (
+            "no_daemon",
+            format!(
+                "no token-broker daemon answers on {} ({why}): start `token-broker serve`, or use --daemon auto",
+                socket.display()
+            ),
+        ),
+        CliError::Daemon(e) => (cli::daemon_kind(e), e.to_string()),
+        CliError::Serve(e) => ("serve", e.to_string()),
         CliError::Unfinished(bound) => (
             "unfinished",
             format!(

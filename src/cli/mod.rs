@@ -2,6 +2,7 @@
 //! `kind` of its JSON error line. These belong to the binary, not to the
 //! library's error type.
 
+use token_broker::server::client::ClientError;
 use token_broker::store::StoreError;
 use token_broker::BrokerError;
 
@@ -40,5 +41,45 @@ pub(crate) fn kind(e: &BrokerError) -> &'static str {
         BrokerError::AccountChanged { .. } => "account_changed",
         BrokerError::Config(_) => "usage",
         BrokerError::Stopped { .. } => "stopped",
+    }
+}
+
+/// The CLI's exit code for an error the daemon answered (the same codes as
+/// for the broker's own errors; see the table in `token_broker::server`).
+pub(crate) fn daemon_exit_code(e: &ClientError) -> i32 {
+    match e {
+        ClientError::Daemon { code, .. } => match code.as_str() {
+            "unknown_profile" => 2,
+            "bad_credentials_file" => 3,
+            "login_required" => 4,
+            "provider_unavailable" | "store_busy" | "store_unavailable" | "stopping" => 5,
+            _ => 1,
+        },
+        // No daemon (only reported with --daemon require), or no answer in
+        // time: try again later.
+        ClientError::Unreachable { .. } => 5,
+        ClientError::Protocol { .. } => 1,
+    }
+}
+
+/// The `kind` of the JSON error line for an error the daemon answered: the
+/// daemon's error code.
+pub(crate) fn daemon_kind(e: &ClientError) -> &'static str {
+    match e {
+        ClientError::Daemon { code, .. } => match code.as_str() {
+            "unknown_profile" => "unknown_profile",
+            "bad_credentials_file" => "credentials_invalid",
+            "login_required" => "login_required",
+            "provider_unavailable" => "provider_unavailable",
+            "store_busy" => "lock_timeout",
+            "store_unavailable" => "store_unavailable",
+            "stopping" => "stopped",
+            "write_failed" => "write_failed",
+            "account_changed" => "account_changed",
+            "bad_profile" => "usage",
+            _ => "daemon_error",
+        },
+        ClientError::Unreachable { .. } => "no_daemon",
+        ClientError::Protocol { .. } => "daemon_error",
     }
 }

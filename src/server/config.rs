@@ -1,0 +1,714 @@
+//! The configuration file: named profiles (one credential each) and the
+//! daemon's settings, in TOML.
+//!
+//! Found at `--config PATH`, else `$TOKEN_BROKER_CONFIG`, else
+//! `$XDG_CONFIG_HOME/token-broker/config.toml`, else
+//! `~/.config/token-broker/config.toml`. A file named explicitly (the flag
+//! or the variable) must exist; the default one may be absent. A missing
+//! default file, or a file without profiles, means one profile, `default`,
+//! with the Codex CLI's defaults.
+//!
+//! ```
+//! use token_broker::server::config::Config;
+//!
+//! let config = Config::parse(
+//!     r#"
+//! [daemon]
+//! socket = "/run/user/1000/token-broker.sock"
+//!
+//! [profiles.codex]
+//! provider = "codex"
+//! refresh_ahead = "10m"
+//!
+//! [profiles.corp]
+//! provider = "oauth2"
+//! auth_file = "/home/me/.config/corp/oauth.json"
+//! token_url = "https://login.example.com/oauth2/token"
+//! client_id = "my-client"
+//! client_secret_env = "CORP_CLIENT_SECRET"
+//! client_auth = "basic"
+//! timeout = "30s"
+//! "#,
+//!     None,
+//! )?;
+//! assert_eq!(config.profiles.keys().collect::<Vec<_>>(), ["codex", "corp"]);
+//! assert_eq!(config.daemon.socket.to_str(), Some("/run/user/1000/token-broker.sock"));
+//! # Ok::<(), token_broker::server::config::ConfigError>(())
+//! ```
+//!
+//! Errors name the file, the line and the key, and never quote a value
+//! (someone may have pasted a secret where it does not belong).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::credentials::Secret;
+use crate::defaults::{DEFAULT_HTTP_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_WINNER_WAIT};
+use crate::provider::ClientAuth;
+use crate::{BrokerBuilder, BrokerError, Dialect, TokenBroker};
+
+/// The variable naming the configuration file.
+pub const CONFIG_ENV: &str = "TOKEN_BROKER_CONFIG";
+
+/// The profile used when the configuration defines none.
+pub const DEFAULT_PROFILE: &str = "default";
+
+/// The longest profile name.
+pub const MAX_PROFILE_NAME: usize = 64;
+
+/// The largest configuration file read.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Why a configuration could not be used. Never quotes a value from the
+/// file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named by `--config` or `$TOKEN_BROKER_CONFIG` does not exist.
+    #[error("the configuration file {path} does not exist")]
+    NotFound {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file could not be read.
+    #[error("could not read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has an unknown key or a bad value.
+    #[error("{}line {line}, column {column}: {message}", at(.path))]
+    Parse {
+        /// The file (`None`: text parsed without a file).
+        path: Option<PathBuf>,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong (values are left out).
+        message: String,
+    },
+    /// A setting is missing or contradicts another.
+    #[error("{}{message}", at(.path))]
+    Invalid {
+        /// The file (`None`: text parsed without a file).
+        path: Option<PathBuf>,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+fn at(path: &Option<PathBuf>) -> String {
+    match path {
+        Some(p) => format!("{}: ", p.display()),
+        None => String::new(),
+    }
+}
+
+/// A whole configuration: the daemon's settings and the profiles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The file it was read from (`None`: no file, the defaults).
+    pub source: Option<PathBuf>,
+    /// The daemon's settings.
+    pub daemon: DaemonConfig,
+    /// The profiles by name (never empty).
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+/// The `[daemon]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// The Unix socket it listens on. Default:
+    /// `$XDG_RUNTIME_DIR/token-broker.sock`, else
+    /// `~/.local/state/token-broker/token-broker.sock`.
+    pub socket: PathBuf,
+    /// Users besides the daemon's own who may connect.
+    pub allowed_uids: Vec<u32>,
+}
+
+/// One named credential: how to build its broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Profile {
+    /// The provider's dialect.
+    pub provider: Dialect,
+    /// The credentials file (`None` for codex: as
+    /// [`TokenBroker::codex`] finds it).
+    pub auth_file: Option<PathBuf>,
+    /// The token endpoint (required for oauth2).
+    pub token_url: Option<String>,
+    /// The OAuth client id (required for oauth2).
+    pub client_id: Option<String>,
+    /// The variable holding the client secret.
+    pub client_secret_env: Option<String>,
+    /// How an oauth2 client authenticates.
+    pub client_auth: ClientAuthKind,
+    /// Refresh this long before expiry.
+    pub refresh_ahead: Duration,
+    /// How long to wait for a winner's tokens after a refused refresh token.
+    pub winner_wait: Duration,
+    /// The timeout of one token request.
+    pub timeout: Duration,
+    /// Whether a long-running broker (the daemon) refreshes before expiry
+    /// unasked. Default: true.
+    pub keep_fresh: bool,
+}
+
+/// How an oauth2 client authenticates (`client_auth`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthKind {
+    /// A public client: `client_id` in the form.
+    #[default]
+    None,
+    /// `client_secret_basic`.
+    Basic,
+    /// `client_secret_post`.
+    Post,
+}
+
+impl Profile {
+    /// A codex profile with every default (what `token-broker serve` serves
+    /// without a configuration file).
+    pub fn codex_defaults() -> Self {
+        Profile {
+            provider: Dialect::Codex,
+            auth_file: None,
+            token_url: None,
+            client_id: None,
+            client_secret_env: None,
+            client_auth: ClientAuthKind::None,
+            refresh_ahead: DEFAULT_REFRESH_AHEAD,
+            winner_wait: DEFAULT_WINNER_WAIT,
+            timeout: DEFAULT_HTTP_TIMEOUT,
+            keep_fresh: true,
+        }
+    }
+
+    /// The broker builder for this profile. Reads the client secret from
+    /// its variable now; fails with [`BrokerError::Config`] when the
+    /// variable is unset or empty.
+    pub fn builder(&self) -> Result<BrokerBuilder, BrokerError> {
+        let mut builder = match self.provider {
+            Dialect::Codex => TokenBroker::codex(),
+            Dialect::OAuth2 => {
+                let (Some(url), Some(id)) = (&self.token_url, &self.client_id) else {
+                    return Err(BrokerError::Config(
+                        "an oauth2 profile needs token_url and client_id".into(),
+                    ));
+                };
+                TokenBroker::oauth2(url, id)
+            }
+        };
+        if let Some(url) = &self.token_url {
+            builder = builder.token_url(url);
+        }
+        if let Some(id) = &self.client_id {
+            builder = builder.client_id(id);
+        }
+        if let Some(path) = &self.auth_file {
+            builder = builder.credentials_path(path);
+        }
+        let auth = match self.client_auth {
+            ClientAuthKind::None => ClientAuth::None,
+            ClientAuthKind::Basic => ClientAuth::Basic(self.secret()?),
+            ClientAuthKind::Post => ClientAuth::Post(self.secret()?),
+        };
+        Ok(builder
+            .client_auth(auth)
+            .refresh_ahead(self.refresh_ahead)
+            .winner_wait(self.winner_wait)
+            .http_timeout(self.timeout)
+            .keep_fresh(self.keep_fresh))
+    }
+
+    fn secret(&self) -> Result<Secret, BrokerError> {
+        let var = self
+            .client_secret_env
+            .as_deref()
+            .ok_or_else(|| BrokerError::Config("client_auth basic or post needs client_secret_env".into()))?;
+        match std::env::var(var) {
+            Ok(value) if !value.is_empty() => Ok(Secret::new(value)),
+            _ => Err(BrokerError::Config(format!(
+                "the environment variable {var} (client_secret_env) is not set or empty"
+            ))),
+        }
+    }
+}
+
+/// Where the configuration comes from, in the documented order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigPath {
+    /// Named by `--config` or `$TOKEN_BROKER_CONFIG`: must exist.
+    Explicit(PathBuf),
+    /// The default place: may be absent.
+    Default(PathBuf),
+    /// No place can be named (neither `XDG_CONFIG_HOME` nor `HOME`).
+    None,
+}
+
+impl ConfigPath {
+    /// `flag`, else `$TOKEN_BROKER_CONFIG`, else
+    /// `$XDG_CONFIG_HOME/token-broker/config.toml`, else
+    /// `~/.config/token-broker/config.toml`.
+    pub fn locate(flag: Option<&Path>) -> Self {
+        if let Some(path) = flag {
+            return ConfigPath::Explicit(path.to_path_buf());
+        }
+        if let Some(path) = env_path(CONFIG_ENV) {
+            return ConfigPath::Explicit(path);
+        }
+        if let Some(dir) = env_path("XDG_CONFIG_HOME").filter(|p| p.is_absolute()) {
+            return ConfigPath::Default(dir.join("token-broker").join("config.toml"));
+        }
+        match env_path("HOME") {
+            Some(home) => ConfigPath::Default(home.join(".config").join("token-broker").join("config.toml")),
+            None => ConfigPath::None,
+        }
+    }
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+impl Config {
+    /// Loads the configuration from where [`ConfigPath::locate`] says.
+    pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_from(ConfigPath::locate(flag))
+    }
+
+    /// Loads the configuration from `place`.
+    pub fn load_from(place: ConfigPath) -> Result<Config, ConfigError> {
+        let (path, explicit) = match place {
+            ConfigPath::Explicit(p) => (p, true),
+            ConfigPath::Default(p) => (p, false),
+            ConfigPath::None => return Config::parse("", None),
+        };
+        let text = match read_bounded(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Config::parse("", None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ConfigError::NotFound { path }),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        Config::parse(&text, Some(&path))
+    }
+
+    /// Parses configuration text; `path` is the file it came from, for
+    /// messages and to resolve relative paths (against its folder).
+    pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| parse_error(text, path, &e))?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.map(Path::to_path_buf),
+            message,
+        };
+        let base = path.and_then(Path::parent).map(Path::to_path_buf);
+        let resolve = |p: &str| -> Result<PathBuf, String> { resolve_path(p, base.as_deref()) };
+        let socket = match raw.daemon.socket {
+            Some(s) => resolve(&s).map_err(|m| invalid(format!("[daemon] socket: {m}")))?,
+            None => default_socket().ok_or_else(|| {
+                invalid("[daemon] socket: neither XDG_RUNTIME_DIR nor HOME is set; set socket".into())
+            })?,
+        };
+        let mut profiles = BTreeMap::new();
+        for (name, raw) in raw.profiles {
+            check_profile_name(&name).map_err(|m| invalid(format!("[profiles.{}]: {m}", name.escape_debug())))?;
+            let profile = raw
+                .into_profile(&resolve)
+                .map_err(|m| invalid(format!("[profiles.{name}] {m}")))?;
+            profiles.insert(name, profile);
+        }
+        if profiles.is_empty() {
+            profiles.insert(DEFAULT_PROFILE.to_owned(), Profile::codex_defaults());
+        }
+        Ok(Config {
+            source: path.map(Path::to_path_buf),
+            daemon: DaemonConfig {
+                socket,
+                allowed_uids: raw.daemon.allowed_uids,
+            },
+            profiles,
+        })
+    }
+
+    /// The profile named `name`, or an error naming the profiles there are.
+    pub fn profile(&self, name: &str) -> Result<&Profile, ConfigError> {
+        self.profiles.get(name).ok_or_else(|| ConfigError::Invalid {
+            path: self.source.clone(),
+            message: format!(
+                "no profile named {name:?} (profiles: {})",
+                self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })
+    }
+}
+
+/// The default socket: `$XDG_RUNTIME_DIR/token-broker.sock`, else
+/// `~/.local/state/token-broker/token-broker.sock`.
+pub fn default_socket() -> Option<PathBuf> {
+    if let Some(dir) = env_path("XDG_RUNTIME_DIR").filter(|p| p.is_absolute()) {
+        return Some(dir.join("token-broker.sock"));
+    }
+    env_path("HOME").map(|home| {
+        home.join(".local")
+            .join("state")
+            .join("token-broker")
+            .join("token-broker.sock")
+    })
+}
+
+/// Whether `name` can name a profile: 1 to 64 of `A-Z a-z 0-9 _ - .`, not
+/// starting with a dot (it is a URL path segment and a metrics label).
+pub fn check_profile_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_PROFILE_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a profile name is 1 to {MAX_PROFILE_NAME} letters, digits, '_', '-' or '.', not starting with '.'"
+        ))
+    }
+}
+
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} KiB", MAX_CONFIG_BYTES / 1024),
+        ));
+    }
+    Ok(text)
+}
+
+/// `~/x` against `$HOME`, a relative path against the configuration's
+/// folder.
+fn resolve_path(text: &str, base: Option<&Path>) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        return Err("is empty".into());
+    }
+    if text.contains('\0') {
+        return Err("contains a NUL byte".into());
+    }
+    if let Some(rest) = text.strip_prefix("~/").or(if text == "~" { Some("") } else { None }) {
+        let home = env_path("HOME").ok_or("starts with ~ but HOME is not set")?;
+        return Ok(home.join(rest));
+    }
+    let path = PathBuf::from(text);
+    Ok(match base {
+        Some(base) if path.is_relative() => base.join(path),
+        _ => path,
+    })
+}
+
+/// A TOML error as line, column and message, without the source line
+/// (which may hold a secret pasted in the wrong place) or quoted values.
+fn parse_error(text: &str, path: Option<&Path>, e: &toml::de::Error) -> ConfigError {
+    let offset = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    ConfigError::Parse {
+        path: path.map(Path::to_path_buf),
+        line,
+        column,
+        message: without_quoted_values(e.message().trim()),
+    }
+}
+
+/// Replaces every `"..."` in a message with `"…"`: serde quotes the values
+/// it rejects, and key names are quoted with backticks.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for c in message.chars() {
+        if c == '"' {
+            if inside {
+                out.push('…');
+            }
+            out.push(c);
+            inside = !inside;
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    profiles: BTreeMap<String, RawProfile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    socket: Option<String>,
+    #[serde(default)]
+    allowed_uids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawDialect {
+    Codex,
+    Oauth2,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    provider: RawDialect,
+    auth_file: Option<String>,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret_env: Option<String>,
+    #[serde(default)]
+    client_auth: ClientAuthKind,
+    #[serde(default, deserialize_with = "refresh_ahead")]
+    refresh_ahead: Option<Duration>,
+    #[serde(default, deserialize_with = "winner_wait")]
+    winner_wait: Option<Duration>,
+    #[serde(default, deserialize_with = "timeout")]
+    timeout: Option<Duration>,
+    keep_fresh: Option<bool>,
+}
+
+impl RawProfile {
+    fn into_profile(self, resolve: &dyn Fn(&str) -> Result<PathBuf, String>) -> Result<Profile, String> {
+        let provider = match self.provider {
+            RawDialect::Codex => Dialect::Codex,
+            RawDialect::Oauth2 => Dialect::OAuth2,
+        };
+        let auth_file = match &self.auth_file {
+            Some(p) => Some(resolve(p).map_err(|m| format!("auth_file {m}"))?),
+            None => None,
+        };
+        if provider == Dialect::OAuth2 {
+            for (key, set) in [
+                ("auth_file", auth_file.is_some()),
+                ("token_url", self.token_url.is_some()),
+                ("client_id", self.client_id.is_some()),
+            ] {
+                if !set {
+                    return Err(format!("needs {key} with provider = \"oauth2\""));
+                }
+            }
+        }
+        if let Some(url) = &self.token_url {
+            crate::provider::check_token_url(url).map_err(|why| format!("token_url: {why}"))?;
+        }
+        if let Some(var) = &self.client_secret_env {
+            if var.is_empty() || var.contains(['=', '\0']) {
+                return Err("client_secret_env must name an environment variable".into());
+            }
+        }
+        match (self.client_auth, &self.client_secret_env) {
+            (ClientAuthKind::Basic | ClientAuthKind::Post, None) => {
+                return Err("client_auth basic or post needs client_secret_env (the secret's variable)".into())
+            }
+            (_, _) if provider == Dialect::Codex && self.client_auth != ClientAuthKind::None => {
+                return Err("client_auth applies to provider = \"oauth2\" only".into())
+            }
+            _ => {}
+        }
+        Ok(Profile {
+            provider,
+            auth_file,
+            token_url: self.token_url,
+            client_id: self.client_id,
+            client_secret_env: self.client_secret_env,
+            client_auth: self.client_auth,
+            refresh_ahead: self.refresh_ahead.unwrap_or(DEFAULT_REFRESH_AHEAD),
+            winner_wait: self.winner_wait.unwrap_or(DEFAULT_WINNER_WAIT),
+            timeout: self.timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT),
+            keep_fresh: self.keep_fresh.unwrap_or(true),
+        })
+    }
+}
+
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+const TEN_MINUTES: Duration = Duration::from_secs(600);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A duration written as text (`90s`, `10m`, `2h`), at most `max` and, when
+/// `positive`, more than zero.
+pub fn parse_duration(text: &str, positive: bool, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|_| "is not a duration (e.g. 90s, 10m, 2h)".to_owned())?;
+    let shown = humantime::format_duration(max);
+    if positive && d.is_zero() {
+        return Err(format!("must be more than zero and at most {shown}"));
+    }
+    if d > max {
+        return Err(if positive {
+            format!("must be more than zero and at most {shown}")
+        } else {
+            format!("must be at most {shown}")
+        });
+    }
+    Ok(d)
+}
+
+fn duration_field<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    positive: bool,
+    max: Duration,
+) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text, positive, max)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn refresh_ahead<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration_field(d, false, YEAR)
+}
+
+fn winner_wait<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration_field(d, false, TEN_MINUTES)
+}
+
+fn timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration_field(d, true, HOUR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ISSUE_EXAMPLE: &str = r#"
+[daemon]
+# default: $XDG_RUNTIME_DIR/token-broker.sock, else ~/.local/state/token-broker/token-broker.sock
+socket = "/run/user/1000/token-broker.sock"
+
+[profiles.codex]
+provider = "codex"                 # auth_file defaults as for the codex builder
+refresh_ahead = "10m"
+
+[profiles.corp]
+provider = "oauth2"
+auth_file = "~/.config/corp/oauth.json"
+token_url = "https://login.example.com/oauth2/token"
+client_id = "my-client"
+client_secret_env = "CORP_CLIENT_SECRET"
+client_auth = "basic"              # none | basic | post
+timeout = "30s"
+"#;
+
+    #[test]
+    fn the_documented_example_parses_as_written() {
+        let c = Config::parse(ISSUE_EXAMPLE, None).unwrap();
+        assert_eq!(c.daemon.socket, Path::new("/run/user/1000/token-broker.sock"));
+        let codex = &c.profiles["codex"];
+        assert_eq!(codex.provider, Dialect::Codex);
+        assert_eq!(codex.auth_file, None);
+        assert_eq!(codex.refresh_ahead, Duration::from_secs(600));
+        let corp = &c.profiles["corp"];
+        assert_eq!(corp.provider, Dialect::OAuth2);
+        assert_eq!(corp.client_auth, ClientAuthKind::Basic);
+        assert_eq!(corp.timeout, Duration::from_secs(30));
+        if let Some(home) = env_path("HOME") {
+            assert_eq!(corp.auth_file, Some(home.join(".config/corp/oauth.json")));
+        }
+    }
+
+    #[test]
+    fn no_profiles_means_one_codex_default() {
+        for text in ["", "[daemon]\nallowed_uids = [1001]\n", "[profiles]\n"] {
+            let c = Config::parse(text, None).unwrap();
+            assert_eq!(c.profiles.len(), 1, "{text}");
+            assert_eq!(c.profiles[DEFAULT_PROFILE], Profile::codex_defaults());
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let text = "[profiles.a]\nprovider = \"codex\"\nrefresh_ahaed = \"10m\"\n";
+        let e = Config::parse(text, Some(Path::new("/etc/tb.toml"))).unwrap_err();
+        let shown = e.to_string();
+        assert!(matches!(e, ConfigError::Parse { line: 3, .. }), "{shown}");
+        assert!(shown.starts_with("/etc/tb.toml: line 3"), "{shown}");
+        assert!(shown.contains("refresh_ahaed"), "{shown}");
+        let e = Config::parse("[deamon]\n", None).unwrap_err();
+        assert!(e.to_string().contains("deamon"), "{e}");
+    }
+
+    #[test]
+    fn errors_never_quote_values() {
+        for text in [
+            "[profiles.a]\nprovider = \"codex\"\nclient_secret = \"sk-SECRET-VALUE\"\n",
+            "[profiles.a]\nprovider = \"sk-SECRET-VALUE\"\n",
+            "[profiles.a]\nprovider = \"codex\"\ntimeout = \"sk-SECRET-VALUE\"\n",
+            "[daemon]\nallowed_uids = [\"sk-SECRET-VALUE\"]\n",
+            "[profiles.a]\nprovider = \"codex\"\ntoken_url = \"https://sk-SECRET-VALUE@x/\"\n",
+            "sk-SECRET-VALUE = \"sk-SECRET-VALUE\"",
+            "[profiles.a]\nprovider = \"codex\"\nkeep_fresh = \"sk-SECRET-VALUE\"\n",
+        ] {
+            let e = Config::parse(text, None).unwrap_err();
+            assert!(!format!("{e} {e:?}").contains("SECRET"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn oauth2_profiles_need_their_settings() {
+        let e = Config::parse("[profiles.a]\nprovider = \"oauth2\"\n", None).unwrap_err();
+        assert!(e.to_string().contains("needs auth_file"), "{e}");
+        let e = Config::parse(
+            "[profiles.a]\nprovider = \"oauth2\"\nauth_file = \"/x\"\ntoken_url = \"https://x/t\"\nclient_id = \"c\"\nclient_auth = \"post\"\n",
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("client_secret_env"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        let e = Config::parse("[profiles.a]\nprovider = \"codex\"\ntimeout = \"0s\"\n", None).unwrap_err();
+        assert!(e.to_string().contains("more than zero"), "{e}");
+        let e = Config::parse("[profiles.a]\nprovider = \"codex\"\nwinner_wait = \"1h\"\n", None).unwrap_err();
+        assert!(e.to_string().contains("at most 10m"), "{e}");
+    }
+
+    #[test]
+    fn profile_names_are_path_and_label_safe() {
+        for bad in ["", ".hidden", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(check_profile_name(bad).is_err(), "{bad:?}");
+        }
+        let e = Config::parse("[profiles.\"a/b\"]\nprovider = \"codex\"\n", None).unwrap_err();
+        assert!(e.to_string().contains("profile name"), "{e}");
+        for good in ["default", "corp-eu.1", "A_b"] {
+            check_profile_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn relative_paths_are_against_the_config_folder() {
+        let c = Config::parse(
+            "[daemon]\nsocket = \"run/tb.sock\"\n[profiles.a]\nprovider = \"codex\"\nauth_file = \"a/auth.json\"\n",
+            Some(Path::new("/etc/tb/config.toml")),
+        )
+        .unwrap();
+        assert_eq!(c.daemon.socket, Path::new("/etc/tb/run/tb.sock"));
+        assert_eq!(
+            c.profiles["a"].auth_file.as_deref(),
+            Some(Path::new("/etc/tb/a/auth.json"))
+        );
+    }
+}

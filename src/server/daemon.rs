@@ -1,0 +1,440 @@
+//! The daemon: every profile of a [`Config`] served to the processes of
+//! this host over a Unix socket.
+//!
+//! One [`TokenActor`](crate::actor::TokenActor) per profile, in one
+//! [`Brokers`] registry, so that every process on the host shares one
+//! refresh per expiry; the credentials file and its lock stay the meeting
+//! place with programs that do not ask the daemon (the Codex CLI).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
+
+use super::config::{Config, Profile};
+use super::metrics::Metrics;
+use super::socket::OwnedSocket;
+use super::TokenReply;
+use crate::credentials::AccessToken;
+use crate::{BrokerError, Brokers, TokenBroker};
+
+/// How long a client may take to send a request's head (and how long an
+/// idle kept-alive connection stays open).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take to send a request's body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest request head or body accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// How long a profile whose broker could not start waits before the next
+/// request tries again.
+const RESTART_AFTER: Duration = Duration::from_secs(1);
+
+/// Why the daemon could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Another daemon serves this socket.
+    #[error("another token-broker daemon already listens on {path}; stop it first (or choose another socket)")]
+    AlreadyRunning {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// The socket could not be made.
+    #[error("socket {path}: {message}")]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Rotated tokens could not be written when the daemon stopped.
+    #[error("stopping: {0}")]
+    Lost(BrokerError),
+    /// Refreshes in flight did not end within this bound.
+    #[error("stopping: a refresh was still in flight after {}; its rotated tokens may be lost", humantime::format_duration(*.0))]
+    Unfinished(Duration),
+}
+
+/// What a reload changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Profiles new in the configuration, started.
+    pub started: Vec<String>,
+    /// Profiles gone from it, stopped.
+    pub stopped: Vec<String>,
+    /// Profiles whose settings changed, restarted.
+    pub restarted: Vec<String>,
+    /// Profiles left as they were (their actor and token kept).
+    pub unchanged: Vec<String>,
+    /// Profiles whose broker could not start (name, why); requests retry.
+    pub failed: Vec<(String, String)>,
+    /// Settings that only a restart applies (the socket).
+    pub ignored: Vec<String>,
+}
+
+/// A profile being served.
+pub(crate) struct Slot {
+    pub(crate) name: String,
+    pub(crate) profile: Profile,
+    /// Serializes starts, and marks a slot replaced by a reload.
+    start: tokio::sync::Mutex<SlotState>,
+    /// The last start's failure, and when.
+    failure: Mutex<Option<(BrokerError, Instant)>>,
+    /// The last token served and what is known of it.
+    meta: Mutex<Option<TokenReply>>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    retired: bool,
+}
+
+/// What the request handlers share.
+pub(crate) struct Shared {
+    pub(crate) slots: RwLock<BTreeMap<String, Arc<Slot>>>,
+    pub(crate) brokers: Brokers,
+    pub(crate) metrics: Metrics,
+    allowed_uids: RwLock<Vec<u32>>,
+    config: Mutex<Config>,
+    /// Serializes reloads.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    pub(crate) fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        self.slots.read().get(name).cloned()
+    }
+
+    /// The profile's broker, started if it is not running (a failed start
+    /// is retried at most every second).
+    pub(crate) async fn broker(&self, slot: &Slot) -> Result<TokenBroker, BrokerError> {
+        if let Some(b) = self.brokers.get(&slot.name) {
+            return Ok(b);
+        }
+        if let Some((e, at)) = &*slot.failure.lock() {
+            if at.elapsed() < RESTART_AFTER {
+                return Err(e.clone());
+            }
+        }
+        let state = slot.start.lock().await;
+        if state.retired {
+            return Err(BrokerError::Stopped {
+                location: format!("profile {}", slot.name),
+            });
+        }
+        if let Some(b) = self.brokers.get(&slot.name) {
+            return Ok(b);
+        }
+        if let Some((e, at)) = &*slot.failure.lock() {
+            if at.elapsed() < RESTART_AFTER {
+                return Err(e.clone());
+            }
+        }
+        let brokers = self.brokers.clone();
+        let (name, profile) = (slot.name.clone(), slot.profile.clone());
+        // Building reads the credentials file: off the server's threads.
+        let built = tokio::task::spawn_blocking(move || brokers.insert(name, profile.builder()?))
+            .await
+            .unwrap_or_else(|_| Err(BrokerError::Config("starting the profile's broker panicked".into())));
+        drop(state);
+        match built {
+            Ok(b) => {
+                *slot.failure.lock() = None;
+                Ok(b)
+            }
+            Err(e) => {
+                tracing::warn!(profile = %slot.name, error = %e, "the profile's broker could not start");
+                *slot.failure.lock() = Some((e.clone(), Instant::now()));
+                Err(e)
+            }
+        }
+    }
+
+    /// `token` as the token endpoint answers it, with its expiry and account.
+    pub(crate) async fn reply(&self, slot: &Slot, broker: &TokenBroker, token: AccessToken) -> TokenReply {
+        if let Some(cached) = &*slot.meta.lock() {
+            if cached.access_token.expose() == token.expose() {
+                return cached.clone();
+            }
+        }
+        let reply = match broker.status().await {
+            Ok(status) => TokenReply::with_status(token, &status),
+            Err(_) => TokenReply::from_token(token),
+        };
+        *slot.meta.lock() = Some(reply.clone());
+        reply
+    }
+
+    pub(crate) fn allows(&self, uid: u32) -> bool {
+        uid == effective_uid() || self.allowed_uids.read().contains(&uid)
+    }
+}
+
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// A daemon bound to its socket, with its profiles started.
+///
+/// ```no_run
+/// use token_broker::server::{config::Config, daemon::Daemon};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let daemon = Daemon::bind(Config::load(None)?).await?;
+/// println!("listening on {}", daemon.socket().display());
+/// let control = daemon.control();
+/// // SIGHUP: control.reload(Config::load(None)?).await
+/// daemon.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Daemon {
+    listener: tokio::net::UnixListener,
+    socket: OwnedSocket,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("socket", &self.socket.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reloads a running daemon's configuration (cheap to clone).
+#[derive(Clone)]
+pub struct DaemonControl {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DaemonControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonControl").finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// Takes the configured socket (see the module docs of
+    /// [`server`](crate::server)) and starts every profile's broker. A
+    /// profile whose credentials cannot be read yet does not stop the
+    /// daemon: its requests fail with the reason, and start it once the
+    /// file is there. Call inside a tokio runtime.
+    pub async fn bind(config: Config) -> Result<Daemon, DaemonError> {
+        let (listener, socket) = super::socket::bind(&config.daemon.socket)?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| DaemonError::Socket {
+            path: config.daemon.socket.clone(),
+            message: e.to_string(),
+        })?;
+        let slots = config
+            .profiles
+            .iter()
+            .map(|(name, profile)| (name.clone(), Arc::new(Slot::new(name, profile))))
+            .collect();
+        let shared = Arc::new(Shared {
+            slots: RwLock::new(slots),
+            brokers: Brokers::new(),
+            metrics: Metrics::new(),
+            allowed_uids: RwLock::new(config.daemon.allowed_uids.clone()),
+            config: Mutex::new(config),
+            reloading: tokio::sync::Mutex::new(()),
+        });
+        let all: Vec<Arc<Slot>> = shared.slots.read().values().cloned().collect();
+        for slot in all {
+            if let Err(e) = shared.broker(&slot).await {
+                tracing::warn!(profile = %slot.name, error = %e, "serving the profile's errors until it can start");
+            }
+        }
+        Ok(Daemon {
+            listener,
+            socket,
+            shared,
+        })
+    }
+
+    /// The socket it listens on.
+    pub fn socket(&self) -> &Path {
+        self.socket.path()
+    }
+
+    /// The profiles it serves, sorted.
+    pub fn profiles(&self) -> Vec<String> {
+        self.shared.slots.read().keys().cloned().collect()
+    }
+
+    /// A handle to reload the configuration while it runs.
+    pub fn control(&self) -> DaemonControl {
+        DaemonControl {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `stop` completes; then stops accepting, lets requests
+    /// under way end, and stops every broker once a refresh in flight has
+    /// reached the store (bounded: twice the longest token-request timeout,
+    /// plus the longest winner wait, plus 45 s for the writes). Removes the
+    /// socket.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), DaemonError> {
+        let Daemon {
+            listener,
+            socket,
+            shared,
+        } = self;
+        let router = super::api::router(shared.clone());
+        let (stopping, stopped) = watch::channel(false);
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut stop => break,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors (10,000 idle clients): the others
+                    // are served meanwhile; try again shortly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match stream.peer_cred() {
+                Ok(cred) if shared.allows(cred.uid()) => {}
+                Ok(cred) => {
+                    shared.metrics.refused.inc();
+                    tracing::warn!(
+                        uid = cred.uid(),
+                        pid = cred.pid(),
+                        "refused a connection from another user (not in [daemon] allowed_uids)"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    shared.metrics.refused.inc();
+                    tracing::warn!(error = %e, "refused a connection whose peer is unknown");
+                    continue;
+                }
+            }
+            tokio::spawn(serve_connection(stream, router.clone(), stopped.clone()));
+        }
+        drop(listener);
+        drop(socket);
+        let _ = stopping.send(true);
+        tracing::info!("stopping: letting refreshes in flight reach the store");
+        let bound = {
+            let config = shared.config.lock();
+            let longest = |f: fn(&Profile) -> Duration| config.profiles.values().map(f).max().unwrap_or_default();
+            longest(|p| p.timeout)
+                .saturating_add(crate::defaults::TIMEOUT_GRACE)
+                .saturating_mul(2)
+                .saturating_add(longest(|p| p.winner_wait))
+                .saturating_add(Duration::from_secs(45))
+        };
+        match tokio::time::timeout(bound, shared.brokers.finish()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(lost)) => Err(DaemonError::Lost(lost)),
+            Err(_) => Err(DaemonError::Unfinished(bound)),
+        }
+    }
+}
+
+async fn serve_connection(stream: tokio::net::UnixStream, router: axum::Router, mut stopping: watch::Receiver<bool>) {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        }
+        () = async { let _ = stopping.wait_for(|s| *s).await; } => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HEADER_TIMEOUT, connection).await;
+        }
+    }
+}
+
+impl Slot {
+    fn new(name: &str, profile: &Profile) -> Self {
+        Slot {
+            name: name.to_owned(),
+            profile: profile.clone(),
+            start: tokio::sync::Mutex::new(SlotState::default()),
+            failure: Mutex::new(None),
+            meta: Mutex::new(None),
+        }
+    }
+}
+
+impl DaemonControl {
+    /// Applies `config`: starts new profiles, stops removed ones (each once
+    /// a refresh in flight has reached the store), restarts changed ones,
+    /// and leaves unchanged ones untouched, with their actor and published
+    /// token. `allowed_uids` applies to new connections; a new socket only
+    /// at the next start.
+    pub async fn reload(&self, config: Config) -> ReloadReport {
+        let shared = &self.shared;
+        let _one_at_a_time = shared.reloading.lock().await;
+        let mut report = ReloadReport::default();
+        if config.daemon.socket != shared.config.lock().daemon.socket {
+            report.ignored.push(format!(
+                "socket {} (applies at the next start)",
+                config.daemon.socket.display()
+            ));
+        }
+        *shared.allowed_uids.write() = config.daemon.allowed_uids.clone();
+        let old: BTreeMap<String, Arc<Slot>> = shared.slots.read().clone();
+        // Stop what went or changed.
+        for (name, slot) in &old {
+            let verdict = match config.profiles.get(name) {
+                Some(p) if *p == slot.profile => {
+                    report.unchanged.push(name.clone());
+                    continue;
+                }
+                Some(_) => &mut report.restarted,
+                None => &mut report.stopped,
+            };
+            verdict.push(name.clone());
+            slot.start.lock().await.retired = true;
+            // A restarted profile keeps its place, so that its callers are
+            // told to try again (503) rather than that it is unknown.
+            if !config.profiles.contains_key(name) {
+                shared.slots.write().remove(name);
+                shared.metrics.forget(name);
+            }
+            if let Some(Err(e)) = shared.brokers.remove(name).await {
+                tracing::error!(profile = %name, error = %e, "stopping the profile lost rotated tokens");
+            }
+        }
+        // Start what is new or changed.
+        for (name, profile) in &config.profiles {
+            if report.unchanged.contains(name) {
+                continue;
+            }
+            if !report.restarted.contains(name) {
+                report.started.push(name.clone());
+            }
+            let slot = Arc::new(Slot::new(name, profile));
+            shared.slots.write().insert(name.clone(), slot.clone());
+            if let Err(e) = shared.broker(&slot).await {
+                report.failed.push((name.clone(), e.to_string()));
+            }
+        }
+        *shared.config.lock() = config;
+        report
+    }
+}

@@ -429,22 +429,40 @@ fn parse_error(text: &str, path: Option<&Path>, e: &toml::de::Error) -> ConfigEr
     }
 }
 
-/// Replaces every `"..."` in a message with `"…"`: serde quotes the values
-/// it rejects, and key names are quoted with backticks.
+/// A serde message without the values it quotes: serde puts a rejected
+/// value in double quotes (`invalid type: string "..."`) or, for an enum,
+/// in backticks (``unknown variant `...` ``); key names are in backticks
+/// and stay, unless they do not look like a key (a secret pasted as one).
 fn without_quoted_values(message: &str) -> String {
+    let variant = message.starts_with("unknown variant");
     let mut out = String::with_capacity(message.len());
-    let mut inside = false;
-    for c in message.chars() {
-        if c == '"' {
-            if inside {
-                out.push('…');
-            }
-            out.push(c);
-            inside = !inside;
-        } else if !inside {
-            out.push(c);
+    let mut rest = message;
+    let mut first_backtick = true;
+    while let Some(i) = rest.find(['"', '`']) {
+        let quote = rest.as_bytes()[i] as char;
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let Some(end) = after.find(quote) else {
+            // Unbalanced: drop the rest rather than risk a value.
+            out.push(quote);
+            out.push('…');
+            return out;
+        };
+        let inner = &after[..end];
+        let keyish = inner.len() <= 32
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        let keep = quote == '`' && keyish && !(variant && first_backtick);
+        if quote == '`' {
+            first_backtick = false;
         }
+        out.push(quote);
+        out.push_str(if keep { inner } else { "…" });
+        out.push(quote);
+        rest = &after[end + 1..];
     }
+    out.push_str(rest);
     out
 }
 
@@ -513,7 +531,8 @@ impl RawProfile {
             }
         }
         if let Some(url) = &self.token_url {
-            crate::provider::check_token_url(url).map_err(|why| format!("token_url: {why}"))?;
+            crate::provider::check_token_url(url)
+                .map_err(|why| format!("token_url: {}", without_quoted_values(&why)))?;
         }
         if let Some(var) = &self.client_secret_env {
             if var.is_empty() || var.contains(['=', '\0']) {
@@ -657,8 +676,8 @@ timeout = "30s"
             "[profiles.a]\nprovider = \"sk-SECRET-VALUE\"\n",
             "[profiles.a]\nprovider = \"codex\"\ntimeout = \"sk-SECRET-VALUE\"\n",
             "[daemon]\nallowed_uids = [\"sk-SECRET-VALUE\"]\n",
-            "[profiles.a]\nprovider = \"codex\"\ntoken_url = \"https://sk-SECRET-VALUE@x/\"\n",
-            "sk-SECRET-VALUE = \"sk-SECRET-VALUE\"",
+            "[profiles.a]\nprovider = \"codex\"\ntoken_url = \"ftp://sk-SECRET-VALUE/x\"\n",
+            "sk-proj-SECRET-VALUE-0123456789abcdefghij = \"sk-SECRET-VALUE\"",
             "[profiles.a]\nprovider = \"codex\"\nkeep_fresh = \"sk-SECRET-VALUE\"\n",
         ] {
             let e = Config::parse(text, None).unwrap_err();

@@ -324,8 +324,10 @@ impl Daemon {
             }
             tokio::spawn(serve_connection(stream, router.clone(), stopped.clone()));
         }
+        // No new clients; the lock stays held until every broker has
+        // stopped, so that no second daemon starts beside this one.
         drop(listener);
-        drop(socket);
+        socket.remove();
         let _ = stopping.send(true);
         tracing::info!("stopping: letting refreshes in flight reach the store");
         let bound = {
@@ -337,11 +339,13 @@ impl Daemon {
                 .saturating_add(longest(|p| p.winner_wait))
                 .saturating_add(Duration::from_secs(45))
         };
-        match tokio::time::timeout(bound, shared.brokers.finish()).await {
+        let outcome = match tokio::time::timeout(bound, shared.brokers.finish()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(lost)) => Err(DaemonError::Lost(lost)),
             Err(_) => Err(DaemonError::Unfinished(bound)),
-        }
+        };
+        drop(socket);
+        outcome
     }
 }
 

@@ -25,13 +25,21 @@ impl OwnedSocket {
     }
 }
 
-impl Drop for OwnedSocket {
-    fn drop(&mut self) {
+impl OwnedSocket {
+    /// Removes the socket file, if it is still the one this daemon made
+    /// (new clients then find no daemon); the lock stays held until drop.
+    pub(crate) fn remove(&self) {
         if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
             if (meta.dev(), meta.ino()) == self.dev_ino {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
+    }
+}
+
+impl Drop for OwnedSocket {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 

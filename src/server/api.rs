@@ -194,11 +194,11 @@ async fn token(State(shared): State<AppState>, Path(name): Path<String>) -> Resu
     let token = match broker.fresh_token() {
         Some(token) => token,
         None => {
-            let _waiting = shared.metrics.waiting(&slot.name);
+            let _waiting = slot.metrics.waiting();
             broker.token().await?
         }
     };
-    shared.metrics.served(&slot.name);
+    slot.metrics.served();
     let reply = shared.reply(&slot, &broker, token).await;
     Ok(no_store(Json(reply.to_json()).into_response()))
 }
@@ -213,10 +213,10 @@ async fn reject(
     let rejected = read_rejected(&headers, body).await?;
     let broker = shared.broker(&slot).await?;
     let token = {
-        let _waiting = shared.metrics.waiting(&slot.name);
+        let _waiting = slot.metrics.waiting();
         broker.reject(&rejected).await?
     };
-    shared.metrics.served(&slot.name);
+    slot.metrics.served();
     let reply = shared.reply(&slot, &broker, token).await;
     Ok(no_store(Json(reply.to_json()).into_response()))
 }

@@ -16,7 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use super::config::{Config, Profile};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, ProfileMetrics};
 use super::socket::OwnedSocket;
 use super::TokenReply;
 use crate::credentials::AccessToken;
@@ -88,6 +88,7 @@ pub(crate) struct Slot {
     failure: Mutex<Option<(BrokerError, Instant)>>,
     /// The last token served and what is known of it.
     meta: Mutex<Option<TokenReply>>,
+    pub(crate) metrics: ProfileMetrics,
 }
 
 #[derive(Default)]
@@ -233,15 +234,16 @@ impl Daemon {
             path: config.daemon.socket.clone(),
             message: e.to_string(),
         })?;
+        let metrics = Metrics::new();
         let slots = config
             .profiles
             .iter()
-            .map(|(name, profile)| (name.clone(), Arc::new(Slot::new(name, profile))))
+            .map(|(name, profile)| (name.clone(), Arc::new(Slot::new(name, profile, &metrics))))
             .collect();
         let shared = Arc::new(Shared {
             slots: RwLock::new(slots),
             brokers: Brokers::new(),
-            metrics: Metrics::new(),
+            metrics,
             allowed_uids: RwLock::new(config.daemon.allowed_uids.clone()),
             config: Mutex::new(config),
             reloading: tokio::sync::Mutex::new(()),
@@ -373,13 +375,14 @@ async fn serve_connection(stream: tokio::net::UnixStream, router: axum::Router, 
 }
 
 impl Slot {
-    fn new(name: &str, profile: &Profile) -> Self {
+    fn new(name: &str, profile: &Profile, metrics: &Metrics) -> Self {
         Slot {
             name: name.to_owned(),
             profile: profile.clone(),
             start: tokio::sync::Mutex::new(SlotState::default()),
             failure: Mutex::new(None),
             meta: Mutex::new(None),
+            metrics: metrics.for_profile(name),
         }
     }
 }
@@ -432,7 +435,7 @@ impl DaemonControl {
             if !report.restarted.contains(name) {
                 report.started.push(name.clone());
             }
-            let slot = Arc::new(Slot::new(name, profile));
+            let slot = Arc::new(Slot::new(name, profile, &shared.metrics));
             shared.slots.write().insert(name.clone(), slot.clone());
             if let Err(e) = shared.broker(&slot).await {
                 report.failed.push((name.clone(), e.to_string()));

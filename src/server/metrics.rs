@@ -55,6 +55,25 @@ struct Sample {
     expires_in: Option<f64>,
 }
 
+/// One profile's request-side metrics, kept by its slot (no label lookup
+/// per request).
+pub(crate) struct ProfileMetrics {
+    served: Counter,
+    waiting: Gauge,
+}
+
+impl ProfileMetrics {
+    pub(crate) fn served(&self) {
+        self.served.inc();
+    }
+
+    /// Counts a caller as waiting until the guard drops.
+    pub(crate) fn waiting(&self) -> Waiting {
+        self.waiting.inc();
+        Waiting(self.waiting.clone())
+    }
+}
+
 /// Decrements a profile's waiting gauge when dropped.
 pub(crate) struct Waiting(Gauge);
 
@@ -106,14 +125,13 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn served(&self, name: &str) {
-        self.served.get_or_create(&profile(name)).inc();
-    }
-
-    pub(crate) fn waiting(&self, name: &str) -> Waiting {
-        let gauge = self.waiting.get_or_create_owned(&profile(name));
-        gauge.inc();
-        Waiting(gauge)
+    /// A profile's served counter and waiting gauge (the same ones again
+    /// for a restarted profile, so that its counts go on).
+    pub(crate) fn for_profile(&self, name: &str) -> ProfileMetrics {
+        ProfileMetrics {
+            served: self.served.get_or_create_owned(&profile(name)),
+            waiting: self.waiting.get_or_create_owned(&profile(name)),
+        }
     }
 
     pub(crate) fn forget(&self, name: &str) {

@@ -127,7 +127,9 @@ pub struct DaemonConfig {
     /// `$XDG_RUNTIME_DIR/token-broker.sock`, else
     /// `~/.local/state/token-broker/token-broker.sock`.
     pub socket: PathBuf,
-    /// Users besides the daemon's own who may connect.
+    /// Users besides the daemon's own who may connect. When not empty, the
+    /// socket is mode 0666 in a folder others may traverse (0711) and the
+    /// peer check on every connection keeps everyone else out.
     pub allowed_uids: Vec<u32>,
 }
 

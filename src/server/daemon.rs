@@ -229,7 +229,7 @@ impl Daemon {
     /// daemon: its requests fail with the reason, and start it once the
     /// file is there. Call inside a tokio runtime.
     pub async fn bind(config: Config) -> Result<Daemon, DaemonError> {
-        let (listener, socket) = super::socket::bind(&config.daemon.socket)?;
+        let (listener, socket) = super::socket::bind(&config.daemon.socket, !config.daemon.allowed_uids.is_empty())?;
         let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| DaemonError::Socket {
             path: config.daemon.socket.clone(),
             message: e.to_string(),
@@ -403,7 +403,15 @@ impl DaemonControl {
                 config.daemon.socket.display()
             ));
         }
+        let was_shared = !shared.allowed_uids.read().is_empty();
+        let is_shared = !config.daemon.allowed_uids.is_empty();
         *shared.allowed_uids.write() = config.daemon.allowed_uids.clone();
+        if was_shared != is_shared {
+            let socket = shared.config.lock().daemon.socket.clone();
+            if let Err(e) = super::socket::set_access(&socket, is_shared) {
+                tracing::warn!(socket = %socket.display(), error = %e, "could not change the socket's mode");
+            }
+        }
         let old: BTreeMap<String, Arc<Slot>> = shared.slots.read().clone();
         // Stop what went or changed.
         for (name, slot) in &old {

@@ -45,7 +45,13 @@ impl Drop for OwnedSocket {
 
 /// Takes the socket at `path`: checks (or makes) its private folder, takes
 /// the one-daemon lock, replaces a stale socket, binds with mode 0600.
-pub(crate) fn bind(path: &Path) -> Result<(std::os::unix::net::UnixListener, OwnedSocket), DaemonError> {
+///
+/// With `shared` (`allowed_uids` names other users), those users must be
+/// able to reach it: the folder may then be traversable by others (0711,
+/// made so when missing; never writable by them) and the socket is 0666.
+/// The peer check on every connection is then what keeps everyone else
+/// out.
+pub(crate) fn bind(path: &Path, shared: bool) -> Result<(std::os::unix::net::UnixListener, OwnedSocket), DaemonError> {
     let socket_err = |message: String| DaemonError::Socket {
         path: path.to_path_buf(),
         message,
@@ -57,7 +63,7 @@ pub(crate) fn bind(path: &Path) -> Result<(std::os::unix::net::UnixListener, Own
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    private_folder(&dir).map_err(socket_err)?;
+    private_folder(&dir, shared).map_err(socket_err)?;
 
     let mut lock_name = name.to_os_string();
     lock_name.push(".lock");
@@ -120,13 +126,33 @@ pub(crate) fn bind(path: &Path) -> Result<(std::os::unix::net::UnixListener, Own
     ))
 }
 
-/// The socket's folder exists (made 0700 if not), is a folder, is owned by
-/// this user and open to nobody else.
-fn private_folder(dir: &Path) -> Result<(), String> {
+/// The socket's mode: 0600, or 0666 when other users are allowed (the
+/// folder keeps them out otherwise).
+pub(crate) fn set_access(path: &Path, shared: bool) -> std::io::Result<()> {
+    let mode = if shared { 0o666 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if shared {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if let Ok(meta) = std::fs::metadata(dir) {
+            if meta.mode() & 0o001 == 0 {
+                tracing::warn!(
+                    folder = %dir.display(),
+                    "allowed_uids names other users, but the socket's folder does not let them reach the socket: `chmod 711` it"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The socket's folder exists (made 0700, or 0711 when `shared`, if not),
+/// is a folder, is owned by this user, and is open to nobody else (with
+/// `shared`: writable by nobody else).
+fn private_folder(dir: &Path, shared: bool) -> Result<(), String> {
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(if shared { 0o711 } else { 0o700 })
             .create(dir)
             .map_err(|e| format!("could not create its folder {}: {e}", dir.display()))?;
     }
@@ -137,10 +163,19 @@ fn private_folder(dir: &Path) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     let mode = meta.mode() & 0o7777;
-    if meta.uid() != me || mode & 0o077 != 0 {
+    let closed = if shared { mode & 0o022 == 0 } else { mode & 0o077 == 0 };
+    if meta.uid() != me || !closed {
+        let (wanted, fix) = if shared {
+            (
+                "not writable by others (0711 lets allowed_uids reach the socket)",
+                "chmod 711",
+            )
+        } else {
+            ("mode 0700", "chmod 700")
+        };
         return Err(format!(
-            "its folder {} must be mode 0700 and owned by uid {me} (it is {mode:04o}, owned by uid {}): \
-             `chmod 700` it, or choose a socket in a private folder such as $XDG_RUNTIME_DIR",
+            "its folder {} must be {wanted} and owned by uid {me} (it is {mode:04o}, owned by uid {}): \
+             `{fix}` it, or choose a socket in a private folder such as $XDG_RUNTIME_DIR",
             dir.display(),
             meta.uid()
         ));

@@ -7,8 +7,11 @@
 //! 1. Start to exit of one client process (criterion):
 //!    `token-broker token --profile codex --daemon require` (asks the
 //!    daemon) vs `--daemon never` (reads the file itself) vs `cat` of the
-//!    same auth.json (the floor).
-//! 2. One request's round trip on one kept-alive connection (criterion), and
+//!    same auth.json (the floor); then again outside criterion, the three
+//!    interleaved round by round, so that the machine's noisy phases hit
+//!    all three alike.
+//! 2. One request's round trip on one kept-alive connection and on a new
+//!    connection each (criterion), and
 //!    fixed-duration runs with 64 kept-alive connections at once: requests/s
 //!    and p50/p99 latency of `GET /v1/profiles/codex/token` vs `GET /healthz`
 //!    (a constant answer: the difference is the broker's own work). The
@@ -19,8 +22,8 @@
 //!    `/proc/PID/status` after start and after one token request to every
 //!    profile; bytes per profile = the difference / 999.
 //!
-//! `cargo bench --bench daemon`. The figures of 2 and 3 are printed to
-//! stderr and written to `target/bench-extra/daemon.json`.
+//! `cargo bench --bench daemon`. The figures that are not criterion's are
+//! printed to stderr and written to `target/bench-extra/daemon.json`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -40,9 +43,12 @@ const LIFETIME: Duration = Duration::from_secs(8 * 3600);
 const CONNECTIONS: usize = 64;
 
 /// One throughput round per route; the routes alternate.
-const ROUND: Duration = Duration::from_secs(2);
-const ROUNDS: usize = 2;
+const ROUND: Duration = Duration::from_millis(1500);
+const ROUNDS: usize = 3;
 const WARM_UP: Duration = Duration::from_millis(500);
+
+/// Rounds of the interleaved client-process measurement.
+const CLIENT_ROUNDS: usize = 200;
 
 /// Profiles of the large daemon in the memory comparison.
 const MANY: usize = 1000;
@@ -437,6 +443,47 @@ fn client(setup: &Setup, mode: &str) -> Command {
     cmd
 }
 
+/// `CLIENT_ROUNDS` rounds of the three commands of part 1, each round in
+/// a rotated order; start-to-exit percentiles of each, in milliseconds.
+fn interleaved(setup: &Setup) -> serde_json::Value {
+    let names = ["daemon_require", "daemon_never", "cat"];
+    let command = |i: usize| match i {
+        0 => client(setup, "require"),
+        1 => client(setup, "never"),
+        _ => {
+            let mut cmd = Command::new("cat");
+            cmd.arg(&setup.first_auth);
+            cmd
+        }
+    };
+    let mut times: [Vec<Duration>; 3] = Default::default();
+    for round in 0..CLIENT_ROUNDS {
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            let mut cmd = command(i);
+            let t = Instant::now();
+            quiet(&mut cmd);
+            times[i].push(t.elapsed());
+        }
+    }
+    let mut report = serde_json::Map::new();
+    report.insert("rounds".into(), CLIENT_ROUNDS.into());
+    let mut p50 = [0.0; 3];
+    for (i, name) in names.iter().enumerate() {
+        let t = &mut times[i];
+        t.sort();
+        let ms = |q: f64| t[((t.len() as f64 * q) as usize).min(t.len() - 1)].as_secs_f64() * 1000.0;
+        p50[i] = ms(0.5);
+        report.insert(
+            (*name).into(),
+            serde_json::json!({ "ms_p10": ms(0.1), "ms_p50": ms(0.5), "ms_p90": ms(0.9) }),
+        );
+    }
+    report.insert("require_minus_cat_ms_p50".into(), (p50[0] - p50[2]).into());
+    report.insert("never_minus_cat_ms_p50".into(), (p50[1] - p50[2]).into());
+    serde_json::Value::Object(report)
+}
+
 fn main() {
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -483,6 +530,15 @@ fn main() {
             let mut buf = Vec::with_capacity(1024);
             group.bench_function(name, |b| b.iter(|| exchange(&mut stream, &request, &mut buf)));
         }
+        // What a client process does: one connection per request.
+        let request = request(TOKEN_PATH);
+        let mut buf = Vec::with_capacity(1024);
+        group.bench_function("GET token, new connection", |b| {
+            b.iter(|| {
+                let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+                exchange(&mut stream, &request, &mut buf)
+            })
+        });
         group.finish();
     }
     c.final_summary();
@@ -490,9 +546,21 @@ fn main() {
     // Skip the measurements that are not criterion's when a filter excludes
     // them (`cargo bench --bench daemon -- daemon_client`).
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    if !filter.is_empty() && !filter.iter().any(|f| "daemon_load daemon_memory".contains(f.as_str())) {
+    if !filter.is_empty()
+        && !filter
+            .iter()
+            .any(|f| "daemon_processes daemon_load daemon_memory".contains(f.as_str()))
+    {
         return;
     }
+
+    // 1b. The client processes again, interleaved: the machine's noisy
+    // phases hit all three alike.
+    let processes = interleaved(&one);
+    eprintln!(
+        "daemon client processes: {}",
+        serde_json::to_string_pretty(&processes).unwrap()
+    );
 
     // 2b. 64 connections.
     let load = throughput(&daemon);
@@ -514,6 +582,7 @@ fn main() {
     assert_eq!(sim.counts().token_requests, 0, "a token was refreshed");
 
     let report = serde_json::json!({
+        "client_processes_interleaved": processes,
         "load": load,
         "one_profile_daemon_after_load": { "vm_rss": rss, "vm_hwm": hwm, "threads": threads },
         "memory": memory,

@@ -11,7 +11,8 @@
 //!    interleaved round by round, so that the machine's noisy phases hit
 //!    all three alike.
 //! 2. One request's round trip on one kept-alive connection and on a new
-//!    connection each (criterion), and
+//!    connection each (criterion; the first again outside criterion, the
+//!    two routes interleaved in batches), and
 //!    fixed-duration runs with 64 kept-alive connections at once: requests/s
 //!    and p50/p99 latency of `GET /v1/profiles/codex/token` vs `GET /healthz`
 //!    (a constant answer: the difference is the broker's own work). The
@@ -443,6 +444,45 @@ fn client(setup: &Setup, mode: &str) -> Command {
     cmd
 }
 
+/// One request's round trip on one kept-alive connection per route, the
+/// routes alternating in batches of `BATCH` (the noisy phases hit both
+/// alike); the median and fastest batch's time per request, in µs.
+fn round_trips_interleaved(socket: &Path) -> serde_json::Value {
+    const BATCHES: usize = 30;
+    const BATCH: u32 = 500;
+    let routes = [("token", TOKEN_PATH), ("healthz", HEALTHZ_PATH)];
+    let mut streams: Vec<UnixStream> = routes.iter().map(|_| UnixStream::connect(socket).unwrap()).collect();
+    let requests: Vec<Vec<u8>> = routes.iter().map(|(_, path)| request(path)).collect();
+    let mut buf = Vec::with_capacity(1024);
+    let mut times: [Vec<f64>; 2] = Default::default();
+    for batch in 0..BATCHES {
+        for k in 0..2 {
+            let i = (batch + k) % 2;
+            let t = Instant::now();
+            for _ in 0..BATCH {
+                exchange(&mut streams[i], &requests[i], &mut buf);
+            }
+            times[i].push(t.elapsed().as_secs_f64() * 1e6 / f64::from(BATCH));
+        }
+    }
+    let mut report = serde_json::Map::new();
+    report.insert("batches".into(), BATCHES.into());
+    report.insert("requests_per_batch".into(), BATCH.into());
+    let mut p50 = [0.0; 2];
+    for (i, (name, _)) in routes.iter().enumerate() {
+        let t = &mut times[i];
+        t.sort_by(f64::total_cmp);
+        p50[i] = t[t.len() / 2];
+        report.insert(
+            (*name).into(),
+            serde_json::json!({ "us_median_batch": t[t.len() / 2], "us_fastest_batch": t[0] }),
+        );
+    }
+    report.insert("token_minus_healthz_us".into(), (p50[0] - p50[1]).into());
+    report.insert("token_per_healthz".into(), (p50[0] / p50[1]).into());
+    serde_json::Value::Object(report)
+}
+
 /// `CLIENT_ROUNDS` rounds of the three commands of part 1, each round in
 /// a rotated order; start-to-exit percentiles of each, in milliseconds.
 fn interleaved(setup: &Setup) -> serde_json::Value {
@@ -562,7 +602,14 @@ fn main() {
         serde_json::to_string_pretty(&processes).unwrap()
     );
 
-    // 2b. 64 connections.
+    // 2b. One request at a time again, the routes interleaved.
+    let round_trips = round_trips_interleaved(&daemon.socket);
+    eprintln!(
+        "daemon round trips: {}",
+        serde_json::to_string_pretty(&round_trips).unwrap()
+    );
+
+    // 2c. 64 connections.
     let load = throughput(&daemon);
     eprintln!("daemon load: {}", serde_json::to_string_pretty(&load).unwrap());
     let (rss, hwm, threads) = daemon.memory();
@@ -583,6 +630,7 @@ fn main() {
 
     let report = serde_json::json!({
         "client_processes_interleaved": processes,
+        "round_trips_interleaved": round_trips,
         "load": load,
         "one_profile_daemon_after_load": { "vm_rss": rss, "vm_hwm": hwm, "threads": threads },
         "memory": memory,

@@ -352,6 +352,10 @@ async fn serve_connection(stream: tokio::net::UnixStream, router: axum::Router, 
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_REQUEST_BYTES)
+        // The read buffer may take in more than max_buf_size at once (its
+        // allocation rounds up), and a head that arrives whole is then
+        // parsed: bound the head itself.
+        .max_header_size(MAX_REQUEST_BYTES)
         .keep_alive(true);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);

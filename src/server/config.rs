@@ -430,7 +430,9 @@ fn parse_error(text: &str, path: Option<&Path>, e: &toml::de::Error) -> ConfigEr
 }
 
 /// Replaces every `"..."` in a message with `"…"`: serde quotes the values
-/// it rejects, and key names are quoted with backticks.
+/// it rejects. Key names are quoted with backticks and kept when they look
+/// like a setting; the value of an unknown enum variant (`provider =
+/// "sk-..."`) is quoted with backticks too, and becomes `` `…` ``.
 fn without_quoted_values(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut inside = false;
@@ -445,7 +447,38 @@ fn without_quoted_values(message: &str) -> String {
             out.push(c);
         }
     }
+    // "unknown variant `VALUE`, expected `codex` or `oauth2`"
+    hide_backquoted(&mut out, "unknown variant `", |_| true);
+    // "unknown field `KEY`, expected ...": KEY may be a secret pasted on a
+    // line of its own; named only when it looks like a (misspelt) setting:
+    // short, lowercase letters, digits, '_' or '-'. The line and column
+    // still point at it.
+    hide_backquoted(&mut out, "unknown field `", |key| {
+        key.len() > MAX_SHOWN_KEY
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    });
     out
+}
+
+/// The longest unknown key an error names (the longest setting,
+/// `client_secret_env`, has 17 characters; secrets are longer).
+const MAX_SHOWN_KEY: usize = 24;
+
+/// Replaces the text between `lead` and its closing backtick with `…` when
+/// `hide` says so.
+fn hide_backquoted(message: &mut String, lead: &str, hide: impl Fn(&str) -> bool) {
+    if let Some(at) = message.find(lead) {
+        let from = at + lead.len();
+        let end = message[from..]
+            .rfind("`, expected")
+            .or_else(|| message[from..].rfind('`'))
+            .map_or(message.len(), |e| from + e);
+        if hide(&message[from..end]) {
+            message.replace_range(from..end, "…");
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -513,7 +546,14 @@ impl RawProfile {
             }
         }
         if let Some(url) = &self.token_url {
-            crate::provider::check_token_url(url).map_err(|why| format!("token_url: {why}"))?;
+            // Its messages quote the URL: the value is left out here.
+            crate::provider::check_token_url(url)
+                .map_err(|why| format!("token_url: {}", without_quoted_values(&why)))?;
+            if reqwest::Url::parse(url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
+                return Err("token_url must not carry a user or password (user:secret@host); \
+                            a client secret goes in the variable named by client_secret_env"
+                    .into());
+            }
         }
         if let Some(var) = &self.client_secret_env {
             if var.is_empty() || var.contains(['=', '\0']) {

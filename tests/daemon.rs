@@ -974,6 +974,18 @@ fn no_token_text_in_the_logs_or_error_bodies() {
     for path in ["/v1/profiles", "/v1/profiles/codex/status", "/metrics"] {
         errors.push(get(&socket, path).1);
     }
+    // Tokens pasted into the configuration where they do not belong: the
+    // reload's error is logged without them.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let refresh = refresh_token_in(&auth);
+    for pasted in [
+        text.replace("provider = \"codex\"", &format!("provider = {refresh:?}")),
+        format!("{text}{refresh} = \"x\"\n"),
+        text.replace("token_url = \"http://", &format!("token_url = \"http://u:{refresh}@")),
+    ] {
+        write_atomic(&config, &pasted);
+        daemon.reload("the configuration is not reloaded; the one in force stays");
+    }
     assert_eq!(daemon.stop().code(), Some(0));
     let logs = daemon.logs();
 

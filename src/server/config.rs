@@ -451,10 +451,10 @@ fn without_quoted_values(message: &str) -> String {
             return out;
         };
         let inner = &after[..end];
-        let keyish = inner.len() <= 32
+        let keyish = inner.len() <= MAX_SHOWN_KEY
             && inner
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
         let keep = quote == '`' && keyish && !(variant && first_backtick);
         if quote == '`' {
             first_backtick = false;
@@ -467,6 +467,10 @@ fn without_quoted_values(message: &str) -> String {
     out.push_str(rest);
     out
 }
+
+/// The longest unknown key an error names (the longest setting,
+/// `client_secret_env`, has 17 characters; secrets are longer).
+const MAX_SHOWN_KEY: usize = 24;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -533,8 +537,14 @@ impl RawProfile {
             }
         }
         if let Some(url) = &self.token_url {
+            // Its messages quote the URL: the value is left out here.
             crate::provider::check_token_url(url)
                 .map_err(|why| format!("token_url: {}", without_quoted_values(&why)))?;
+            if reqwest::Url::parse(url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
+                return Err("token_url must not carry a user or password (user:secret@host); \
+                            a client secret goes in the variable named by client_secret_env"
+                    .into());
+            }
         }
         if let Some(var) = &self.client_secret_env {
             if var.is_empty() || var.contains(['=', '\0']) {

@@ -291,6 +291,9 @@ impl Daemon {
         } = self;
         let router = super::api::router(shared.clone());
         let (stopping, stopped) = watch::channel(false);
+        // Every connection holds a clone until it ends: `recv` on `open`
+        // answers `None` once all have ended.
+        let (connection_alive, mut open) = tokio::sync::mpsc::channel::<()>(1);
         let mut stop = std::pin::pin!(stop);
         loop {
             let accepted = tokio::select! {
@@ -324,13 +327,19 @@ impl Daemon {
                     continue;
                 }
             }
-            tokio::spawn(serve_connection(stream, router.clone(), stopped.clone()));
+            tokio::spawn(serve_connection(
+                stream,
+                router.clone(),
+                stopped.clone(),
+                connection_alive.clone(),
+            ));
         }
         // No new clients; the lock stays held until every broker has
         // stopped, so that no second daemon starts beside this one.
         drop(listener);
         socket.remove();
         let _ = stopping.send(true);
+        drop(connection_alive);
         tracing::info!("stopping: letting refreshes in flight reach the store");
         let bound = {
             let config = shared.config.lock();
@@ -341,7 +350,13 @@ impl Daemon {
                 .saturating_add(longest(|p| p.winner_wait))
                 .saturating_add(Duration::from_secs(45))
         };
-        let outcome = match tokio::time::timeout(bound, shared.brokers.finish()).await {
+        let finished = tokio::time::timeout(bound, shared.brokers.finish());
+        // Callers waiting for that refresh get their answers before the
+        // process exits (a connection closes within HEADER_TIMEOUT of the
+        // stop, answered or not).
+        let answered = tokio::time::timeout(HEADER_TIMEOUT + Duration::from_secs(1), open.recv());
+        let (finished, _) = tokio::join!(finished, answered);
+        let outcome = match finished {
             Ok(Ok(())) => Ok(()),
             Ok(Err(lost)) => Err(DaemonError::Lost(lost)),
             Err(_) => Err(DaemonError::Unfinished(bound)),
@@ -351,13 +366,22 @@ impl Daemon {
     }
 }
 
-async fn serve_connection(stream: tokio::net::UnixStream, router: axum::Router, mut stopping: watch::Receiver<bool>) {
+async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    router: axum::Router,
+    mut stopping: watch::Receiver<bool>,
+    _alive: tokio::sync::mpsc::Sender<()>,
+) {
     let service = hyper_util::service::TowerToHyperService::new(router);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_REQUEST_BYTES)
+        // The read buffer may take in more than max_buf_size at once (its
+        // allocation rounds up), and a head that arrives whole is then
+        // parsed: bound the head itself.
+        .max_header_size(MAX_REQUEST_BYTES)
         .keep_alive(true);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);

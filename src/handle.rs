@@ -180,6 +180,11 @@ impl TokenBroker {
         &self.inner.addr
     }
 
+    /// The provider's dialect (Codex or generic OAuth2).
+    pub fn dialect(&self) -> Dialect {
+        self.inner.cfg.provider.dialect()
+    }
+
     /// Where the credentials live.
     pub fn location(&self) -> &str {
         &self.inner.cfg.rules.location

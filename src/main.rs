@@ -46,9 +46,12 @@ enum Command {
     /// scheduler of cron jobs and request actors sharing one credential.
     Simulate(SimulateArgs),
     /// Serve every profile of the configuration to the processes of this
-    /// host over a Unix socket, until SIGTERM or SIGINT (SIGHUP reloads
-    /// the configuration).
+    /// host over a Unix socket, and run its proxies, until SIGTERM or
+    /// SIGINT (SIGHUP reloads the configuration).
     Serve,
+    /// Run one auth-injecting proxy: every request to --listen goes to
+    /// --upstream with the credential's token, refreshed once on a 401.
+    Proxy(ProxyArgs),
     /// Keep a broker running and print a line (a fingerprint, never the
     /// token) whenever the access token changes.
     Watch {
@@ -59,6 +62,27 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = watch_duration)]
         duration: Option<Duration>,
     },
+}
+
+#[derive(Debug, Args)]
+struct ProxyArgs {
+    /// Where to listen (loopback unless --allow-remote).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8788")]
+    listen: std::net::SocketAddr,
+    /// The upstream base URL (https://, or http:// to loopback); a
+    /// request's path is appended to its path.
+    #[arg(long, value_name = "URL")]
+    upstream: String,
+    /// Listen on a non-loopback address.
+    #[arg(long)]
+    allow_remote: bool,
+    /// Do not require the client key (for a single-user machine).
+    #[arg(long)]
+    no_client_key: bool,
+    /// Keep request bodies up to this many bytes to send them again after
+    /// a 401.
+    #[arg(long, value_name = "BYTES", default_value_t = token_broker::server::config::DEFAULT_RETRY_BODY_LIMIT)]
+    retry_body_limit: usize,
 }
 
 #[derive(Debug, Args)]
@@ -284,6 +308,8 @@ enum CliError {
     Daemon(ClientError),
     /// `serve` could not start, or stopped badly.
     Serve(DaemonError),
+    /// `proxy` could not start.
+    Proxy(token_broker::server::proxy::ProxyError),
 }
 
 impl From<BrokerError> for CliError {
@@ -394,7 +420,7 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
     let mut signals = Signals::install().map_err(CliError::Output)?;
     // Only a long-running broker keeps the file fresh unasked: a one-shot
     // `status` must never spend a refresh token.
-    let keep_fresh = matches!(cli.command, Command::Watch { .. });
+    let keep_fresh = matches!(cli.command, Command::Watch { .. } | Command::Proxy(_));
     let json = cli.creds.json;
     // A profile: named, or `default` when the daemon is required.
     let profile = match (&cli.creds.profile, cli.creds.daemon) {
@@ -429,7 +455,7 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
                 }
             } else if cli.creds.daemon == DaemonMode::Require {
                 return Err(CliError::Broker(BrokerError::Config(
-                    "watch runs its own broker: use --daemon auto or never with it".into(),
+                    "watch and proxy run their own broker: use --daemon auto or never with them".into(),
                 )));
             }
             let settings = config.profile(name).map_err(CliError::Config)?;
@@ -447,6 +473,7 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
             signal = signals.recv() => Err(CliError::Interrupted(signal)),
         },
         Command::Watch { interval, duration } => watch(&broker, interval, duration, json, &mut signals).await,
+        Command::Proxy(args) => run_proxy(&broker, &args, &mut signals).await,
         Command::Simulate(_) | Command::Serve => unreachable!("handled in main"),
     };
     // Let a refresh in flight write its tokens before the process exits,
@@ -499,7 +526,9 @@ async fn ask_daemon(
         Command::Token { format } => Ok(format_token(&client.token(profile).await?, *format)),
         Command::Status if json => Ok(format!("{}\n", client.status_json(profile).await?)),
         Command::Status => client.status_text(profile).await,
-        Command::Watch { .. } | Command::Simulate(_) | Command::Serve => unreachable!("not asked of a daemon"),
+        Command::Watch { .. } | Command::Simulate(_) | Command::Serve | Command::Proxy(_) => {
+            unreachable!("not asked of a daemon")
+        }
     }
 }
 
@@ -518,6 +547,49 @@ fn format_token(reply: &TokenReply, format: Format) -> String {
         Format::Header => format!("Authorization: Bearer {}\n", reply.access_token.expose()),
         Format::ExecCredential => format!("{}\n", reply.to_exec_credential()),
     }
+}
+
+/// `proxy`: one proxy of the broker, until a signal.
+async fn run_proxy(broker: &TokenBroker, args: &ProxyArgs, signals: &mut Signals) -> Result<(), CliError> {
+    use token_broker::server::config::ProxyConfig;
+    use token_broker::server::proxy::{ClientKey, Proxy};
+    let mut config = ProxyConfig::new("proxy", args.listen, args.upstream.clone());
+    config.allow_remote = args.allow_remote;
+    config.require_client_key = !args.no_client_key;
+    config.retry_body_limit = args.retry_body_limit;
+    if let Err(why) = config.check() {
+        return Err(CliError::Broker(BrokerError::Config(why)));
+    }
+    let key = if config.require_client_key {
+        let path = ClientKey::default_path().ok_or_else(|| {
+            BrokerError::Config("neither XDG_STATE_HOME nor HOME is set: no place for the client key".into())
+        })?;
+        Some(ClientKey::load_or_create(&path).map_err(CliError::Proxy)?)
+    } else {
+        None
+    };
+    let key_path = key.as_ref().map(|k| k.path().display().to_string());
+    let proxy = Proxy::bind("proxy", config, broker.clone(), key)
+        .await
+        .map_err(CliError::Proxy)?;
+    let mut line = format!(
+        "token-broker: proxy on http://{} -> {}",
+        proxy.local_addr(),
+        proxy.upstream()
+    );
+    match key_path {
+        Some(path) => line.push_str(&format!("; clients send the key in {path} as their API key")),
+        None => line.push_str("; no client key required"),
+    }
+    write_out(&format!("{line}\n"))?;
+    let mut signal = None;
+    proxy
+        .run(async {
+            signal = Some(signals.recv().await);
+        })
+        .await;
+    tracing::info!(signal = signal.map(signal_name), "proxy stopped");
+    Ok(())
 }
 
 /// `serve`: the daemon, in the foreground, until SIGTERM or SIGINT.
@@ -545,16 +617,23 @@ fn serve(creds: &CredentialArgs, explicit: &[&'static str]) -> Result<(), CliErr
         let mut signals = Signals::install().map_err(CliError::Output)?;
         let daemon = Daemon::bind(config).await.map_err(CliError::Serve)?;
         let profiles = daemon.profiles();
-        writeln!(
-            std::io::stdout(),
-            "token-broker: listening on {} ({} profile{}: {})",
+        let mut lines = format!(
+            "token-broker: listening on {} ({} profile{}: {})\n",
             daemon.socket().display(),
             profiles.len(),
             if profiles.len() == 1 { "" } else { "s" },
             profiles.join(", ")
-        )
-        .and_then(|()| std::io::stdout().flush())
-        .map_err(CliError::Output)?;
+        );
+        for (name, addr, upstream) in daemon.proxies() {
+            lines.push_str(&format!("token-broker: proxy {name} on http://{addr} -> {upstream}\n"));
+        }
+        if let Some(path) = daemon.client_key() {
+            lines.push_str(&format!(
+                "token-broker: proxy clients send the key in {} as their API key\n",
+                path.display()
+            ));
+        }
+        write_out(&lines)?;
         let control = daemon.control();
         let (stop, stopped) = tokio::sync::oneshot::channel::<i32>();
         tokio::spawn(async move {
@@ -913,7 +992,11 @@ fn fail(json: bool, e: &CliError) -> ExitCode {
 fn exit_code(e: &CliError) -> i32 {
     match e {
         CliError::Broker(e) | CliError::Reported(e) => cli::exit_code(e),
-        CliError::Output(_) | CliError::Simulation(_) | CliError::Unfinished(_) | CliError::Serve(_) => 1,
+        CliError::Output(_)
+        | CliError::Simulation(_)
+        | CliError::Unfinished(_)
+        | CliError::Serve(_)
+        | CliError::Proxy(_) => 1,
         CliError::Interrupted(signal) => 128 + signal,
         CliError::Config(_) => 2,
         CliError::NoDaemon { .. } => 5,
@@ -941,6 +1024,7 @@ fn error_line(json: bool, e: &CliError) -> String {
         ),
         CliError::Daemon(e) => (cli::daemon_kind(e), e.to_string()),
         CliError::Serve(e) => ("serve", e.to_string()),
+        CliError::Proxy(e) => ("proxy", e.to_string()),
         CliError::Unfinished(bound) => (
             "unfinished",
             format!(

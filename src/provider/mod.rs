@@ -637,6 +637,13 @@ pub(crate) fn check_token_url(token_url: &str) -> Result<(), String> {
     ))
 }
 
+/// Whether `url`'s host is a loopback address (127.0.0.0/8, `::1`, an
+/// IPv4-mapped loopback) or `localhost`.
+#[cfg(feature = "server")]
+pub(crate) fn is_loopback_url(url: &reqwest::Url) -> bool {
+    is_loopback(url)
+}
+
 fn is_loopback(url: &reqwest::Url) -> bool {
     let Some(host) = url.host_str() else {
         return false;

@@ -34,10 +34,10 @@ pub(super) fn router(shared: AppState) -> Router {
 
 /// An error answer: `{"error": code, "message": ...}`.
 pub(super) struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    retry_after: Option<Duration>,
+    pub(super) status: StatusCode,
+    pub(super) code: &'static str,
+    pub(super) message: String,
+    pub(super) retry_after: Option<Duration>,
 }
 
 impl ApiError {

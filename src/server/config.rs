@@ -118,7 +118,91 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// The profiles by name (never empty).
     pub profiles: BTreeMap<String, Profile>,
+    /// The auth-injecting proxies by name (`[proxies.NAME]`).
+    pub proxies: BTreeMap<String, ProxyConfig>,
 }
+
+/// A `[proxies.NAME]` table: a local reverse proxy that puts a profile's
+/// token on every request to `upstream` (see
+/// [`proxy`](crate::server::proxy)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// The profile whose token it sends.
+    pub profile: String,
+    /// Where it listens (loopback unless `allow_remote`).
+    pub listen: std::net::SocketAddr,
+    /// The upstream base URL; a request's path is appended to its path.
+    pub upstream: String,
+    /// Listen on a non-loopback address.
+    pub allow_remote: bool,
+    /// Clients must send the client key as their bearer token (default).
+    pub require_client_key: bool,
+    /// Request bodies up to this many bytes are kept, so that a request
+    /// the upstream answers 401 can be sent again with a new token.
+    pub retry_body_limit: usize,
+    /// How long to wait for a connection to the upstream.
+    pub connect_timeout: Duration,
+    /// How long to wait for the upstream's response headers (a streamed
+    /// body has no timeout once it flows).
+    pub response_timeout: Duration,
+    /// At most this many client connections at once.
+    pub max_connections: usize,
+}
+
+impl ProxyConfig {
+    /// A proxy of `profile` on `listen` to `upstream`, with every default.
+    pub fn new(profile: impl Into<String>, listen: std::net::SocketAddr, upstream: impl Into<String>) -> Self {
+        ProxyConfig {
+            profile: profile.into(),
+            listen,
+            upstream: upstream.into(),
+            allow_remote: false,
+            require_client_key: true,
+            retry_body_limit: DEFAULT_RETRY_BODY_LIMIT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+
+    /// Checks the settings that do not depend on the profiles: a loopback
+    /// `listen` unless `allow_remote`, an `https://` upstream unless its
+    /// host is loopback.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.allow_remote && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "listen {} is not a loopback address: anyone who can reach it would use the profile's token; \
+                 set allow_remote = true if that is intended",
+                self.listen
+            ));
+        }
+        let url = reqwest::Url::parse(&self.upstream).map_err(|_| "upstream is not a URL".to_owned())?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("upstream must not carry a user or password".into());
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err("upstream must not have a query or fragment (the request's query is appended)".into());
+        }
+        match url.scheme() {
+            "https" => Ok(()),
+            "http" if crate::provider::is_loopback_url(&url) => Ok(()),
+            "http" => {
+                Err("upstream must be https:// unless its host is loopback (the token would travel in clear)".into())
+            }
+            _ => Err("upstream must be an http(s) URL".into()),
+        }
+    }
+}
+
+/// Request bodies kept for a retry after a 401, by default.
+pub const DEFAULT_RETRY_BODY_LIMIT: usize = 1024 * 1024;
+/// The proxy's connect timeout to the upstream, by default.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the proxy waits for the upstream's response headers, by
+/// default (a model's non-streamed answer can take minutes).
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The proxy's client connections at once, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// The `[daemon]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -327,6 +411,31 @@ impl Config {
         if profiles.is_empty() {
             profiles.insert(DEFAULT_PROFILE.to_owned(), Profile::codex_defaults());
         }
+        let mut proxies = BTreeMap::new();
+        let mut listening = std::collections::HashMap::new();
+        for (name, raw) in raw.proxies {
+            check_profile_name(&name).map_err(|m| {
+                invalid(format!(
+                    "[proxies.{}]: {}",
+                    name.escape_debug(),
+                    m.replace("profile", "proxy")
+                ))
+            })?;
+            let proxy = raw.into_proxy().map_err(|m| invalid(format!("[proxies.{name}] {m}")))?;
+            if !profiles.contains_key(&proxy.profile) {
+                return Err(invalid(format!(
+                    "[proxies.{name}] profile {:?} is not a profile of this configuration",
+                    proxy.profile
+                )));
+            }
+            if let Some(other) = listening.insert(proxy.listen, name.clone()) {
+                return Err(invalid(format!(
+                    "[proxies.{name}] listens on {} as [proxies.{other}] does",
+                    proxy.listen
+                )));
+            }
+            proxies.insert(name, proxy);
+        }
         Ok(Config {
             source: path.map(Path::to_path_buf),
             daemon: DaemonConfig {
@@ -334,6 +443,7 @@ impl Config {
                 allowed_uids: raw.daemon.allowed_uids,
             },
             profiles,
+            proxies,
         })
     }
 
@@ -479,6 +589,56 @@ struct RawConfig {
     daemon: RawDaemon,
     #[serde(default)]
     profiles: BTreeMap<String, RawProfile>,
+    #[serde(default)]
+    proxies: BTreeMap<String, RawProxy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    profile: String,
+    listen: String,
+    upstream: String,
+    #[serde(default)]
+    allow_remote: bool,
+    #[serde(default = "yes")]
+    require_client_key: bool,
+    retry_body_limit: Option<usize>,
+    #[serde(default, deserialize_with = "connect_timeout")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "response_timeout")]
+    response_timeout: Option<Duration>,
+    max_connections: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl RawProxy {
+    fn into_proxy(self) -> Result<ProxyConfig, String> {
+        let listen = self
+            .listen
+            .parse()
+            .map_err(|_| "listen must be an address and port, such as 127.0.0.1:8788".to_owned())?;
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        let proxy = ProxyConfig {
+            profile: self.profile,
+            listen,
+            upstream: self.upstream,
+            allow_remote: self.allow_remote,
+            require_client_key: self.require_client_key,
+            retry_body_limit: self.retry_body_limit.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
+            connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            response_timeout: self.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT),
+            max_connections,
+        };
+        proxy.check()?;
+        Ok(proxy)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -617,6 +777,14 @@ fn winner_wait<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration
 }
 
 fn timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration_field(d, true, HOUR)
+}
+
+fn connect_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration_field(d, true, TEN_MINUTES)
+}
+
+fn response_timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration_field(d, true, HOUR)
 }
 

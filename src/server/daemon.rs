@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::config::{Config, Profile};
 use super::metrics::{Metrics, ProfileMetrics};
+use super::proxy::ClientKey;
 use super::socket::OwnedSocket;
 use super::TokenReply;
 use crate::credentials::AccessToken;
@@ -56,6 +57,9 @@ pub enum DaemonError {
     /// Rotated tokens could not be written when the daemon stopped.
     #[error("stopping: {0}")]
     Lost(BrokerError),
+    /// A proxy could not start.
+    #[error(transparent)]
+    Proxy(#[from] super::proxy::ProxyError),
     /// Refreshes in flight did not end within this bound.
     #[error("stopping: a refresh was still in flight after {}; its rotated tokens may be lost", humantime::format_duration(*.0))]
     Unfinished(Duration),
@@ -159,17 +163,7 @@ impl Shared {
 
     /// `token` as the token endpoint answers it, with its expiry and account.
     pub(crate) async fn reply(&self, slot: &Slot, broker: &TokenBroker, token: AccessToken) -> TokenReply {
-        if let Some(cached) = &*slot.meta.lock() {
-            if cached.access_token.expose() == token.expose() {
-                return cached.clone();
-            }
-        }
-        let reply = match broker.status().await {
-            Ok(status) => TokenReply::with_status(token, &status),
-            Err(_) => TokenReply::from_token(token),
-        };
-        *slot.meta.lock() = Some(reply.clone());
-        reply
+        super::reply_cached(&slot.meta, broker, token).await
     }
 
     pub(crate) fn allows(&self, uid: u32) -> bool {
@@ -200,6 +194,8 @@ pub struct Daemon {
     listener: tokio::net::UnixListener,
     socket: OwnedSocket,
     shared: Arc<Shared>,
+    proxies: Vec<super::proxy::Proxy>,
+    client_key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -254,11 +250,47 @@ impl Daemon {
                 tracing::warn!(profile = %slot.name, error = %e, "serving the profile's errors until it can start");
             }
         }
+        let proxy_configs = shared.config.lock().proxies.clone();
+        let key = if proxy_configs.values().any(|p| p.require_client_key) {
+            let path = ClientKey::default_path().ok_or_else(|| {
+                DaemonError::Proxy(super::proxy::ProxyError::Key {
+                    path: PathBuf::from("$XDG_STATE_HOME/token-broker/client-key"),
+                    message: "neither XDG_STATE_HOME nor HOME is set".into(),
+                })
+            })?;
+            Some(ClientKey::load_or_create(&path)?)
+        } else {
+            None
+        };
+        let mut proxies = Vec::with_capacity(proxy_configs.len());
+        for (name, proxy) in proxy_configs {
+            let source = super::proxy::Source::Daemon {
+                shared: shared.clone(),
+                profile: proxy.profile.clone(),
+            };
+            let key = key.clone().filter(|_| proxy.require_client_key);
+            proxies.push(super::proxy::Proxy::bind_with(&name, proxy, source, key, &shared.metrics).await?);
+        }
         Ok(Daemon {
             listener,
             socket,
             shared,
+            proxies,
+            client_key: key.map(|k| k.path().to_path_buf()),
         })
+    }
+
+    /// The proxies it runs: name, address, upstream.
+    pub fn proxies(&self) -> Vec<(String, std::net::SocketAddr, String)> {
+        self.proxies
+            .iter()
+            .map(|p| (p.name().to_owned(), p.local_addr(), p.upstream().to_owned()))
+            .collect()
+    }
+
+    /// The file holding the proxies' client key, when one is required.
+    pub fn client_key(&self) -> Option<&Path> {
+        self.client_key.as_deref()
     }
 
     /// The socket it listens on.
@@ -288,9 +320,20 @@ impl Daemon {
             listener,
             socket,
             shared,
+            proxies,
+            client_key: _,
         } = self;
         let router = super::api::router(shared.clone());
         let (stopping, stopped) = watch::channel(false);
+        let proxies: Vec<_> = proxies
+            .into_iter()
+            .map(|proxy| {
+                let mut stop = stopped.clone();
+                tokio::spawn(proxy.serve(stopped.clone(), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }))
+            })
+            .collect();
         // Every connection holds a clone until it ends: `recv` on `open`
         // answers `None` once all have ended.
         let (connection_alive, mut open) = tokio::sync::mpsc::channel::<()>(1);
@@ -355,7 +398,8 @@ impl Daemon {
         // process exits (a connection closes within HEADER_TIMEOUT of the
         // stop, answered or not).
         let answered = tokio::time::timeout(HEADER_TIMEOUT + Duration::from_secs(1), open.recv());
-        let (finished, _) = tokio::join!(finished, answered);
+        let proxied = futures_util::future::join_all(proxies);
+        let (finished, _, _) = tokio::join!(finished, answered, proxied);
         let outcome = match finished {
             Ok(Ok(())) => Ok(()),
             Ok(Err(lost)) => Err(DaemonError::Lost(lost)),
@@ -366,12 +410,14 @@ impl Daemon {
     }
 }
 
-async fn serve_connection(
-    stream: tokio::net::UnixStream,
+pub(crate) async fn serve_connection<I>(
+    stream: I,
     router: axum::Router,
     mut stopping: watch::Receiver<bool>,
     _alive: tokio::sync::mpsc::Sender<()>,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper_util::service::TowerToHyperService::new(router);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -421,6 +467,9 @@ impl DaemonControl {
         let shared = &self.shared;
         let _one_at_a_time = shared.reloading.lock().await;
         let mut report = ReloadReport::default();
+        if config.proxies != shared.config.lock().proxies {
+            report.ignored.push("[proxies] (apply at the next start)".to_owned());
+        }
         if config.daemon.socket != shared.config.lock().daemon.socket {
             report.ignored.push(format!(
                 "socket {} (applies at the next start)",

@@ -30,6 +30,7 @@ fn profile(name: &str) -> Labels {
 
 pub(crate) struct Metrics {
     registry: Registry,
+    proxy: ProxyFamilies,
     served: Family<Labels, Counter>,
     waiting: Family<Labels, Gauge>,
     requests: Family<Labels, Counter>,
@@ -38,6 +39,56 @@ pub(crate) struct Metrics {
     samples: Arc<Samples>,
     /// One scrape at a time (the samples are shared).
     scraping: tokio::sync::Mutex<()>,
+}
+
+/// The proxies' metric families (empty without proxies).
+#[derive(Clone)]
+struct ProxyFamilies {
+    requests: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram>,
+    bytes: Family<Labels, Counter>,
+}
+
+/// One proxy's metrics, its label sets made once.
+#[derive(Clone)]
+pub(crate) struct ProxyMetrics {
+    name: String,
+    families: ProxyFamilies,
+    retries: Counter,
+    latency: Histogram,
+    up: Counter,
+    down: Counter,
+}
+
+impl ProxyMetrics {
+    /// A request answered with `status`.
+    pub(crate) fn request(&self, status: u16) {
+        self.families
+            .requests
+            .get_or_create(&vec![("proxy", self.name.clone()), ("status", status.to_string())])
+            .inc();
+    }
+
+    /// A request sent again after a 401.
+    pub(crate) fn retry(&self) {
+        self.retries.inc();
+    }
+
+    /// The upstream's time to response headers.
+    pub(crate) fn upstream_latency(&self, took: Duration) {
+        self.latency.observe(took.as_secs_f64());
+    }
+
+    /// Request body bytes streamed to the upstream.
+    pub(crate) fn bytes_up(&self, n: usize) {
+        self.up.inc_by(n as u64);
+    }
+
+    /// Response body bytes streamed to the client.
+    pub(crate) fn bytes_down(&self, n: usize) {
+        self.down.inc_by(n as u64);
+    }
 }
 
 /// What every profile's actor said at the last scrape.
@@ -113,8 +164,36 @@ impl Metrics {
             refused.clone(),
         );
         registry.register_collector(Box::new(samples.clone()));
+        let proxy = ProxyFamilies {
+            requests: Family::default(),
+            retries: Family::default(),
+            // 100 µs to about 26 s.
+            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 4.0, 10))),
+            bytes: Family::default(),
+        };
+        registry.register(
+            "proxy_requests",
+            "Requests the proxies answered, by status",
+            proxy.requests.clone(),
+        );
+        registry.register(
+            "proxy_retries",
+            "Requests sent again with a new token after the upstream answered 401",
+            proxy.retries.clone(),
+        );
+        registry.register(
+            "proxy_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers",
+            proxy.latency.clone(),
+        );
+        registry.register(
+            "proxy_bytes",
+            "Body bytes streamed through the proxies (direction: up to the upstream, down to the client)",
+            proxy.bytes.clone(),
+        );
         Metrics {
             registry,
+            proxy,
             served,
             waiting,
             requests,
@@ -131,6 +210,21 @@ impl Metrics {
         ProfileMetrics {
             served: self.served.get_or_create_owned(&profile(name)),
             waiting: self.waiting.get_or_create_owned(&profile(name)),
+        }
+    }
+
+    /// The metrics of the proxy `name`.
+    pub(crate) fn for_proxy(&self, name: &str) -> ProxyMetrics {
+        let f = &self.proxy;
+        let one = || vec![("proxy", name.to_owned())];
+        let way = |d: &str| vec![("proxy", name.to_owned()), ("direction", d.to_owned())];
+        ProxyMetrics {
+            name: name.to_owned(),
+            retries: f.retries.get_or_create_owned(&one()),
+            latency: f.latency.get_or_create_owned(&one()),
+            up: f.bytes.get_or_create_owned(&way("up")),
+            down: f.bytes.get_or_create_owned(&way("down")),
+            families: f.clone(),
         }
     }
 

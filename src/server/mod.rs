@@ -50,6 +50,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 mod metrics;
+pub mod proxy;
 mod socket;
 
 /// A token as the daemon's token endpoint answers it.
@@ -144,4 +145,24 @@ fn rfc3339_seconds(at: SystemTime) -> String {
         Some(dot) => format!("{}Z", &text[..dot]),
         None => text,
     }
+}
+
+/// `token` with its expiry and account, from `cache` when it holds the
+/// same token, else from `broker`'s status (then cached).
+pub(crate) async fn reply_cached(
+    cache: &parking_lot::Mutex<Option<TokenReply>>,
+    broker: &crate::TokenBroker,
+    token: AccessToken,
+) -> TokenReply {
+    if let Some(cached) = &*cache.lock() {
+        if cached.access_token.expose() == token.expose() {
+            return cached.clone();
+        }
+    }
+    let reply = match broker.status().await {
+        Ok(status) => TokenReply::with_status(token, &status),
+        Err(_) => TokenReply::from_token(token),
+    };
+    *cache.lock() = Some(reply.clone());
+    reply
 }

@@ -1,0 +1,764 @@
+//! An auth-injecting reverse proxy: any HTTP client (an OpenAI SDK, curl, a
+//! gateway configured with a base URL and an API key) uses a profile
+//! without knowing OAuth.
+//!
+//! For every request the proxy drops the client's `Authorization` (and, for
+//! a codex profile, `ChatGPT-Account-Id`), sets `Authorization: Bearer
+//! <the profile's token>` (and the account id), drops hop-by-hop headers,
+//! and forwards the rest to the upstream, the request's path appended to
+//! the upstream's. Bodies stream both ways without buffering; a client
+//! that disconnects cancels the upstream request. When the upstream answers
+//! 401, the token that was sent is rejected (one refresh however many
+//! requests got the 401) and a request whose body was small enough to keep
+//! is sent once more with the new token.
+//!
+//! Clients authenticate with the client key (`Authorization: Bearer <key>`,
+//! that is, the key is their API key), generated on first start into
+//! [`ClientKey::default_path`].
+//!
+//! ```no_run
+//! use token_broker::server::config::ProxyConfig;
+//! use token_broker::server::proxy::{ClientKey, Proxy};
+//! use token_broker::TokenBroker;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = TokenBroker::codex().keep_fresh(true).build()?;
+//! let config = ProxyConfig::new(
+//!     "codex",
+//!     "127.0.0.1:8788".parse()?,
+//!     "https://chatgpt.com/backend-api/codex",
+//! );
+//! let key = ClientKey::load_or_create(&ClientKey::default_path().ok_or("no HOME")?)?;
+//! let proxy = Proxy::bind("codex", config, broker.clone(), Some(key)).await?;
+//! println!("listening on http://{}", proxy.local_addr());
+//! proxy.run(async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! broker.finish().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::config::ProxyConfig;
+use super::daemon::Shared;
+use super::metrics::{Metrics, ProxyMetrics};
+use super::TokenReply;
+use crate::credentials::{AccessToken, Secret};
+use crate::{BrokerError, Dialect, TokenBroker};
+
+/// The header a codex upstream reads the account from.
+const ACCOUNT_HEADER: HeaderName = HeaderName::from_static("chatgpt-account-id");
+
+/// Why a proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A setting is wrong.
+    #[error("proxy {name}: {message}")]
+    Config {
+        /// The proxy.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Its address could not be bound.
+    #[error("proxy {name}: could not listen on {addr}: {source}")]
+    Listen {
+        /// The proxy.
+        name: String,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The client key could not be read or made.
+    #[error("the proxies' client key {path}: {message}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// The key clients of the proxies send as their API key.
+#[derive(Clone)]
+pub struct ClientKey {
+    key: Secret,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientKey")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientKey {
+    /// `$XDG_STATE_HOME/token-broker/client-key`, else
+    /// `~/.local/state/token-broker/client-key`.
+    pub fn default_path() -> Option<PathBuf> {
+        let var = |v: &str| std::env::var_os(v).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let dir = match var("XDG_STATE_HOME").filter(|p| p.is_absolute()) {
+            Some(state) => state.join("token-broker"),
+            None => var("HOME")?.join(".local").join("state").join("token-broker"),
+        };
+        Some(dir.join("client-key"))
+    }
+
+    /// Reads the key at `path`, or makes one there (32 random bytes,
+    /// base64url, in a 0600 file; the folder made 0700). A key file that
+    /// other users may read is refused.
+    pub fn load_or_create(path: &Path) -> Result<ClientKey, ProxyError> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+        let fail = |message: String| ProxyError::Key {
+            path: path.to_path_buf(),
+            message,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| fail(format!("could not create its folder: {e}")))?;
+        }
+        let made = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path);
+        match made {
+            Ok(mut file) => {
+                let mut bytes = [0u8; 32];
+                getrandom::fill(&mut bytes).map_err(|e| fail(format!("no randomness for a new key: {e}")))?;
+                let key = {
+                    use base64::Engine;
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+                };
+                file.write_all(format!("{key}\n").as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| fail(format!("could not write it: {e}")))?;
+                return Ok(ClientKey {
+                    key: Secret::new(key),
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(fail(format!("could not create it: {e}"))),
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| fail(format!("could not open it: {e}")))?;
+        let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_file() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+            return Err(fail(format!(
+                "must be a file owned by uid {me} that only its owner can read (`chmod 600` it); it is {:04o} owned by uid {}",
+                meta.mode() & 0o7777,
+                meta.uid()
+            )));
+        }
+        let mut text = String::new();
+        use std::io::Read;
+        file.take(4096)
+            .read_to_string(&mut text)
+            .map_err(|e| fail(format!("could not read it: {e}")))?;
+        let key = text.trim();
+        if key.len() < 16 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(fail(
+                "does not hold a key (at least 16 printable characters); delete it to have a new one made".into(),
+            ));
+        }
+        Ok(ClientKey {
+            key: Secret::new(key),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A key given directly (tests, embedders).
+    pub fn new(key: impl Into<std::sync::Arc<str>>, path: impl Into<PathBuf>) -> Self {
+        ClientKey {
+            key: Secret::new(key),
+            path: path.into(),
+        }
+    }
+
+    /// Where the key is kept.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The key, for a client's configuration.
+    pub fn expose(&self) -> &str {
+        self.key.expose()
+    }
+
+    /// Whether `headers` carry the key as a bearer token (in constant time).
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(sent) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+        else {
+            return false;
+        };
+        sent.as_bytes().ct_eq(self.key.expose().as_bytes()).into()
+    }
+}
+
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Where a proxy gets its tokens.
+pub(crate) enum Source {
+    /// A profile of the daemon, looked up at every request (so that a
+    /// reload's restarted broker is used).
+    Daemon { shared: Arc<Shared>, profile: String },
+    /// A broker of its own (`token-broker proxy`).
+    Broker {
+        broker: TokenBroker,
+        meta: Mutex<Option<TokenReply>>,
+    },
+}
+
+/// A token to send, and whether its profile speaks the Codex dialect (its
+/// upstream then gets the account id too).
+struct Sending {
+    reply: TokenReply,
+    codex: bool,
+}
+
+impl Source {
+    async fn token(&self) -> Result<Sending, BrokerError> {
+        match self {
+            Source::Daemon { shared, profile } => {
+                let slot = shared.slot(profile).ok_or_else(|| gone(profile))?;
+                let broker = shared.broker(&slot).await?;
+                let token = match broker.fresh_token() {
+                    Some(token) => token,
+                    None => {
+                        let _waiting = slot.metrics.waiting();
+                        broker.token().await?
+                    }
+                };
+                slot.metrics.served();
+                Ok(Sending {
+                    reply: shared.reply(&slot, &broker, token).await,
+                    codex: slot.profile.provider == Dialect::Codex,
+                })
+            }
+            Source::Broker { broker, meta } => {
+                let token = broker.token().await?;
+                Ok(Sending {
+                    reply: super::reply_cached(meta, broker, token).await,
+                    codex: broker.dialect() == Dialect::Codex,
+                })
+            }
+        }
+    }
+
+    async fn reject(&self, sent: &AccessToken) -> Result<Sending, BrokerError> {
+        match self {
+            Source::Daemon { shared, profile } => {
+                let slot = shared.slot(profile).ok_or_else(|| gone(profile))?;
+                let broker = shared.broker(&slot).await?;
+                let token = {
+                    let _waiting = slot.metrics.waiting();
+                    broker.reject(sent).await?
+                };
+                slot.metrics.served();
+                Ok(Sending {
+                    reply: shared.reply(&slot, &broker, token).await,
+                    codex: slot.profile.provider == Dialect::Codex,
+                })
+            }
+            Source::Broker { broker, meta } => {
+                let token = broker.reject(sent).await?;
+                Ok(Sending {
+                    reply: super::reply_cached(meta, broker, token).await,
+                    codex: broker.dialect() == Dialect::Codex,
+                })
+            }
+        }
+    }
+}
+
+fn gone(profile: &str) -> BrokerError {
+    BrokerError::Config(format!(
+        "the profile {profile:?} is no longer in the daemon's configuration"
+    ))
+}
+
+/// One proxy's shared state.
+struct Inner {
+    name: String,
+    config: ProxyConfig,
+    upstream: reqwest::Url,
+    source: Source,
+    key: Option<ClientKey>,
+    client: reqwest::Client,
+    metrics: ProxyMetrics,
+}
+
+/// A proxy bound to its address.
+pub struct Proxy {
+    listener: tokio::net::TcpListener,
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("name", &self.inner.name)
+            .field("listen", &self.local_addr())
+            .field("upstream", &self.inner.config.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A proxy of its own broker (as `token-broker proxy` runs): checks the
+    /// settings and binds the address. `key` is required unless
+    /// `config.require_client_key` is off. Call inside a tokio runtime.
+    pub async fn bind(
+        name: &str,
+        config: ProxyConfig,
+        broker: TokenBroker,
+        key: Option<ClientKey>,
+    ) -> Result<Proxy, ProxyError> {
+        let source = Source::Broker {
+            broker,
+            meta: Mutex::new(None),
+        };
+        Proxy::bind_with(name, config, source, key, &Metrics::new()).await
+    }
+
+    pub(crate) async fn bind_with(
+        name: &str,
+        config: ProxyConfig,
+        source: Source,
+        key: Option<ClientKey>,
+        metrics: &Metrics,
+    ) -> Result<Proxy, ProxyError> {
+        let fail = |message: String| ProxyError::Config {
+            name: name.to_owned(),
+            message,
+        };
+        config.check().map_err(fail)?;
+        if config.require_client_key && key.is_none() {
+            return Err(fail("require_client_key is on but no client key was given".into()));
+        }
+        let upstream = reqwest::Url::parse(&config.upstream).map_err(|_| fail("upstream is not a URL".into()))?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| fail(format!("could not make the HTTP client: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ProxyError::Listen {
+                name: name.to_owned(),
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Proxy {
+            listener,
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                metrics: metrics.for_proxy(name),
+                config,
+                upstream,
+                source,
+                key,
+                client,
+            }),
+        })
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Its upstream.
+    pub fn upstream(&self) -> &str {
+        &self.inner.config.upstream
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.inner.config.listen)
+    }
+
+    /// Serves until `stop` completes, then lets the requests under way end
+    /// (a stream still flowing is cut after 10 s).
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let (stopping, stopped) = watch::channel(false);
+        self.serve(stopped, stop).await;
+        let _ = stopping.send(true);
+    }
+
+    /// The accept loop; `stopped` is the daemon's stop signal for the
+    /// connections.
+    pub(crate) async fn serve(self, stopped: watch::Receiver<bool>, stop: impl std::future::Future<Output = ()>) {
+        let Proxy { listener, inner } = self;
+        let limit = Arc::new(tokio::sync::Semaphore::new(inner.config.max_connections));
+        let (alive, mut open) = tokio::sync::mpsc::channel::<()>(1);
+        let router = axum::Router::new().fallback(forward).with_state(inner.clone());
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            // At most max_connections at once: the others wait in the
+            // kernel's backlog.
+            let permit = tokio::select! {
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = &mut stop => break,
+            };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut stop => break,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(proxy = %inner.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (router, stopped, alive) = (router.clone(), stopped.clone(), alive.clone());
+            tokio::spawn(async move {
+                super::daemon::serve_connection(stream, router, stopped, alive).await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        drop(alive);
+        // Wait for the connections once the caller signals the stop.
+        let _ = tokio::time::timeout(super::daemon::HEADER_TIMEOUT + Duration::from_secs(1), async {
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|s| *s).await;
+            open.recv().await
+        })
+        .await;
+    }
+}
+
+/// An error the proxy answers itself, in OpenAI's error shape so that SDKs
+/// print the message.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl From<BrokerError> for Refusal {
+    fn from(e: BrokerError) -> Self {
+        let api = super::api::ApiError::from(e);
+        Refusal {
+            status: api.status,
+            code: api.code,
+            message: api.message,
+            retry_after: api.retry_after,
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            axum::Json(json!({
+                "error": {"type": "token_broker", "code": self.code, "message": self.message}
+            })),
+        )
+            .into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}
+
+/// Every request: checked, given the token, forwarded, streamed back.
+async fn forward(State(inner): State<Arc<Inner>>, request: Request) -> Response {
+    let response = match proxy(&inner, request).await {
+        Ok(response) => response,
+        Err(refusal) => refusal.into_response(),
+    };
+    inner.metrics.request(response.status().as_u16());
+    response
+}
+
+async fn proxy(inner: &Inner, request: Request) -> Result<Response, Refusal> {
+    if let Some(key) = &inner.key {
+        if !key.admits(request.headers()) {
+            return Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client_key",
+                format!(
+                    "this proxy needs its client key as the API key (Authorization: Bearer <key>); the key is in {}",
+                    key.path().display()
+                ),
+            ));
+        }
+    }
+    let (parts, body) = request.into_parts();
+    let url = target(&inner.upstream, &parts.uri);
+    let headers = forwarded(&parts.headers);
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = Kept::read(body, declared, inner.config.retry_body_limit, &inner.metrics).await?;
+    let sent = inner.source.token().await?;
+    let (first_body, kept) = match body {
+        Kept::Whole(bytes) => (reqwest::Body::from(bytes.clone()), Some(bytes)),
+        Kept::Streamed(body) => (body, None),
+    };
+    let first = send(inner, &parts.method, &url, &headers, first_body, &sent).await?;
+    if first.status() != reqwest::StatusCode::UNAUTHORIZED {
+        return Ok(stream_back(inner, first));
+    }
+    let Some(bytes) = kept else {
+        // Too large to send again: the client sees the 401 (and its next
+        // request gets the token refreshed by this reject).
+        let _ = inner.source.reject(&sent.reply.access_token).await;
+        return Ok(stream_back(inner, first));
+    };
+    drop(first);
+    let fresh = inner.source.reject(&sent.reply.access_token).await?;
+    inner.metrics.retry();
+    let second = send(inner, &parts.method, &url, &headers, reqwest::Body::from(bytes), &fresh).await?;
+    Ok(stream_back(inner, second))
+}
+
+/// The upstream's path joined with the request's path, and its query.
+fn target(upstream: &reqwest::Url, uri: &Uri) -> reqwest::Url {
+    let mut url = upstream.clone();
+    let base = upstream.path().trim_end_matches('/');
+    let path = uri.path();
+    let joined = if path == "/" && !base.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}{path}")
+    };
+    url.set_path(&joined);
+    url.set_query(uri.query());
+    url
+}
+
+/// The hop-by-hop headers (RFC 9110 section 7.6.1), and those a
+/// `Connection` header names.
+fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut names = vec![
+        header::CONNECTION,
+        HeaderName::from_static("proxy-connection"),
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ];
+    for value in headers.get_all(header::CONNECTION) {
+        if let Ok(value) = value.to_str() {
+            names.extend(
+                value
+                    .split(',')
+                    .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+            );
+        }
+    }
+    names
+}
+
+/// The client's headers as the upstream gets them (before the token).
+/// The client's own credentials and account go: the profile's are set.
+fn forwarded(client: &HeaderMap) -> HeaderMap {
+    let mut headers = client.clone();
+    for name in hop_by_hop(client) {
+        headers.remove(&name);
+    }
+    headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::EXPECT);
+    headers.remove(ACCOUNT_HEADER);
+    headers
+}
+
+/// A request body: kept whole when it is small enough to send twice, else
+/// streamed through.
+enum Kept {
+    Whole(Bytes),
+    Streamed(reqwest::Body),
+}
+
+impl Kept {
+    async fn read(body: Body, declared: Option<u64>, limit: usize, metrics: &ProxyMetrics) -> Result<Kept, Refusal> {
+        let counted = {
+            let metrics = metrics.clone();
+            move |chunk: &Result<Bytes, axum::Error>| {
+                if let Ok(c) = chunk {
+                    metrics.bytes_up(c.len());
+                }
+            }
+        };
+        if declared.is_some_and(|n| n > limit as u64) {
+            let stream = body.into_data_stream().inspect(counted);
+            return Ok(Kept::Streamed(reqwest::Body::wrap_stream(stream)));
+        }
+        let mut body = body;
+        let mut kept: Vec<u8> = Vec::new();
+        loop {
+            match body.frame().await {
+                None => {
+                    metrics.bytes_up(kept.len());
+                    return Ok(Kept::Whole(Bytes::from(kept)));
+                }
+                Some(Err(_)) => {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "the request body broke off",
+                    ))
+                }
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    kept.extend_from_slice(&data);
+                    if kept.len() > limit {
+                        metrics.bytes_up(kept.len());
+                        let head =
+                            futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(Bytes::from(kept)) });
+                        let stream = head.chain(body.into_data_stream().inspect(counted));
+                        return Ok(Kept::Streamed(reqwest::Body::wrap_stream(stream)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(
+    inner: &Inner,
+    method: &axum::http::Method,
+    url: &reqwest::Url,
+    headers: &HeaderMap,
+    body: reqwest::Body,
+    sending: &Sending,
+) -> Result<reqwest::Response, Refusal> {
+    let token = &sending.reply;
+    let mut headers = headers.clone();
+    let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.access_token.expose())).map_err(|_| {
+        Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "bad_token",
+            "the profile's access token cannot be sent in a header",
+        )
+    })?;
+    bearer.set_sensitive(true);
+    headers.insert(header::AUTHORIZATION, bearer);
+    if sending.codex {
+        if let Some(account) = token.account_id.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+            headers.insert(ACCOUNT_HEADER, account);
+        }
+    }
+    let request = inner
+        .client
+        .request(method.clone(), url.clone())
+        .headers(headers)
+        .body(body)
+        .send();
+    let started = Instant::now();
+    let timeout = inner.config.response_timeout;
+    let response = match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) if e.is_timeout() => return Err(upstream_timeout(inner, "connecting")),
+        Ok(Err(e)) => {
+            return Err(Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                format!(
+                    "the upstream {} could not be reached: {}",
+                    inner.config.upstream,
+                    e.without_url()
+                ),
+            ))
+        }
+        Err(_) => return Err(upstream_timeout(inner, "waiting for its response")),
+    };
+    inner.metrics.upstream_latency(started.elapsed());
+    Ok(response)
+}
+
+fn upstream_timeout(inner: &Inner, doing: &str) -> Refusal {
+    Refusal::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "upstream_timeout",
+        format!("the upstream {} timed out ({doing})", inner.config.upstream),
+    )
+}
+
+/// The upstream's answer, streamed to the client as it comes.
+fn stream_back(inner: &Inner, upstream: reqwest::Response) -> Response {
+    let status = upstream.status();
+    let mut headers = upstream.headers().clone();
+    for name in hop_by_hop(upstream.headers()) {
+        headers.remove(&name);
+    }
+    let metrics = inner.metrics.clone();
+    let body = upstream.bytes_stream().inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            metrics.bytes_down(c.len());
+        }
+    });
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}

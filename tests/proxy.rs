@@ -122,3 +122,65 @@ fn the_standalone_proxy_puts_the_token_on_requests_and_refuses_clients_without_t
     assert_eq!(api.counts().responses, 1, "refused clients never reach the upstream");
     assert_eq!(sim.counts().token_requests, 0);
 }
+
+/// An upstream that answers 401 to everything (a wrong URL or account):
+/// the proxy refreshes once for it, then passes its 401s through without
+/// refreshing again for a minute, instead of one refresh per request.
+#[test]
+fn an_upstream_that_refuses_every_token_costs_one_refresh_not_one_per_request() {
+    let sim = Arc::new(ProviderServer::start(SimConfig::default()).unwrap());
+    let refusing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = format!("http://{}", refusing.local_addr().unwrap());
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for stream in refusing.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head);
+                let body = r#"{"error":{"message":"nope","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth.json");
+    std::fs::write(&auth, codex_auth_json(&sim.sign_in(3600.0))).unwrap();
+    let proxy = ProxyProcess::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+            "--no-client-key",
+            "--auth-file",
+            auth.to_str().unwrap(),
+            "--token-url",
+            &sim.token_url(),
+        ],
+        dir.path(),
+        &[],
+    );
+    for _ in 0..6 {
+        let (status, body) = request(&proxy.addr, "POST", "/v1/responses", None, b"{}");
+        assert_eq!(status, 401, "{body}");
+        assert!(
+            body.contains("invalid_api_key"),
+            "the upstream's own 401 reaches the client: {body}"
+        );
+    }
+    assert_eq!(
+        sim.counts().token_requests,
+        1,
+        "one refresh for the first 401, none for the same refusal of the new token"
+    );
+    // The first request was sent twice (old token, then the new one); the
+    // other five once each.
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 7);
+}

@@ -321,6 +321,36 @@ struct Inner {
     key: Option<ClientKey>,
     client: reqwest::Client,
     metrics: ProxyMetrics,
+    /// The token a 401 last made the proxy fetch, and when.
+    after_401: Mutex<Option<(AccessToken, Instant)>>,
+}
+
+/// How long a token fetched because of a 401 is not rejected again when the
+/// upstream refuses it too.
+const REFUSED_AGAIN_QUIET: Duration = Duration::from_secs(60);
+
+impl Inner {
+    /// Whether a 401 for `token` may make the broker refresh: not when
+    /// `token` is the one a 401 made it fetch less than a minute ago. An
+    /// upstream that refuses every token (a wrong URL, another account)
+    /// then costs one refresh a minute, not one per request.
+    fn may_reject(&self, token: &AccessToken) -> bool {
+        match &*self.after_401.lock() {
+            Some((fresh, at)) if fresh == token && at.elapsed() < REFUSED_AGAIN_QUIET => {
+                tracing::warn!(
+                    proxy = %self.name,
+                    upstream = %self.config.upstream,
+                    "the upstream refuses a token refreshed for it moments ago; not refreshing again for a minute: check the upstream URL and the profile's account"
+                );
+                false
+            }
+            _ => true,
+        }
+    }
+
+    fn refreshed_after_401(&self, fresh: &AccessToken) {
+        *self.after_401.lock() = Some((fresh.clone(), Instant::now()));
+    }
 }
 
 /// A proxy bound to its address.
@@ -396,6 +426,7 @@ impl Proxy {
                 source,
                 key,
                 client,
+                after_401: Mutex::new(None),
             }),
         })
     }
@@ -533,7 +564,7 @@ async fn forward(State(inner): State<Arc<Inner>>, request: Request) -> Response 
     response
 }
 
-async fn proxy(inner: &Inner, request: Request) -> Result<Response, Refusal> {
+async fn proxy(inner: &Arc<Inner>, request: Request) -> Result<Response, Refusal> {
     if let Some(key) = &inner.key {
         if !key.admits(request.headers()) {
             return Err(Refusal::new(
@@ -564,14 +595,27 @@ async fn proxy(inner: &Inner, request: Request) -> Result<Response, Refusal> {
     if first.status() != reqwest::StatusCode::UNAUTHORIZED {
         return Ok(stream_back(inner, first));
     }
+    if !inner.may_reject(&sent.reply.access_token) {
+        // The token a 401 just made us fetch is refused too: the upstream's
+        // doing (a wrong URL or account), which another refresh would not
+        // mend. The client sees the 401.
+        return Ok(stream_back(inner, first));
+    }
     let Some(bytes) = kept else {
-        // Too large to send again: the client sees the 401 (and its next
-        // request gets the token refreshed by this reject).
-        let _ = inner.source.reject(&sent.reply.access_token).await;
+        // Too large to send again: the client sees the 401 now, and its
+        // next request gets the token this reject refreshes.
+        let inner2 = inner.clone();
+        let token = sent.reply.access_token.clone();
+        tokio::spawn(async move {
+            if let Ok(fresh) = inner2.source.reject(&token).await {
+                inner2.refreshed_after_401(&fresh.reply.access_token);
+            }
+        });
         return Ok(stream_back(inner, first));
     };
     drop(first);
     let fresh = inner.source.reject(&sent.reply.access_token).await?;
+    inner.refreshed_after_401(&fresh.reply.access_token);
     inner.metrics.retry();
     let second = send(inner, &parts.method, &url, &headers, reqwest::Body::from(bytes), &fresh).await?;
     Ok(stream_back(inner, second))

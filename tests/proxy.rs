@@ -221,12 +221,20 @@ impl Setup {
             .to_owned()
     }
 
-    /// `--base-url <proxy> --api-key <key>` and `args` for the SDK client.
-    fn sdk_args<'a>(&'a self, command: &'a str, args: &[&'a str]) -> Vec<&'a str> {
-        let mut all = vec![command, "--base-url", &self.base_url, "--api-key", self.proxy.key()];
-        all.extend(args);
-        all
+    /// `command --base-url=<proxy> --api-key=<key>` and `args`, for the SDK
+    /// client.
+    fn sdk_args(&self, command: &str, args: &[&str]) -> Vec<String> {
+        sdk_args(command, &self.base_url, Some(self.proxy.key()), args)
     }
+}
+
+/// `command --base-url=URL [--api-key=KEY] args` (with `=`: a key may
+/// start with a dash).
+fn sdk_args(command: &str, base_url: &str, key: Option<&str>, args: &[&str]) -> Vec<String> {
+    let mut all = vec![command.to_owned(), format!("--base-url={base_url}")];
+    all.extend(key.map(|k| format!("--api-key={k}")));
+    all.extend(args.iter().map(|a| a.to_string()));
+    all
 }
 
 /// `token-broker proxy` of the Codex file `auth` to `api`, its client key
@@ -377,7 +385,11 @@ fn two_hundred_concurrent_sdk_streams_across_a_token_expiry_all_succeed_with_one
     // The SDK first (its start is slow), so that the token's few seconds
     // are spent on requests.
     let expect = answer();
-    let mut client = sdk.spawn(&["many", "--clients", &CLIENTS.to_string(), "--expect", &expect]);
+    let mut client = sdk.spawn(&[
+        "many".to_owned(),
+        format!("--clients={CLIENTS}"),
+        format!("--expect={expect}"),
+    ]);
     client.wait_event("ready", Duration::from_secs(60));
 
     // 3-second tokens, refreshed only when they expire (--refresh-ahead
@@ -460,10 +472,8 @@ fn sdk_clients_without_the_client_key_get_an_authentication_error_that_names_it(
     let s = Setup::new(&[]);
     let base_url = &s.base_url;
     // No Authorization header at all, and a key that is not the client key.
-    for key in [&[][..], &["--api-key", "sk-not-the-client-key"][..]] {
-        let mut args = vec!["chat", "--base-url", base_url];
-        args.extend(key);
-        let run = sdk.run(&args);
+    for key in [None, Some("sk-not-the-client-key")] {
+        let run = sdk.run(&sdk_args("chat", base_url, key, &[]));
         assert_eq!(run.status.and_then(|s| s.code()), Some(3), "{}", run.report());
         let error = run.expect_event("error");
         assert_eq!(error["class"], "AuthenticationError", "{}", run.report());
@@ -632,6 +642,34 @@ fn a_client_that_disconnects_mid_stream_cancels_the_upstream_stream() {
     assert_eq!(s.api.open_streams().0, 0);
 }
 
+#[test]
+fn a_client_that_gives_up_before_the_answer_cancels_the_upstream_request() {
+    let Some(sdk) = openai_sdk::require("a_client_that_gives_up_before_the_answer_cancels_the_upstream_request") else {
+        return;
+    };
+    let s = Setup::new(&[]);
+    s.api.hold_answers();
+    let run = sdk.run(&s.sdk_args("chat", &["--timeout", "1"]));
+    assert_eq!(
+        run.expect_event("error")["class"],
+        "APITimeoutError",
+        "{}",
+        run.report()
+    );
+    let given_up = chat_api::monotonic_ns();
+    wait_until(Duration::from_secs(5), "the upstream saw its request cancelled", || {
+        matches!(
+            s.api.streams().first().and_then(|r| r.end),
+            Some(StreamEnd::Cancelled { .. })
+        )
+    });
+    let Some(StreamEnd::Cancelled { at_ns }) = s.api.streams()[0].end else {
+        unreachable!()
+    };
+    assert!(at_ns <= given_up + 5_000_000_000);
+    assert_eq!(s.api.open_streams().0, 0);
+}
+
 /// A running `token-broker serve` with proxies.
 struct DaemonProcess {
     child: Child,
@@ -746,7 +784,7 @@ fn the_daemon_runs_a_configured_proxy_the_same_and_counts_its_requests_and_retri
     // A stream, chunk by chunk, through a 401 for a token the provider
     // dropped: one refresh, one retry.
     sim.revoke_access(&issued.access_token);
-    let run = sdk.run(&["stream", "--base-url", &base_url, "--api-key", &key]);
+    let run = sdk.run(&sdk_args("stream", &base_url, Some(&key), &[]));
     assert_streamed_chunk_by_chunk(&run, &api);
     let counts = sim.counts();
     assert_eq!((counts.token_requests, counts.refreshed), (1, 1), "{counts:?}");
@@ -761,10 +799,10 @@ fn the_daemon_runs_a_configured_proxy_the_same_and_counts_its_requests_and_retri
         issued.account_id.as_str()
     );
     // Not streamed; and a wrong key.
-    let run = sdk.run(&["chat", "--base-url", &base_url, "--api-key", &key]);
+    let run = sdk.run(&sdk_args("chat", &base_url, Some(&key), &[]));
     run.assert_success();
     assert_eq!(run.expect_event("done")["content"], answer());
-    let run = sdk.run(&["chat", "--base-url", &base_url, "--api-key", "sk-wrong"]);
+    let run = sdk.run(&sdk_args("chat", &base_url, Some("sk-wrong"), &[]));
     assert_eq!(
         run.expect_event("error")["class"],
         "AuthenticationError",

@@ -14,7 +14,8 @@
 //!
 //! A stream can be held open after its first events
 //! ([`ChatApi::hold_streams_after`]) or held until many streams are open at
-//! once ([`ChatApi::gate_streams_at`]); how every stream ended (sent to the
+//! once ([`ChatApi::gate_streams_at`]), and an answer can be held before its
+//! head ([`ChatApi::hold_answers`]); how every stream ended (sent to the
 //! end, or dropped because the client went away) is recorded.
 //!
 //! Mount it from an integration test with
@@ -109,6 +110,7 @@ struct Settings {
     answer: Vec<String>,
     pause: Duration,
     hold_after: Option<usize>,
+    hold_answers: bool,
     gate: Option<u64>,
 }
 
@@ -159,6 +161,7 @@ impl ChatApi {
                 answer: ANSWER.iter().map(|s| s.to_string()).collect(),
                 pause: Duration::from_millis(50),
                 hold_after: None,
+                hold_answers: false,
                 gate: None,
             }),
             requests: AtomicU64::new(0),
@@ -235,6 +238,14 @@ impl ChatApi {
     /// connection open (sending nothing) until the client goes away.
     pub fn hold_streams_after(&self, events: usize) {
         self.shared.settings.lock().hold_after = Some(events);
+    }
+
+    /// Requests from now on get no answer at all, not even its head (as a
+    /// model that works for minutes on an answer not streamed): each is
+    /// recorded as a stream that sends nothing and ends cancelled when the
+    /// client goes away.
+    pub fn hold_answers(&self) {
+        self.shared.settings.lock().hold_answers = true;
     }
 
     /// Streams send their first event, then wait until `streams` streams
@@ -429,6 +440,11 @@ async fn chat(State(shared): State<Arc<Shared>>, request: Request) -> Response {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let settings = shared.settings.lock().clone();
+    if settings.hold_answers {
+        // Recorded as a stream that never sends anything.
+        let _guard = StreamGuard::open(&shared, &id, token);
+        std::future::pending::<()>().await;
+    }
     if request["stream"].as_bool() != Some(true) {
         let text: String = settings.answer.concat();
         return (
@@ -454,24 +470,8 @@ async fn chat(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     }
     let include_usage = request["stream_options"]["include_usage"].as_bool() == Some(true);
     let events = chunk_events(&id, created, &model, &settings.answer, include_usage);
-    let index = {
-        let mut streams = shared.streams.lock();
-        streams.push(StreamRecord {
-            id: id.clone(),
-            token: Secret::new(token).fingerprint(),
-            sent_ns: Vec::new(),
-            end: None,
-        });
-        streams.len() - 1
-    };
-    let open = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
-    shared.peak_open.fetch_max(open, Ordering::SeqCst);
+    let guard = StreamGuard::open(&shared, &id, token);
     shared.started.send_modify(|n| *n += 1);
-    let guard = StreamGuard {
-        shared: shared.clone(),
-        index,
-        completed: false,
-    };
     let state = (guard, events.into_iter().enumerate(), settings);
     let stream = futures_util::stream::unfold(state, |(mut guard, mut events, settings)| async move {
         let Some((n, event)) = events.next() else {
@@ -574,6 +574,27 @@ struct StreamGuard {
 }
 
 impl StreamGuard {
+    /// Records a new stream `id` for `token`, open.
+    fn open(shared: &Arc<Shared>, id: &str, token: &str) -> StreamGuard {
+        let index = {
+            let mut streams = shared.streams.lock();
+            streams.push(StreamRecord {
+                id: id.to_owned(),
+                token: Secret::new(token).fingerprint(),
+                sent_ns: Vec::new(),
+                end: None,
+            });
+            streams.len() - 1
+        };
+        let open = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.peak_open.fetch_max(open, Ordering::SeqCst);
+        StreamGuard {
+            shared: shared.clone(),
+            index,
+            completed: false,
+        }
+    }
+
     fn mark_completed(&mut self) {
         self.completed = true;
     }

@@ -12,7 +12,8 @@ CLOCK_MONOTONIC nanoseconds, the clock the Rust side reads too.
 Commands:
   stream      one streamed chat completion: "chunks" (each chunk's id,
               content and arrival time), then "done"
-  chat        one chat completion, not streamed: "done"
+  chat        one chat completion, not streamed: "done" (--timeout: the
+              SDK gives up after so many seconds, closing its connection)
   disconnect  a streamed chat completion closed after its first chunk:
               "chunk", then "closed"; then waits until stdin closes
   many        --clients N: prints "ready", reads one JSON line
@@ -62,7 +63,7 @@ def client(args):
     # not send a request without an API key unless the request itself
     # leaves the header out (see `auth`).
     api_key = args.api_key if args.api_key is not None else "unused"
-    return openai.OpenAI(base_url=args.base_url, api_key=api_key, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=args.base_url, api_key=api_key, max_retries=0, timeout=args.timeout)
 
 
 def auth(args):
@@ -153,6 +154,7 @@ def main():
     parser.add_argument("--api-key")
     parser.add_argument("--expect", default="")
     parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds (the SDK's timeout)")
     args = parser.parse_args()
     emit("sdk", version=openai.__version__)
     try:

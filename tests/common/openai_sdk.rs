@@ -6,7 +6,8 @@
 //! #[test]
 //! fn my_test() {
 //!     let Some(sdk) = openai_sdk::require("my_test") else { return };
-//!     let run = sdk.run(&["stream", "--base-url", &url, "--api-key", &key]);
+//!     // `--api-key=KEY`, with `=`: a key may start with a dash.
+//!     let run = sdk.run(&["stream", &format!("--base-url={url}"), &format!("--api-key={key}")]);
 //!     run.assert_success();
 //! }
 //! ```
@@ -207,7 +208,7 @@ pub struct Sdk {
 impl Sdk {
     /// `python -u openai_client.py <args>` with a clean environment (no
     /// `OPENAI_*`, no HTTP proxies).
-    pub fn command(&self, args: &[&str]) -> Command {
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Command {
         let mut cmd = Command::new(&self.python);
         cmd.arg("-u")
             .arg(client_script())
@@ -223,7 +224,7 @@ impl Sdk {
     }
 
     /// Runs the client to its end (killed after [`RUN_TIMEOUT`]).
-    pub fn run(&self, args: &[&str]) -> SdkRun {
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> SdkRun {
         let start = Instant::now();
         let mut child = self
             .command(args)
@@ -260,7 +261,7 @@ impl Sdk {
     }
 
     /// Starts the client with piped stdin, to talk to it as it runs.
-    pub fn spawn(&self, args: &[&str]) -> SdkChild {
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> SdkChild {
         let mut child = self
             .command(args)
             .stdin(Stdio::piped())

@@ -15,7 +15,8 @@ Commands:
   chat        one chat completion, not streamed: "done" (--timeout: the
               SDK gives up after so many seconds, closing its connection)
   disconnect  a streamed chat completion closed after its first chunk:
-              "chunk", then "closed"; then waits until stdin closes
+              "chunk", then "closed" (when it began closing, and when it
+              was closed); then waits until stdin closes
   many        --clients N: prints "ready", reads one JSON line
               {"base_url", "api_key"} from stdin, then runs N streamed chat
               completions at once (asyncio, AsyncOpenAI), each client
@@ -95,9 +96,10 @@ def disconnect(args):
     response = client(args).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, **auth(args))
     first = next(iter(response))
     emit("chunk", id=first.id, at_ns=now_ns())
+    closing = now_ns()
     # Closes the connection mid-stream (its body is not read to the end).
     response.close()
-    emit("closed", at_ns=now_ns())
+    emit("closed", closing_ns=closing, at_ns=now_ns())
     sys.stdin.read()
 
 
@@ -137,9 +139,10 @@ async def many(args):
             except Exception as e:  # noqa: BLE001 - every failure is counted
                 counts["failed"] += 1
                 errors.append(json.dumps(error_fields(e)))
-            # Out of step with the others, so that streams start and end
-            # at every moment (an expiry falls inside some of them).
-            await asyncio.sleep(random.uniform(0, 0.2))
+            # Out of step with the others (about as long as a stream), so
+            # that streams start and end at every moment and an expiry
+            # falls inside some of them.
+            await asyncio.sleep(random.uniform(0, args.jitter))
 
     await asyncio.gather(*(one_client() for _ in range(args.clients)))
     watcher.cancel()
@@ -154,6 +157,7 @@ def main():
     parser.add_argument("--api-key")
     parser.add_argument("--expect", default="")
     parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--jitter", type=float, default=0.8, help="many: seconds between a client's streams, at most")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds (the SDK's timeout)")
     args = parser.parse_args()
     emit("sdk", version=openai.__version__)

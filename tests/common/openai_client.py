@@ -2,9 +2,10 @@
 by tests/proxy.rs (through tests/common/openai_sdk.rs) with the python of
 the virtualenv .ci/install-openai-sdk makes.
 
-    python openai_client.py COMMAND --base-url URL [--api-key KEY] [--expect TEXT]
+    python openai_client.py COMMAND --base-url=URL [--api-key=KEY] [--expect=TEXT]
 
-Without --api-key its requests carry no Authorization header.
+(With `=`: a key may start with a dash.) Without --api-key its requests
+carry no Authorization header.
 
 Every line it prints on stdout is one JSON object, an "event". Times are
 CLOCK_MONOTONIC nanoseconds, the clock the Rust side reads too.
@@ -20,8 +21,9 @@ Commands:
   many        --clients N: prints "ready", reads one JSON line
               {"base_url", "api_key"} from stdin, then runs N streamed chat
               completions at once (asyncio, AsyncOpenAI), each client
-              starting a new one a moment after its last ends, until stdin says
-              "stop": "summary" (ok, failed, the first errors)
+              starting a new one up to --jitter seconds after its last
+              ends, until stdin says "stop": "summary" (ok, failed, the
+              first errors)
 
 An error from the SDK is printed as an "error" event (its class, HTTP
 status, code and message) and ends the run with exit status 3.

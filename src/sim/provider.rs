@@ -292,6 +292,27 @@ impl ProviderServer {
             .insert(refresh_token.to_owned(), RefreshState { spent: Some(spent) });
     }
 
+    /// Makes `access_token` dead from now on, though the `exp` in it is
+    /// still ahead, as a provider that revoked it (a password change, a
+    /// sign-out elsewhere) or whose clock runs ahead would: the stand-in
+    /// APIs answer it 401, while a broker reading its `exp` takes it for
+    /// live. Its refresh token is untouched.
+    ///
+    /// ```
+    /// use token_broker::sim::{ProviderServer, SimConfig};
+    /// let sim = ProviderServer::start(SimConfig::default()).unwrap();
+    /// let issued = sim.sign_in(3600.0);
+    /// assert!(sim.is_live(&issued.access_token));
+    /// sim.revoke_access(&issued.access_token);
+    /// assert!(!sim.is_live(&issued.access_token));
+    /// assert!(sim.is_unspent(&issued.refresh_token));
+    /// ```
+    pub fn revoke_access(&self, access_token: &str) {
+        if let Some(exp) = self.shared.ledger.lock().access.get_mut(access_token) {
+            *exp = UNIX_EPOCH;
+        }
+    }
+
     /// Whether `access_token` was issued here and has not expired.
     pub fn is_live(&self, access_token: &str) -> bool {
         self.shared.is_live(access_token)

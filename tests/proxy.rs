@@ -234,6 +234,7 @@ fn an_upstream_that_refuses_every_token_costs_one_refresh_not_one_per_request() 
     // The first request was sent twice (old token, then the new one); the
     // other five once each.
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 7);
+}
 
 /// A simulated provider, the chat API in front of it, a Codex auth.json
 /// signed in on it, and a `token-broker proxy` of that file to the API.

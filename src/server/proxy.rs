@@ -321,21 +321,23 @@ struct Inner {
     key: Option<ClientKey>,
     client: reqwest::Client,
     metrics: ProxyMetrics,
-    /// The token a 401 last made the proxy fetch, and when.
-    after_401: Mutex<Option<(AccessToken, Instant)>>,
+    /// A token fetched because of a 401 that the upstream refused at once
+    /// too (on the retry), and when.
+    refused_fresh: Mutex<Option<(AccessToken, Instant)>>,
 }
 
-/// How long a token fetched because of a 401 is not rejected again when the
-/// upstream refuses it too.
+/// How long a token fetched because of a 401, and refused at once too, is
+/// not rejected again.
 const REFUSED_AGAIN_QUIET: Duration = Duration::from_secs(60);
 
 impl Inner {
     /// Whether a 401 for `token` may make the broker refresh: not when
-    /// `token` is the one a 401 made it fetch less than a minute ago. An
-    /// upstream that refuses every token (a wrong URL, another account)
-    /// then costs one refresh a minute, not one per request.
+    /// `token` was fetched because of a 401 and the upstream refused it at
+    /// once too, less than a minute ago. An upstream that refuses every
+    /// token (a wrong URL, another account) then costs one refresh a
+    /// minute, not one per request.
     fn may_reject(&self, token: &AccessToken) -> bool {
-        match &*self.after_401.lock() {
+        match &*self.refused_fresh.lock() {
             Some((fresh, at)) if fresh == token && at.elapsed() < REFUSED_AGAIN_QUIET => {
                 tracing::warn!(
                     proxy = %self.name,
@@ -348,8 +350,8 @@ impl Inner {
         }
     }
 
-    fn refreshed_after_401(&self, fresh: &AccessToken) {
-        *self.after_401.lock() = Some((fresh.clone(), Instant::now()));
+    fn refused_at_once(&self, fresh: &AccessToken) {
+        *self.refused_fresh.lock() = Some((fresh.clone(), Instant::now()));
     }
 }
 
@@ -426,7 +428,7 @@ impl Proxy {
                 source,
                 key,
                 client,
-                after_401: Mutex::new(None),
+                refused_fresh: Mutex::new(None),
             }),
         })
     }
@@ -602,22 +604,18 @@ async fn proxy(inner: &Arc<Inner>, request: Request) -> Result<Response, Refusal
         return Ok(stream_back(inner, first));
     }
     let Some(bytes) = kept else {
-        // Too large to send again: the client sees the 401 now, and its
-        // next request gets the token this reject refreshes.
-        let inner2 = inner.clone();
-        let token = sent.reply.access_token.clone();
-        tokio::spawn(async move {
-            if let Ok(fresh) = inner2.source.reject(&token).await {
-                inner2.refreshed_after_401(&fresh.reply.access_token);
-            }
-        });
+        // Too large to send again: the client sees the 401, once the
+        // token is refreshed, so that its retry goes with the new one.
+        let _ = inner.source.reject(&sent.reply.access_token).await;
         return Ok(stream_back(inner, first));
     };
     drop(first);
     let fresh = inner.source.reject(&sent.reply.access_token).await?;
-    inner.refreshed_after_401(&fresh.reply.access_token);
     inner.metrics.retry();
     let second = send(inner, &parts.method, &url, &headers, reqwest::Body::from(bytes), &fresh).await?;
+    if second.status() == reqwest::StatusCode::UNAUTHORIZED {
+        inner.refused_at_once(&fresh.reply.access_token);
+    }
     Ok(stream_back(inner, second))
 }
 

@@ -264,10 +264,7 @@ struct Ours {
 }
 
 impl Ours {
-    fn start(dir: &Path, upstream: SocketAddr, auth: &Path, token_url: &str) -> Ours {
-        // `PROXY_BENCH_CLI=/path/to/an/older/token-broker` measures another
-        // build (before and after a change, on the same machine).
-        let cli = std::env::var("PROXY_BENCH_CLI").unwrap_or_else(|_| CLI.to_owned());
+    fn start(cli: &str, dir: &Path, upstream: SocketAddr, auth: &Path, token_url: &str) -> Ours {
         let mut child = Command::new(cli)
             .args(["proxy", "--listen", "127.0.0.1:0", "--upstream"])
             .arg(format!("http://{upstream}"))
@@ -839,6 +836,8 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
+    // `PROXY_BENCH_CLI=/path/to/token-broker` measures another build.
+    let cli = std::env::var("PROXY_BENCH_CLI").unwrap_or_else(|_| CLI.to_owned());
     let sim = ProviderServer::start(SimConfig {
         access_lifetime: LIFETIME,
         ..SimConfig::default()
@@ -850,7 +849,13 @@ fn main() {
     std::fs::write(&auth, codex_auth_json(&issued)).unwrap();
     let bearer = format!("Bearer {}", issued.access_token);
     let upstream = Upstream::start(bearer.clone(), issued.account_id.clone());
-    let ours = Ours::start(dir.path(), upstream.addr, &auth, &sim.token_url());
+    let ours = Ours::start(&cli, dir.path(), upstream.addr, &auth, &sim.token_url());
+    // `PROXY_BENCH_ALSO=/path/to/another/token-broker`: that build too, as
+    // the route `ours_also` (before and after a change, interleaved).
+    let also_dir = tempfile::tempdir().unwrap();
+    let also = std::env::var("PROXY_BENCH_ALSO")
+        .ok()
+        .map(|other| Ours::start(&other, also_dir.path(), upstream.addr, &auth, &sim.token_url()));
 
     let workers: usize = std::env::var("PROXY_BENCH_NGINX_WORKERS")
         .ok()
@@ -888,6 +893,14 @@ fn main() {
             pid: Some(ours.child.id()),
         },
     ];
+    if let Some(also) = &also {
+        routes.push(Route {
+            name: "ours_also",
+            addr: also.addr,
+            auth_headers: format!("Authorization: Bearer {}\r\n", also.key),
+            pid: Some(also.child.id()),
+        });
+    }
     if let Some(nginx) = &nginx {
         routes.push(Route {
             name: "nginx",

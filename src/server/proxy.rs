@@ -560,7 +560,7 @@ async fn proxy(inner: &Inner, request: Request) -> Result<Response, Refusal> {
         Kept::Whole(bytes) => (reqwest::Body::from(bytes.clone()), Some(bytes)),
         Kept::Streamed(body) => (body, None),
     };
-    let first = send(inner, &parts.method, &url, &headers, first_body, &sent).await?;
+    let first = send(inner, &parts.method, &url, headers, first_body, &sent).await?;
     if first.status() != reqwest::StatusCode::UNAUTHORIZED {
         return Ok(stream_back(inner, first));
     }
@@ -573,7 +573,8 @@ async fn proxy(inner: &Inner, request: Request) -> Result<Response, Refusal> {
     drop(first);
     let fresh = inner.source.reject(&sent.reply.access_token).await?;
     inner.metrics.retry();
-    let second = send(inner, &parts.method, &url, &headers, reqwest::Body::from(bytes), &fresh).await?;
+    let headers = forwarded(&parts.headers);
+    let second = send(inner, &parts.method, &url, headers, reqwest::Body::from(bytes), &fresh).await?;
     Ok(stream_back(inner, second))
 }
 
@@ -592,39 +593,39 @@ fn target(upstream: &reqwest::Url, uri: &Uri) -> reqwest::Url {
     url
 }
 
-/// The hop-by-hop headers (RFC 9110 section 7.6.1), and those a
+/// The hop-by-hop headers (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes the hop-by-hop headers from `headers`, and those its
 /// `Connection` header names.
-fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
-    let mut names = vec![
-        header::CONNECTION,
-        HeaderName::from_static("proxy-connection"),
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ];
-    for value in headers.get_all(header::CONNECTION) {
-        if let Ok(value) = value.to_str() {
-            names.extend(
-                value
-                    .split(',')
-                    .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
-            );
-        }
+fn drop_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
     }
-    names
 }
 
 /// The client's headers as the upstream gets them (before the token).
 /// The client's own credentials and account go: the profile's are set.
 fn forwarded(client: &HeaderMap) -> HeaderMap {
     let mut headers = client.clone();
-    for name in hop_by_hop(client) {
-        headers.remove(&name);
-    }
+    drop_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::EXPECT);
@@ -688,12 +689,11 @@ async fn send(
     inner: &Inner,
     method: &axum::http::Method,
     url: &reqwest::Url,
-    headers: &HeaderMap,
+    mut headers: HeaderMap,
     body: reqwest::Body,
     sending: &Sending,
 ) -> Result<reqwest::Response, Refusal> {
     let token = &sending.reply;
-    let mut headers = headers.clone();
     let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.access_token.expose())).map_err(|_| {
         Refusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -708,12 +708,11 @@ async fn send(
             headers.insert(ACCOUNT_HEADER, account);
         }
     }
-    let request = inner
-        .client
-        .request(method.clone(), url.clone())
-        .headers(headers)
-        .body(body)
-        .send();
+    // A request made whole (a builder would copy the headers once more).
+    let mut request = reqwest::Request::new(method.clone(), url.clone());
+    *request.headers_mut() = headers;
+    *request.body_mut() = Some(body);
+    let request = inner.client.execute(request);
     let started = Instant::now();
     let timeout = inner.config.response_timeout;
     let response = match tokio::time::timeout(timeout, request).await {
@@ -748,9 +747,7 @@ fn upstream_timeout(inner: &Inner, doing: &str) -> Refusal {
 fn stream_back(inner: &Inner, upstream: reqwest::Response) -> Response {
     let status = upstream.status();
     let mut headers = upstream.headers().clone();
-    for name in hop_by_hop(upstream.headers()) {
-        headers.remove(&name);
-    }
+    drop_hop_by_hop(&mut headers);
     let upstream_length = headers.get(header::CONTENT_LENGTH).cloned();
     let metrics = inner.metrics.clone();
     let body = upstream.bytes_stream().inspect(move |chunk| {

@@ -1,0 +1,350 @@
+//! A hostile review of `token-broker serve`: real daemon processes, raw
+//! HTTP on the socket, the CLI as a client.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use token_broker::sim::{codex_auth_json, SimConfig};
+
+/// A running `token-broker serve` and its folder.
+#[allow(dead_code)]
+struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    config: PathBuf,
+    stderr: std::sync::Arc<parking_lot::Mutex<String>>,
+}
+
+#[allow(dead_code)]
+impl Daemon {
+    /// Starts `serve --config config` and waits for its "listening" line.
+    fn start(config: &Path, socket: &Path) -> Daemon {
+        Daemon::start_with(config, socket, "info")
+    }
+
+    fn start_with(config: &Path, socket: &Path, log: &str) -> Daemon {
+        let mut child = cli_command()
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let stderr = std::sync::Arc::new(parking_lot::Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(
+            first.contains("listening on"),
+            "the daemon did not start: {first}{}",
+            stderr.lock()
+        );
+        Daemon {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            config: config.to_path_buf(),
+            stderr,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.take().unwrap().wait().unwrap()
+    }
+
+    fn logs(&self) -> String {
+        self.stderr.lock().clone()
+    }
+
+    /// `token-broker <args> --config <config>`.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        cli_command()
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 exchange on the socket, raw: the status and the body.
+#[allow(dead_code)]
+fn http(socket: &Path, request: &str) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[allow(dead_code)]
+fn get(socket: &Path, path: &str) -> (u16, String) {
+    http(
+        socket,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// The config text of one profile `codex` on `auth`, served on `socket`.
+fn config_text(socket: &Path, auth: &Path, url: &str, extra_daemon: &str) -> String {
+    format!(
+        "[daemon]\nsocket = {socket:?}\n{extra_daemon}\n[profiles.codex]\nprovider = \"codex\"\nauth_file = {auth:?}\ntoken_url = {url:?}\nwinner_wait = \"300ms\"\ntimeout = \"10s\"\n",
+    )
+}
+
+/// A provider, a Codex auth.json signed in with `lifetime`, and a config
+/// with one profile `codex` on it.
+fn setup(lifetime: f64, sim: SimConfig) -> (Fixture, PathBuf, PathBuf) {
+    let fx = Fixture::new(sim);
+    let issued = fx.sim.sign_in(lifetime);
+    let auth = fx.path("auth.json");
+    std::fs::write(&auth, codex_auth_json(&issued)).unwrap();
+    let socket = fx.path("run/tb.sock");
+    let config = fx.path("config.toml");
+    std::fs::write(&config, config_text(&socket, &auth, &fx.sim.token_url(), "")).unwrap();
+    (fx, config, socket)
+}
+
+/// Rewrites the daemon's configuration, sends SIGHUP and waits until the
+/// daemon has applied it (the `nth` reload of its life).
+#[allow(dead_code)]
+fn reload(daemon: &Daemon, text: &str, nth: usize) {
+    std::fs::write(&daemon.config, text).unwrap();
+    daemon.signal(libc::SIGHUP);
+    wait_until(Duration::from_secs(30), "the daemon reloaded", || {
+        daemon.logs().matches("reloaded the configuration").count() >= nth
+    });
+}
+
+/// In a forked child running as `uid`: connects to `path`, asks `first`
+/// (kept alive), reports on `report` whether it was answered 200, waits for
+/// a byte on `go`, asks `second` on the same connection and reports again.
+/// Only async-signal-safe calls (no allocation) between fork and `_exit`.
+///
+/// # Safety
+///
+/// Call only in the child of a `fork`.
+unsafe fn kept_alive_client(uid: u32, path: &[u8], first: &[u8], second: &[u8], report: i32, go: i32) -> ! {
+    unsafe {
+        if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+            libc::_exit(10);
+        }
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (i, b) in path.iter().enumerate() {
+            addr.sun_path[i] = *b as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
+            libc::_exit(11);
+        }
+        let timeout = libc::timeval { tv_sec: 30, tv_usec: 0 };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &timeout as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        for (round, request) in [first, second].into_iter().enumerate() {
+            if round == 1 {
+                let mut byte = 0u8;
+                libc::read(go, &mut byte as *mut u8 as *mut libc::c_void, 1);
+            }
+            let mut sent = 0;
+            while sent < request.len() {
+                let n = libc::write(
+                    fd,
+                    request[sent..].as_ptr() as *const libc::c_void,
+                    request.len() - sent,
+                );
+                if n <= 0 {
+                    break;
+                }
+                sent += n as usize;
+            }
+            // Read the whole answer: to `ok\n` (a kept-alive /healthz) or
+            // to the end of the connection.
+            let mut buf = [0u8; 8192];
+            let mut got = 0;
+            loop {
+                let n = libc::read(fd, buf[got..].as_mut_ptr() as *mut libc::c_void, buf.len() - got);
+                if n <= 0 {
+                    break;
+                }
+                got += n as usize;
+                if buf[..got].ends_with(b"\r\n\r\nok\n") || got == buf.len() {
+                    break;
+                }
+            }
+            let verdict: u8 = if buf[..got].starts_with(b"HTTP/1.1 200") { 1 } else { 2 };
+            libc::write(report, &verdict as *const u8 as *const libc::c_void, 1);
+        }
+        libc::_exit(0)
+    }
+}
+
+fn pipe() -> (i32, i32) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    (fds[0], fds[1])
+}
+
+/// What a client running as another user heard: whether each of its two
+/// requests on one kept-alive connection was answered 200 (1), answered
+/// otherwise or not at all (2), or never made (0, the child's exit code
+/// says why: 11 could not connect).
+#[derive(Debug, PartialEq, Eq)]
+struct OtherUser {
+    first: u8,
+    second: u8,
+    exit: i32,
+}
+
+/// Asks `first` and then, after `between` ran, `second` on one connection
+/// to `socket`, as `uid` (a forked child).
+fn as_other_user(uid: u32, socket: &Path, first: &str, second: &str, between: impl FnOnce()) -> OtherUser {
+    use std::os::unix::ffi::OsStrExt;
+    let path = socket.as_os_str().as_bytes().to_vec();
+    assert!(path.len() < 100, "the socket path fits a sockaddr_un");
+    let (first, second) = (first.as_bytes().to_vec(), second.as_bytes().to_vec());
+    let (report_read, report_write) = pipe();
+    let (go_read, go_write) = pipe();
+    // SAFETY: the child makes only async-signal-safe calls, then _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe { kept_alive_client(uid, &path, &first, &second, report_write, go_read) }
+    }
+    assert!(pid > 0, "fork");
+    // SAFETY: closes the child's ends here, so that a child that died is
+    // seen as the end of its pipe.
+    unsafe {
+        libc::close(report_write);
+        libc::close(go_read);
+    }
+    let verdict = || {
+        let mut byte = 0u8;
+        // SAFETY: reads one byte into a local.
+        let n = unsafe { libc::read(report_read, &mut byte as *mut u8 as *mut libc::c_void, 1) };
+        if n == 1 {
+            byte
+        } else {
+            0
+        }
+    };
+    let first = verdict();
+    if first == 1 {
+        between();
+    }
+    // SAFETY: writes one byte from a local; closes our own descriptors.
+    unsafe {
+        libc::write(go_write, b"g".as_ptr() as *const libc::c_void, 1);
+        libc::close(go_write);
+    }
+    let second = verdict();
+    // SAFETY: closes our own descriptor.
+    unsafe { libc::close(report_read) };
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    OtherUser {
+        first,
+        second,
+        exit: libc::WEXITSTATUS(status),
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A user other than the daemon's.
+const OTHER: u32 = 65534;
+
+const HEALTHZ_KEPT_ALIVE: &str = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+const TOKEN_AND_CLOSE: &str = "GET /v1/profiles/codex/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// A daemon started with `allowed_uids` must let those users reach its
+/// socket: the socket was made 0600 at start whatever `allowed_uids` said
+/// (only a reload that changed `allowed_uids` made it 0666), so an allowed
+/// user could not connect at all.
+#[test]
+fn a_user_in_allowed_uids_can_connect_to_a_daemon_just_started() {
+    use std::os::unix::fs::PermissionsExt;
+    let (fx, config, socket) = setup(3600.0, SimConfig::default());
+    // The other user must be able to reach the socket's folder.
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (auth, url) = (fx.path("auth.json"), fx.sim.token_url());
+    std::fs::write(
+        &config,
+        config_text(&socket, &auth, &url, &format!("allowed_uids = [{OTHER}]\n")),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config, &socket);
+    assert_eq!(mode(&socket), 0o666, "the allowed users can open the socket");
+    assert_eq!(
+        mode(&socket.with_file_name("")),
+        0o711,
+        "the folder is made traversable"
+    );
+    if is_root() {
+        let heard = as_other_user(OTHER, &socket, HEALTHZ_KEPT_ALIVE, TOKEN_AND_CLOSE, || {});
+        assert_eq!(
+            heard,
+            OtherUser {
+                first: 1,
+                second: 1,
+                exit: 0
+            },
+            "{}",
+            daemon.logs()
+        );
+    }
+    assert_eq!(daemon.stop().code(), Some(0));
+}

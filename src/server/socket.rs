@@ -44,7 +44,8 @@ impl Drop for OwnedSocket {
 }
 
 /// Takes the socket at `path`: checks (or makes) its private folder, takes
-/// the one-daemon lock, replaces a stale socket, binds with mode 0600.
+/// the one-daemon lock, replaces a stale socket, binds with mode 0600
+/// (0666 with `shared`).
 ///
 /// With `shared` (`allowed_uids` names other users), those users must be
 /// able to reach it: the folder may then be traversable by others (0711,
@@ -111,9 +112,9 @@ pub(crate) fn bind(path: &Path, shared: bool) -> Result<(std::os::unix::net::Uni
     let listener =
         std::os::unix::net::UnixListener::bind(path).map_err(|e| socket_err(format!("could not listen: {e}")))?;
     // The folder is private already; the mode keeps the socket so if it is
-    // ever moved or the folder opened up.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| socket_err(format!("could not set its mode: {e}")))?;
+    // ever moved or the folder opened up (0666 when others are allowed: the
+    // peer check keeps everyone else out).
+    set_access(path, shared).map_err(|e| socket_err(format!("could not set its mode: {e}")))?;
     let meta = std::fs::symlink_metadata(path).map_err(|e| socket_err(e.to_string()))?;
     listener.set_nonblocking(true).map_err(|e| socket_err(e.to_string()))?;
     Ok((

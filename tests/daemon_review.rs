@@ -150,7 +150,6 @@ fn setup(lifetime: f64, sim: SimConfig) -> (Fixture, PathBuf, PathBuf) {
 
 /// Rewrites the daemon's configuration, sends SIGHUP and waits until the
 /// daemon has applied it (the `nth` reload of its life).
-#[allow(dead_code)]
 fn reload(daemon: &Daemon, text: &str, nth: usize) {
     std::fs::write(&daemon.config, text).unwrap();
     daemon.signal(libc::SIGHUP);
@@ -346,5 +345,39 @@ fn a_user_in_allowed_uids_can_connect_to_a_daemon_just_started() {
             daemon.logs()
         );
     }
+    assert_eq!(daemon.stop().code(), Some(0));
+}
+
+/// Taking a user out of `allowed_uids` (and sending SIGHUP) must take the
+/// daemon away from that user, also on a connection it opened before: the
+/// peer check ran only when a connection was accepted, so a kept-alive
+/// connection went on getting tokens.
+#[test]
+fn a_user_taken_out_of_allowed_uids_gets_nothing_more_on_a_kept_alive_connection() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("skipped: connecting as another user needs root");
+        return;
+    }
+    let (fx, config, socket) = setup(3600.0, SimConfig::default());
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (auth, url) = (fx.path("auth.json"), fx.sim.token_url());
+    std::fs::write(
+        &config,
+        config_text(&socket, &auth, &url, &format!("allowed_uids = [{OTHER}]\n")),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config, &socket);
+    let heard = as_other_user(OTHER, &socket, HEALTHZ_KEPT_ALIVE, TOKEN_AND_CLOSE, || {
+        // The operator takes the user out again.
+        reload(&daemon, &config_text(&socket, &auth, &url, ""), 1);
+    });
+    assert_eq!(heard.first, 1, "the allowed user is served at first: {heard:?}");
+    assert_eq!(heard.exit, 0, "{heard:?}");
+    assert_ne!(
+        heard.second, 1,
+        "a user no longer in allowed_uids was handed a token on its kept-alive connection"
+    );
+    assert_eq!(mode(&socket), 0o600, "the socket is private again");
     assert_eq!(daemon.stop().code(), Some(0));
 }

@@ -307,8 +307,8 @@ impl Daemon {
                     continue;
                 }
             };
-            match stream.peer_cred() {
-                Ok(cred) if shared.allows(cred.uid()) => {}
+            let uid = match stream.peer_cred() {
+                Ok(cred) if shared.allows(cred.uid()) => cred.uid(),
                 Ok(cred) => {
                     shared.metrics.refused.inc();
                     tracing::warn!(
@@ -323,8 +323,16 @@ impl Daemon {
                     tracing::warn!(error = %e, "refused a connection whose peer is unknown");
                     continue;
                 }
-            }
-            tokio::spawn(serve_connection(stream, router.clone(), stopped.clone()));
+            };
+            tokio::spawn(serve_connection(
+                stream,
+                router.clone(),
+                Peer {
+                    uid,
+                    shared: shared.clone(),
+                },
+                stopped.clone(),
+            ));
         }
         // No new clients; the lock stays held until every broker has
         // stopped, so that no second daemon starts beside this one.
@@ -351,8 +359,51 @@ impl Daemon {
     }
 }
 
-async fn serve_connection(stream: tokio::net::UnixStream, router: axum::Router, mut stopping: watch::Receiver<bool>) {
-    let service = hyper_util::service::TowerToHyperService::new(router);
+/// A connection's peer user, checked again at every request: a reload may
+/// have taken it out of `allowed_uids` since the connection was accepted.
+struct Peer {
+    uid: u32,
+    shared: Arc<Shared>,
+}
+
+/// Why a request was not answered: its user is no longer allowed.
+#[derive(Debug)]
+struct NotAllowed;
+
+impl std::fmt::Display for NotAllowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the peer user is no longer allowed")
+    }
+}
+
+impl std::error::Error for NotAllowed {}
+
+async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    router: axum::Router,
+    peer: Peer,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let router = hyper_util::service::TowerToHyperService::new(router);
+    // A user taken out of allowed_uids gets nothing more: the connection is
+    // closed unanswered, as at accept.
+    let service = hyper::service::service_fn(move |request| {
+        let allowed = peer.shared.allows(peer.uid);
+        if !allowed {
+            peer.shared.metrics.refused.inc();
+            tracing::warn!(
+                uid = peer.uid,
+                "refused a request from a user no longer in [daemon] allowed_uids; closing its connection"
+            );
+        }
+        let answer = allowed.then(|| hyper::service::Service::call(&router, request));
+        async move {
+            match answer {
+                Some(answer) => answer.await.map_err(|never| match never {}),
+                None => Err(NotAllowed),
+            }
+        }
+    });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -9,7 +9,8 @@
 //! `~/.local/state/token-broker/token-broker.sock`) in a folder that is
 //! mode 0700 and owned by the daemon's user; the socket is mode 0600 and
 //! every connection's peer user (`SO_PEERCRED`) must be the daemon's or be
-//! listed in `[daemon] allowed_uids`. When `allowed_uids` names other users
+//! listed in `[daemon] allowed_uids` (checked again at every request, so
+//! that a reload that takes a user out applies to its open connections). When `allowed_uids` names other users
 //! they must be able to reach the socket: the folder may then be 0711
 //! (never writable by others) and the socket is 0666, and the peer check
 //! alone keeps everyone else out. Bodies are JSON.

@@ -120,7 +120,6 @@ fn http(socket: &Path, request: &str) -> (u16, String) {
     (status, body)
 }
 
-#[allow(dead_code)]
 fn get(socket: &Path, path: &str) -> (u16, String) {
     http(
         socket,
@@ -380,4 +379,42 @@ fn a_user_taken_out_of_allowed_uids_gets_nothing_more_on_a_kept_alive_connection
     );
     assert_eq!(mode(&socket), 0o600, "the socket is private again");
     assert_eq!(daemon.stop().code(), Some(0));
+}
+
+/// A reload that names another socket is not applied (the daemon keeps
+/// listening where it does); a later reload that changes `allowed_uids`
+/// must then change the mode of the socket it listens on, not of whatever
+/// the configuration names now: it made that file 0666 (here a private
+/// file, which became writable by everyone) and left the real socket 0600.
+#[test]
+fn a_reload_after_an_ignored_socket_change_sets_the_mode_of_the_socket_in_use() {
+    use std::os::unix::fs::PermissionsExt;
+    let (fx, config, socket) = setup(3600.0, SimConfig::default());
+    let (auth, url) = (fx.path("auth.json"), fx.sim.token_url());
+    let daemon = Daemon::start(&config, &socket);
+    let precious = fx.path("precious");
+    std::fs::write(&precious, "not a socket").unwrap();
+    std::fs::set_permissions(&precious, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    reload(&daemon, &config_text(&precious, &auth, &url, ""), 1);
+    assert!(
+        daemon.logs().contains("not applied until a restart"),
+        "{}",
+        daemon.logs()
+    );
+    reload(
+        &daemon,
+        &config_text(&precious, &auth, &url, &format!("allowed_uids = [{OTHER}]\n")),
+        2,
+    );
+    assert_eq!(
+        mode(&precious),
+        0o600,
+        "a file the daemon does not listen on is left alone"
+    );
+    assert_eq!(mode(&socket), 0o666, "the socket in use opens to the allowed users");
+    assert_eq!(get(&socket, "/healthz").0, 200);
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "not a socket");
+    assert_eq!(daemon.stop().code(), Some(0));
+    assert!(!socket.exists(), "the socket in use is removed at exit");
 }

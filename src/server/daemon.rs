@@ -448,17 +448,21 @@ impl DaemonControl {
         let shared = &self.shared;
         let _one_at_a_time = shared.reloading.lock().await;
         let mut report = ReloadReport::default();
-        if config.daemon.socket != shared.config.lock().daemon.socket {
+        let mut config = config;
+        // The socket in use stays the one in force: what the reload names
+        // applies at the next start, and nothing else is done to it.
+        let socket = shared.config.lock().daemon.socket.clone();
+        if config.daemon.socket != socket {
             report.ignored.push(format!(
                 "socket {} (applies at the next start)",
                 config.daemon.socket.display()
             ));
+            config.daemon.socket = socket.clone();
         }
         let was_shared = !shared.allowed_uids.read().is_empty();
         let is_shared = !config.daemon.allowed_uids.is_empty();
         *shared.allowed_uids.write() = config.daemon.allowed_uids.clone();
         if was_shared != is_shared {
-            let socket = shared.config.lock().daemon.socket.clone();
             if let Err(e) = super::socket::set_access(&socket, is_shared) {
                 tracing::warn!(socket = %socket.display(), error = %e, "could not change the socket's mode");
             }

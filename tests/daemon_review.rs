@@ -418,3 +418,87 @@ fn a_reload_after_an_ignored_socket_change_sets_the_mode_of_the_socket_in_use() 
     assert_eq!(daemon.stop().code(), Some(0));
     assert!(!socket.exists(), "the socket in use is removed at exit");
 }
+
+/// `token-broker <args> --config <config>` without the caller's daemon mode.
+fn cli_with(config: &Path, args: &[&str]) -> std::process::Output {
+    cli_command()
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .env_remove("TOKEN_BROKER_DAEMON")
+        .output()
+        .unwrap()
+}
+
+/// A profile is asked of the daemon by name, and a name means what the
+/// caller's configuration says: when the daemon on that socket serves
+/// another credential under the name (it was started from another file, or
+/// the file changed and nobody sent SIGHUP), it must not hand out its
+/// credential. It did: `token --profile codex` printed the daemon's account's
+/// token while this configuration names another file (and with `--daemon
+/// auto` a profile the daemon does not know yet was an error instead of
+/// being read here).
+#[test]
+fn the_daemon_never_hands_out_another_credential_than_the_callers_configuration_names() {
+    let fx = Fixture::codex();
+    let (daemons, mine) = (
+        fx.sim.sign_in_as("acct-daemon", 3600.0),
+        fx.sim.sign_in_as("acct-mine", 3600.0),
+    );
+    let (daemon_auth, my_auth) = (fx.path("daemon-auth.json"), fx.path("my-auth.json"));
+    std::fs::write(&daemon_auth, codex_auth_json(&daemons)).unwrap();
+    std::fs::write(&my_auth, codex_auth_json(&mine)).unwrap();
+    let socket = fx.path("run/tb.sock");
+    let url = fx.sim.token_url();
+    let daemon_config = fx.path("daemon.toml");
+    std::fs::write(&daemon_config, config_text(&socket, &daemon_auth, &url, "")).unwrap();
+    // The caller's configuration: the same socket, its own `codex`, and a
+    // profile the daemon does not serve.
+    let my_config = fx.path("mine.toml");
+    std::fs::write(
+        &my_config,
+        format!(
+            "{}\n[profiles.extra]\nprovider = \"codex\"\nauth_file = {my_auth:?}\ntoken_url = {url:?}\n",
+            config_text(&socket, &my_auth, &url, "")
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&daemon_config, &socket);
+
+    // The daemon's own configuration gets the daemon's credential.
+    let out = cli_with(&daemon_config, &["token", "--profile", "codex", "--daemon", "require"]);
+    assert_eq!(stdout(&out), format!("{}\n", daemons.access_token), "{}", stderr(&out));
+
+    // Mine gets mine: read here when the daemon serves another one.
+    for args in [
+        &["token", "--profile", "codex"][..],
+        &["token", "--profile", "codex", "--daemon", "auto", "--format", "json"],
+        &["token", "--profile", "extra"],
+    ] {
+        let out = cli_with(&my_config, args);
+        assert!(
+            !stdout(&out).contains(&daemons.access_token),
+            "{args:?}: the daemon's credential was handed out for this configuration's profile"
+        );
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(stdout(&out).contains(&mine.access_token), "{args:?}: {}", stdout(&out));
+    }
+    let out = cli_with(&my_config, &["status", "--profile", "codex", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["location"], my_auth.to_str().unwrap(), "{status}");
+
+    // Required, the daemon says no, as a usage error: the two
+    // configurations disagree.
+    let out = cli_with(
+        &my_config,
+        &["token", "--profile", "codex", "--daemon", "require", "--json"],
+    );
+    assert!(!stdout(&out).contains(&daemons.access_token));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let line: serde_json::Value = serde_json::from_str(stderr(&out).trim()).unwrap();
+    assert_eq!(line["error"]["kind"], "profile_mismatch", "{line}");
+
+    assert_eq!(fx.sim.counts().token_requests, 0, "valid tokens are never refreshed");
+    assert_eq!(daemon.stop().code(), Some(0));
+}

@@ -408,8 +408,19 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
             }
             let config = Config::load(cli.creds.config.as_deref()).map_err(CliError::Config)?;
             let settings = config.profiles.get(name).cloned();
+            // A profile this configuration file defines is asked for as the
+            // credential it names here: the daemon serves it only when its
+            // profile of that name is the same credential.
+            let expected = config
+                .source
+                .as_ref()
+                .and(settings.as_ref())
+                .map(Profile::credential_id);
             if cli.creds.daemon != DaemonMode::Never && !keep_fresh {
-                let client = daemon_client(&config, settings.as_ref());
+                let mut client = daemon_client(&config, settings.as_ref());
+                if let Some(id) = &expected {
+                    client = client.credential(id.clone());
+                }
                 let asked = tokio::select! {
                     asked = ask_daemon(&client, name, &cli.command, json) => asked,
                     signal = signals.recv() => return Err(CliError::Interrupted(signal)),
@@ -417,6 +428,15 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
                 match asked {
                     Err(ClientError::Unreachable { .. }) if cli.creds.daemon == DaemonMode::Auto => {
                         tracing::debug!(socket = %client.socket().display(), "no daemon answers: reading the credentials here");
+                    }
+                    // The daemon serves another credential under this name,
+                    // or none yet: read the one this configuration names here.
+                    Err(ClientError::Daemon { code, .. })
+                        if cli.creds.daemon == DaemonMode::Auto
+                            && expected.is_some()
+                            && matches!(code.as_str(), "profile_mismatch" | "unknown_profile") =>
+                    {
+                        tracing::debug!(%code, "the daemon does not serve this configuration's profile: reading the credentials here");
                     }
                     Err(ClientError::Unreachable { socket, why }) => {
                         return Err(CliError::NoDaemon { socket, why });

@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::daemon::{Shared, Slot, BODY_TIMEOUT, MAX_REQUEST_BYTES};
+use super::CREDENTIAL_HEADER;
 use crate::credentials::AccessToken;
 use crate::store::StoreError;
 use crate::BrokerError;
@@ -177,8 +178,25 @@ async fn profiles(State(shared): State<AppState>) -> Response {
     Json(json!({ "profiles": list })).into_response()
 }
 
-fn slot(shared: &Shared, name: &str) -> Result<Arc<Slot>, ApiError> {
-    shared.slot(name).ok_or_else(|| ApiError::unknown_profile(name))
+/// The profile `name`, when it names the credential the caller expects
+/// (its [`CREDENTIAL_HEADER`], when sent).
+fn slot(shared: &Shared, name: &str, headers: &HeaderMap) -> Result<Arc<Slot>, ApiError> {
+    let slot = shared.slot(name).ok_or_else(|| ApiError::unknown_profile(name))?;
+    if let Some(expected) = headers.get(CREDENTIAL_HEADER) {
+        if expected.as_bytes() != slot.credential_id.as_bytes() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "profile_mismatch",
+                format!(
+                    "the daemon's profile {} is another credential than the caller's configuration names \
+                     (another file, token endpoint or client id): make the two configurations agree and send \
+                     the daemon SIGHUP, or use --daemon never",
+                    slot.name
+                ),
+            ));
+        }
+    }
+    Ok(slot)
 }
 
 fn no_store(mut response: Response) -> Response {
@@ -188,8 +206,12 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
-async fn token(State(shared): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let slot = slot(&shared, &name)?;
+async fn token(
+    State(shared): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let slot = slot(&shared, &name, &headers)?;
     let broker = shared.broker(&slot).await?;
     let token = match broker.fresh_token() {
         Some(token) => token,
@@ -209,7 +231,7 @@ async fn reject(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let slot = slot(&shared, &name)?;
+    let slot = slot(&shared, &name, &headers)?;
     let rejected = read_rejected(&headers, body).await?;
     let broker = shared.broker(&slot).await?;
     let token = {
@@ -272,7 +294,7 @@ async fn status(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let slot = slot(&shared, &name)?;
+    let slot = slot(&shared, &name, &headers)?;
     let broker = shared.broker(&slot).await?;
     let status = broker.status().await?;
     let now = SystemTime::now();

@@ -67,6 +67,7 @@ pub enum ClientError {
 pub struct DaemonClient {
     socket: PathBuf,
     timeout: Duration,
+    credential: Option<String>,
 }
 
 impl DaemonClient {
@@ -76,7 +77,16 @@ impl DaemonClient {
         DaemonClient {
             socket: socket.into(),
             timeout: Duration::from_secs(120),
+            credential: None,
         }
+    }
+
+    /// Asks the daemon to answer only when the profile asked for is this
+    /// credential ([`Profile::credential_id`](super::config::Profile::credential_id)
+    /// of the caller's profile); else it answers `profile_mismatch`.
+    pub fn credential(mut self, credential_id: impl Into<String>) -> Self {
+        self.credential = Some(credential_id.into());
+        self
     }
 
     /// How long to wait for an answer.
@@ -176,6 +186,9 @@ impl DaemonClient {
                     hyper::header::USER_AGENT,
                     concat!("token-broker/", env!("CARGO_PKG_VERSION")),
                 );
+            if let Some(credential) = &self.credential {
+                request = request.header(super::CREDENTIAL_HEADER, credential.as_str());
+            }
             if let Some(accept) = accept {
                 request = request.header(hyper::header::ACCEPT, accept);
             }

@@ -228,6 +228,57 @@ impl Profile {
             .keep_fresh(self.keep_fresh))
     }
 
+    /// What identifies the credential this profile names, as this process
+    /// resolves it: the dialect, the credentials file (absolute, with
+    /// symlinks resolved when it exists; for codex without `auth_file`, as
+    /// `CODEX_HOME` or `HOME` says here), the token endpoint and the client
+    /// id, hashed (SHA-256, hex). A client sends it with its requests; the
+    /// daemon answers only when its own profile of that name resolves to
+    /// the same, so that a name never stands for another credential than
+    /// the caller's configuration says.
+    pub fn credential_id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::ffi::OsStrExt;
+        let codex = self.provider == Dialect::Codex;
+        let path = match &self.auth_file {
+            Some(path) => Some(path.clone()),
+            None if codex => crate::store::CodexAuthFile::default_path(),
+            None => None,
+        }
+        .map(|p| {
+            std::fs::canonicalize(&p)
+                .or_else(|_| std::path::absolute(&p))
+                .unwrap_or(p)
+        });
+        let token_url = match &self.token_url {
+            Some(url) => Some(url.clone()),
+            None if codex => Some(
+                std::env::var(crate::provider::CODEX_TOKEN_URL_ENV)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| crate::provider::CODEX_TOKEN_URL.to_owned()),
+            ),
+            None => None,
+        };
+        let client_id = match &self.client_id {
+            Some(id) => Some(id.clone()),
+            None if codex => Some(crate::provider::CODEX_CLIENT_ID.to_owned()),
+            None => None,
+        };
+        let mut hash = Sha256::new();
+        let parts: [&[u8]; 4] = [
+            if codex { b"codex" } else { b"oauth2" },
+            path.as_ref().map_or(&[][..], |p| p.as_os_str().as_bytes()),
+            token_url.as_deref().unwrap_or("").as_bytes(),
+            client_id.as_deref().unwrap_or("").as_bytes(),
+        ];
+        for part in parts {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     fn secret(&self) -> Result<Secret, BrokerError> {
         let var = self
             .client_secret_env

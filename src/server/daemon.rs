@@ -82,6 +82,8 @@ pub struct ReloadReport {
 pub(crate) struct Slot {
     pub(crate) name: String,
     pub(crate) profile: Profile,
+    /// [`Profile::credential_id`] as this daemon resolves it.
+    pub(crate) credential_id: String,
     /// Serializes starts, and marks a slot replaced by a reload.
     start: tokio::sync::Mutex<SlotState>,
     /// The last start's failure, and when.
@@ -430,6 +432,7 @@ impl Slot {
         Slot {
             name: name.to_owned(),
             profile: profile.clone(),
+            credential_id: profile.credential_id(),
             start: tokio::sync::Mutex::new(SlotState::default()),
             failure: Mutex::new(None),
             meta: Mutex::new(None),

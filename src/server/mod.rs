@@ -24,6 +24,12 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /healthz` | `ok` |
 //!
+//! A request for a profile may carry [`CREDENTIAL_HEADER`], the caller's
+//! [`Profile::credential_id`](config::Profile::credential_id) of it: the
+//! daemon then answers only when its profile of that name is the same
+//! credential (else `profile_mismatch`), so that one name never stands for
+//! two credentials.
+//!
 //! Errors are `{"error": code, "message": what to do}`; the message never
 //! quotes a token. The codes and their statuses:
 //!
@@ -36,6 +42,7 @@
 //! | `bad_credentials_file` | 500 | 3 |
 //! | `write_failed`, `bad_profile` | 500 | 1 |
 //! | `account_changed` | 409 | 1 |
+//! | `profile_mismatch` | 409 | 2 (`--daemon auto`: read here) |
 //! | `bad_request` | 400 | 1 |
 //! | `payload_too_large` | 413 | 1 |
 
@@ -45,6 +52,10 @@ use serde_json::json;
 
 use crate::credentials::{format_rfc3339, parse_rfc3339, AccessToken};
 use crate::status::Status;
+
+/// The request header carrying the credential the caller expects of the
+/// profile it names (see [`config::Profile::credential_id`]).
+pub const CREDENTIAL_HEADER: &str = "token-broker-credential";
 
 mod api;
 pub mod client;

@@ -502,3 +502,53 @@ fn the_daemon_never_hands_out_another_credential_than_the_callers_configuration_
     assert_eq!(fx.sim.counts().token_requests, 0, "valid tokens are never refreshed");
     assert_eq!(daemon.stop().code(), Some(0));
 }
+
+/// A daemon that accepts connections and never answers (stopped with
+/// SIGSTOP, or stuck) is a daemon that does not answer: `--daemon auto`
+/// must read the credentials here, and `--daemon require` fail with exit 5
+/// (try again later), as for no daemon at all. Both failed with exit 1
+/// ("answered badly") once the client's wait ran out.
+#[test]
+fn a_daemon_that_never_answers_is_no_daemon() {
+    use std::os::unix::fs::DirBuilderExt;
+    let fx = Fixture::codex();
+    let issued = fx.sim.sign_in(3600.0);
+    let auth = fx.write_codex(&issued);
+    let socket = fx.path("run/tb.sock");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(socket.parent().unwrap())
+        .unwrap();
+    // A short client wait: 2 × (1 s + grace) + 15 s.
+    let config = fx.path("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = {socket:?}\n\n[profiles.codex]\nprovider = \"codex\"\nauth_file = {auth:?}\ntoken_url = {url:?}\nwinner_wait = \"0s\"\ntimeout = \"1s\"\n",
+            url = fx.sim.token_url()
+        ),
+    )
+    .unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let asked = |mode: &'static str| {
+        let config = config.clone();
+        std::thread::spawn(move || cli_with(&config, &["token", "--profile", "codex", "--daemon", mode]))
+    };
+    let (auto, require) = (asked("auto"), asked("require"));
+    let (auto, require) = (auto.join().unwrap(), require.join().unwrap());
+    assert_eq!(auto.status.code(), Some(0), "{}", stderr(&auto));
+    assert_eq!(stdout(&auto), format!("{}\n", issued.access_token));
+    assert_eq!(require.status.code(), Some(5), "{}", stderr(&require));
+    assert!(
+        stderr(&require).contains("no token-broker daemon answers"),
+        "{}",
+        stderr(&require)
+    );
+    assert!(stdout(&require).is_empty());
+}

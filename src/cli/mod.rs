@@ -55,8 +55,8 @@ pub(crate) fn daemon_exit_code(e: &ClientError) -> i32 {
             "provider_unavailable" | "store_busy" | "store_unavailable" | "stopping" => 5,
             _ => 1,
         },
-        // No daemon (only reported with --daemon require), or no answer in
-        // time: try again later.
+        // No daemon, or none answering in time (only reported with
+        // --daemon require): try again later.
         ClientError::Unreachable { .. } => 5,
         ClientError::Protocol { .. } => 1,
     }

@@ -31,8 +31,9 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// Why the daemon did not hand out what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// No daemon answers on the socket (none runs, or it refused this
-    /// user): a caller may fall back to reading the credentials itself.
+    /// No daemon answers on the socket (none runs, it refused this user, or
+    /// it did not answer within the client's timeout: stopped or stuck): a
+    /// caller may fall back to reading the credentials itself.
     #[error("no token-broker daemon answers on {socket}: {why}")]
     Unreachable {
         /// The socket.
@@ -52,7 +53,7 @@ pub enum ClientError {
         /// `Retry-After`, when given.
         retry_after: Option<Duration>,
     },
-    /// The daemon's answer made no sense, or did not come in time.
+    /// The daemon's answer made no sense.
     #[error("the daemon on {socket} answered badly: {why}")]
     Protocol {
         /// The socket.
@@ -226,7 +227,8 @@ impl DaemonClient {
         };
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(self.protocol(&format!(
+            // Stopped (SIGSTOP) or stuck: as good as no daemon.
+            Err(_) => Err(self.unreachable(format_args!(
                 "no answer within {}",
                 crate::status::human_duration(self.timeout)
             ))),

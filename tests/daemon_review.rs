@@ -552,3 +552,38 @@ fn a_daemon_that_never_answers_is_no_daemon() {
     );
     assert!(stdout(&require).is_empty());
 }
+
+/// Configuration errors never quote a value, in case a secret was pasted
+/// where it does not belong; a key that does not look like one is left out
+/// too. A profile name that cannot be one (a token pasted as a table name)
+/// was quoted whole.
+#[test]
+fn a_secret_pasted_as_a_profile_name_is_not_quoted_in_the_error() {
+    use token_broker::server::config::Config;
+    let secret = "sk-proj-SECRETVALUE0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEF";
+    let fx = Fixture::codex();
+    for text in [
+        format!("[profiles.{secret}]\nprovider = \"codex\"\n"),
+        format!("[profiles.\"Bearer {secret}\"]\nprovider = \"codex\"\n"),
+        format!(
+            "[profiles.\"{}\"]\nprovider = \"codex\"\n",
+            &secret[..40].replace('-', "+")
+        ),
+    ] {
+        let e = Config::parse(&text, None).unwrap_err();
+        let shown = format!("{e} {e:?}");
+        assert!(shown.contains("profile name"), "{shown}");
+        assert!(!shown.contains("SECRETVALUE"), "{shown}");
+        // The same through the command line.
+        let config = fx.path("config.toml");
+        std::fs::write(&config, &text).unwrap();
+        for args in [&["serve"][..], &["token", "--profile", "x", "--daemon", "never"]] {
+            let out = cli_with(&config, args);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+            assert!(!stderr(&out).contains("SECRETVALUE"), "{args:?}: {}", stderr(&out));
+        }
+    }
+    // A short bad name is still shown, to be found and fixed.
+    let e = Config::parse("[profiles.\"a/b\"]\nprovider = \"codex\"\n", None).unwrap_err();
+    assert!(e.to_string().contains("a/b"), "{e}");
+}

@@ -369,7 +369,7 @@ impl Config {
         };
         let mut profiles = BTreeMap::new();
         for (name, raw) in raw.profiles {
-            check_profile_name(&name).map_err(|m| invalid(format!("[profiles.{}]: {m}", name.escape_debug())))?;
+            check_profile_name(&name).map_err(|m| invalid(format!("[profiles.{}]: {m}", shown_name(&name))))?;
             let profile = raw
                 .into_profile(&resolve)
                 .map_err(|m| invalid(format!("[profiles.{name}] {m}")))?;
@@ -429,6 +429,17 @@ pub fn check_profile_name(name: &str) -> Result<(), String> {
         Err(format!(
             "a profile name is 1 to {MAX_PROFILE_NAME} letters, digits, '_', '-' or '.', not starting with '.'"
         ))
+    }
+}
+
+/// A bad profile name as an error shows it: escaped, and only when it is
+/// short, as a key is (a long one may be a secret pasted as a table name).
+fn shown_name(name: &str) -> String {
+    let length = name.chars().count();
+    if length <= 32 {
+        name.escape_debug().to_string()
+    } else {
+        format!("… (a name of {length} characters)")
     }
 }
 

@@ -587,3 +587,39 @@ fn a_secret_pasted_as_a_profile_name_is_not_quoted_in_the_error() {
     let e = Config::parse("[profiles.\"a/b\"]\nprovider = \"codex\"\n", None).unwrap_err();
     assert!(e.to_string().contains("a/b"), "{e}");
 }
+
+/// Every error the socket answers is `{"error": code, "message": ...}`, as
+/// documented: a profile name that is not UTF-8 once decoded, and a method
+/// a route does not take, were answered in plain text or with no body.
+#[test]
+fn every_error_answer_is_the_documented_json() {
+    let (_fx, config, socket) = setup(3600.0, SimConfig::default());
+    let daemon = Daemon::start(&config, &socket);
+    for (request, status, code) in [
+        ("GET /v1/profiles/%FF/token HTTP/1.1", 400, "bad_request"),
+        ("GET /v1/profiles/%C3%28/status HTTP/1.1", 400, "bad_request"),
+        ("POST /v1/profiles/%FF/reject HTTP/1.1", 400, "bad_request"),
+        ("OPTIONS /v1/profiles/codex/token HTTP/1.1", 405, "method_not_allowed"),
+        ("DELETE /v1/profiles/codex/token HTTP/1.1", 405, "method_not_allowed"),
+        ("BREW /healthz HTTP/1.1", 405, "method_not_allowed"),
+        ("GET /v1/profiles/codex/reject HTTP/1.1", 405, "method_not_allowed"),
+        ("GET /nope HTTP/1.1", 404, "not_found"),
+    ] {
+        let (got, body) = http(
+            &socket,
+            &format!("{request}\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(got, status, "{request}: {body}");
+        let json: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("{request}: not JSON: {body:?}"));
+        assert_eq!(json["error"], code, "{request}: {json}");
+        assert!(
+            json["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{request}: {json}"
+        );
+    }
+    // The metrics still count these by route template, never by raw path.
+    let (_, metrics) = get(&socket, "/metrics");
+    assert!(!metrics.contains("%FF") && !metrics.contains("/nope"), "{metrics}");
+    assert_eq!(daemon.stop().code(), Some(0));
+}

@@ -29,6 +29,7 @@ pub(super) fn router(shared: AppState) -> Router {
         .route("/v1/profiles/{name}/reject", post(reject))
         .route("/v1/profiles/{name}/status", get(status))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(shared.clone(), observe))
         .with_state(shared)
 }
@@ -146,6 +147,33 @@ async fn not_found() -> ApiError {
     )
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "the route does not take this method: GET, or POST for /v1/profiles/{name}/reject",
+    )
+}
+
+/// The `{name}` of a profile route, or a JSON `bad_request` when it does
+/// not decode to UTF-8.
+struct ProfileName(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ProfileName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(name)) => Ok(ProfileName(name)),
+            Err(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the profile name in the path is not percent-encoded UTF-8",
+            )),
+        }
+    }
+}
+
 async fn metrics(State(shared): State<AppState>) -> Response {
     let text = shared.metrics.render(&shared).await;
     (
@@ -208,7 +236,7 @@ fn no_store(mut response: Response) -> Response {
 
 async fn token(
     State(shared): State<AppState>,
-    Path(name): Path<String>,
+    ProfileName(name): ProfileName,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let slot = slot(&shared, &name, &headers)?;
@@ -227,7 +255,7 @@ async fn token(
 
 async fn reject(
     State(shared): State<AppState>,
-    Path(name): Path<String>,
+    ProfileName(name): ProfileName,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -291,7 +319,7 @@ async fn read_rejected(headers: &HeaderMap, body: Body) -> Result<AccessToken, A
 
 async fn status(
     State(shared): State<AppState>,
-    Path(name): Path<String>,
+    ProfileName(name): ProfileName,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let slot = slot(&shared, &name, &headers)?;

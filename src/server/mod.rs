@@ -45,6 +45,7 @@
 //! | `profile_mismatch` | 409 | 2 (`--daemon auto`: read here) |
 //! | `bad_request` | 400 | 1 |
 //! | `payload_too_large` | 413 | 1 |
+//! | `not_found` (no such route), `method_not_allowed` | 404, 405 | 1 |
 
 use std::time::SystemTime;
 

@@ -623,3 +623,43 @@ fn every_error_answer_is_the_documented_json() {
     assert!(!metrics.contains("%FF") && !metrics.contains("/nope"), "{metrics}");
     assert_eq!(daemon.stop().code(), Some(0));
 }
+
+/// Every error is one line on stderr, also when a path in it holds a
+/// newline (shown quoted and escaped, as the credentials file's errors
+/// are): the configuration's and the socket's paths were printed raw, so
+/// that a file name could split or forge a line of output.
+#[test]
+fn an_error_naming_a_path_with_a_newline_is_one_line() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let fx = Fixture::codex();
+    let forged = "a\ntoken-broker: all is well";
+    let odd = fx.path(forged);
+    std::fs::DirBuilder::new().mode(0o700).create(&odd).unwrap();
+    let one_line = |out: &std::process::Output, what: &str| {
+        let text = stderr(out);
+        assert_ne!(out.status.code(), Some(0), "{what}: {text}");
+        assert_eq!(text.trim_end().lines().count(), 1, "{what}: {text}");
+        assert!(!text.contains("\ntoken-broker: all is well"), "{what}: {text}");
+    };
+    // A configuration file that is missing, and one that does not parse.
+    let config = odd.join("config.toml");
+    one_line(
+        &cli_with(&config, &["token", "--profile", "x", "--daemon", "never"]),
+        "missing config",
+    );
+    std::fs::write(&config, "[profiles.a]\nprovider = \"codex\"\nrefresh_ahaed = \"1m\"\n").unwrap();
+    one_line(&cli_with(&config, &["serve"]), "bad config");
+    // A socket in that folder: no daemon answers, and one that cannot
+    // start because the folder is open to others.
+    let issued = fx.sim.sign_in(3600.0);
+    let auth = fx.write_codex(&issued);
+    let socket = odd.join("tb.sock");
+    let config = fx.path("config.toml");
+    std::fs::write(&config, config_text(&socket, &auth, &fx.sim.token_url(), "")).unwrap();
+    one_line(
+        &cli_with(&config, &["token", "--profile", "codex", "--daemon", "require"]),
+        "no daemon",
+    );
+    std::fs::set_permissions(&odd, std::fs::Permissions::from_mode(0o755)).unwrap();
+    one_line(&cli_with(&config, &["serve"]), "open folder");
+}

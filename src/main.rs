@@ -564,7 +564,7 @@ fn serve(creds: &CredentialArgs, explicit: &[&'static str]) -> Result<(), CliErr
         writeln!(
             std::io::stdout(),
             "token-broker: listening on {} ({} profile{}: {})",
-            daemon.socket().display(),
+            token_broker::store::display_path(daemon.socket()),
             profiles.len(),
             if profiles.len() == 1 { "" } else { "s" },
             profiles.join(", ")
@@ -952,7 +952,7 @@ fn error_line(json: bool, e: &CliError) -> String {
             "no_daemon",
             format!(
                 "no token-broker daemon answers on {} ({why}): start `token-broker serve`, or use --daemon auto",
-                socket.display()
+                token_broker::store::display_path(socket)
             ),
         ),
         CliError::Daemon(e) => (cli::daemon_kind(e), e.to_string()),

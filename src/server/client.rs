@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 
 use super::TokenReply;
 use crate::credentials::AccessToken;
+use crate::store::display_path;
 
 /// The largest answer read from the daemon.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
@@ -34,7 +35,7 @@ pub enum ClientError {
     /// No daemon answers on the socket (none runs, it refused this user, or
     /// it did not answer within the client's timeout: stopped or stuck): a
     /// caller may fall back to reading the credentials itself.
-    #[error("no token-broker daemon answers on {socket}: {why}")]
+    #[error("no token-broker daemon answers on {}: {why}", display_path(.socket))]
     Unreachable {
         /// The socket.
         socket: PathBuf,
@@ -54,7 +55,7 @@ pub enum ClientError {
         retry_after: Option<Duration>,
     },
     /// The daemon's answer made no sense.
-    #[error("the daemon on {socket} answered badly: {why}")]
+    #[error("the daemon on {} answered badly: {why}", display_path(.socket))]
     Protocol {
         /// The socket.
         socket: PathBuf,

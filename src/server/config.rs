@@ -48,6 +48,7 @@ use serde::Deserialize;
 use crate::credentials::Secret;
 use crate::defaults::{DEFAULT_HTTP_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_WINNER_WAIT};
 use crate::provider::ClientAuth;
+use crate::store::display_path;
 use crate::{BrokerBuilder, BrokerError, Dialect, TokenBroker};
 
 /// The variable naming the configuration file.
@@ -67,13 +68,13 @@ const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file named by `--config` or `$TOKEN_BROKER_CONFIG` does not exist.
-    #[error("the configuration file {path} does not exist")]
+    #[error("the configuration file {} does not exist", display_path(.path))]
     NotFound {
         /// The file.
         path: PathBuf,
     },
     /// The file could not be read.
-    #[error("could not read the configuration file {path}: {source}")]
+    #[error("could not read the configuration file {}: {source}", display_path(.path))]
     Read {
         /// The file.
         path: PathBuf,
@@ -104,7 +105,7 @@ pub enum ConfigError {
 
 fn at(path: &Option<PathBuf>) -> String {
     match path {
-        Some(p) => format!("{}: ", p.display()),
+        Some(p) => format!("{}: ", display_path(p)),
         None => String::new(),
     }
 }

@@ -20,6 +20,7 @@ use super::metrics::{Metrics, ProfileMetrics};
 use super::socket::OwnedSocket;
 use super::TokenReply;
 use crate::credentials::AccessToken;
+use crate::store::display_path;
 use crate::{BrokerError, Brokers, TokenBroker};
 
 /// How long a client may take to send a request's head (and how long an
@@ -40,13 +41,13 @@ const RESTART_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// Another daemon serves this socket.
-    #[error("another token-broker daemon already listens on {path}; stop it first (or choose another socket)")]
+    #[error("another token-broker daemon already listens on {}; stop it first (or choose another socket)", display_path(.path))]
     AlreadyRunning {
         /// The socket.
         path: PathBuf,
     },
     /// The socket could not be made.
-    #[error("socket {path}: {message}")]
+    #[error("socket {}: {message}", display_path(.path))]
     Socket {
         /// The socket.
         path: PathBuf,
@@ -458,7 +459,7 @@ impl DaemonControl {
         if config.daemon.socket != socket {
             report.ignored.push(format!(
                 "socket {} (applies at the next start)",
-                config.daemon.socket.display()
+                display_path(&config.daemon.socket)
             ));
             config.daemon.socket = socket.clone();
         }

@@ -663,3 +663,109 @@ fn an_error_naming_a_path_with_a_newline_is_one_line() {
     std::fs::set_permissions(&odd, std::fs::Permissions::from_mode(0o755)).unwrap();
     one_line(&cli_with(&config, &["serve"]), "open folder");
 }
+
+/// Starts a refresh in the daemon (a reject of the token in force, with a
+/// slow provider) and waits until the provider has the request.
+fn refresh_under_way(fx: &Fixture, socket: &Path) -> (String, std::thread::JoinHandle<(u16, String)>) {
+    let before = read_json(&fx.path("auth.json"))["tokens"].clone();
+    let access = before["access_token"].as_str().unwrap().to_owned();
+    let socket = socket.to_path_buf();
+    let body = serde_json::json!({ "access_token": access }).to_string();
+    let caller = std::thread::spawn(move || {
+        http(
+            &socket,
+            &format!(
+                "POST /v1/profiles/codex/reject HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    });
+    wait_until(Duration::from_secs(30), "the provider has the refresh", || {
+        fx.sim.concurrent_token_requests() >= 1
+    });
+    (before["refresh_token"].as_str().unwrap().to_owned(), caller)
+}
+
+/// The rotated tokens of a refresh under way reach the file.
+fn assert_rotated_on_disk(fx: &Fixture, spent: &str) {
+    let now = read_json(&fx.path("auth.json"))["tokens"].clone();
+    let refresh = now["refresh_token"].as_str().unwrap();
+    assert_ne!(refresh, spent, "the rotated refresh token reached the file");
+    assert!(fx.sim.is_unspent(refresh), "the file's refresh token is the live one");
+    assert!(fx.sim.is_live(now["access_token"].as_str().unwrap()));
+    assert_eq!(fx.sim.counts().refreshed, 1, "one refresh");
+}
+
+/// SIGTERM while the provider is answering a refresh: the daemon lets it
+/// reach the file before it exits 0.
+#[test]
+fn a_daemon_stopped_during_a_refresh_writes_the_rotated_tokens_and_exits_0() {
+    let (fx, config, socket) = setup(
+        3600.0,
+        SimConfig {
+            latency: Duration::from_millis(1500),
+            ..SimConfig::default()
+        },
+    );
+    let daemon = Daemon::start(&config, &socket);
+    let (spent, caller) = refresh_under_way(&fx, &socket);
+    let logs = daemon.stderr.clone();
+    let status = daemon.stop();
+    assert_eq!(status.code(), Some(0), "{}", logs.lock());
+    assert_rotated_on_disk(&fx, &spent);
+    assert!(!socket.exists());
+    let (code, body) = caller.join().unwrap();
+    // The caller heard the new token, or to try again; never a spent one.
+    assert!(matches!(code, 0 | 200 | 503), "{code} {body}");
+}
+
+/// A reload that removes a profile while its refresh is under way stops it
+/// only once the rotated tokens are in the file; the daemon serves on.
+#[test]
+fn a_profile_removed_during_its_refresh_keeps_the_rotated_tokens() {
+    let (fx, config, socket) = setup(
+        3600.0,
+        SimConfig {
+            latency: Duration::from_millis(1500),
+            ..SimConfig::default()
+        },
+    );
+    let daemon = Daemon::start(&config, &socket);
+    let (spent, caller) = refresh_under_way(&fx, &socket);
+    let other = fx.path("other.json");
+    std::fs::write(&other, codex_auth_json(&fx.sim.sign_in_as("acct-other", 3600.0))).unwrap();
+    reload(
+        &daemon,
+        &format!(
+            "[daemon]\nsocket = {socket:?}\n\n[profiles.other]\nprovider = \"codex\"\nauth_file = {other:?}\ntoken_url = {url:?}\n",
+            url = fx.sim.token_url()
+        ),
+        1,
+    );
+    assert_rotated_on_disk(&fx, &spent);
+    let (code, body) = caller.join().unwrap();
+    assert!(matches!(code, 200 | 503), "{code} {body}");
+    assert_eq!(get(&socket, "/v1/profiles/codex/token").0, 404);
+    assert_eq!(get(&socket, "/v1/profiles/other/token").0, 200);
+    assert!(!daemon.logs().contains("lost rotated tokens"), "{}", daemon.logs());
+    assert_eq!(daemon.stop().code(), Some(0));
+}
+
+/// The daemon's log goes to a journal or a file far more often than to a
+/// terminal: it must be plain text there. It was coloured with terminal
+/// escapes whatever stderr was (`[2m2026-…[0m [32m INFO[0m` in
+/// `journalctl`).
+#[test]
+fn the_daemons_log_to_a_pipe_has_no_terminal_escapes() {
+    let (_fx, config, socket) = setup(3600.0, SimConfig::default());
+    let daemon = Daemon::start_with(&config, &socket, "debug");
+    assert_eq!(get(&socket, "/v1/profiles/codex/token").0, 200);
+    daemon.signal(libc::SIGHUP);
+    wait_until(Duration::from_secs(30), "a reload", || {
+        daemon.logs().contains("reloaded the configuration")
+    });
+    let logs = daemon.logs();
+    assert!(!logs.contains('\x1b'), "{logs:?}");
+    assert!(logs.contains("unchanged=1"), "{logs}");
+    assert_eq!(daemon.stop().code(), Some(0));
+}

@@ -769,3 +769,50 @@ fn the_daemons_log_to_a_pipe_has_no_terminal_escapes() {
     assert!(logs.contains("unchanged=1"), "{logs}");
     assert_eq!(daemon.stop().code(), Some(0));
 }
+
+/// A storm of SIGHUPs with an unchanged configuration restarts nothing:
+/// callers asking meanwhile get the same token, never an error; a SIGHUP
+/// and a SIGTERM at once still stop the daemon with exit 0.
+#[test]
+fn a_sighup_storm_changes_nothing_for_callers() {
+    let (fx, config, socket) = setup(3600.0, SimConfig::default());
+    let daemon = Daemon::start(&config, &socket);
+    let token = read_json(&fx.path("auth.json"))["tokens"]["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..3)
+        .map(|_| {
+            let (socket, stop) = (socket.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    answers.push(get(&socket, "/v1/profiles/codex/token"));
+                }
+                answers
+            })
+        })
+        .collect();
+    for _ in 0..30 {
+        daemon.signal(libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_until(Duration::from_secs(30), "a reload", || {
+        daemon.logs().contains("reloaded the configuration")
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for caller in callers {
+        for (code, body) in caller.join().unwrap() {
+            assert_eq!(code, 200, "{body}");
+            assert!(body.contains(&token), "{body}");
+        }
+    }
+    let logs = daemon.logs();
+    assert!(logs.contains("unchanged=1"), "{logs}");
+    assert!(!logs.contains("restarted=[\"codex\"]"), "{logs}");
+    daemon.signal(libc::SIGHUP);
+    let logs = daemon.stderr.clone();
+    assert_eq!(daemon.stop().code(), Some(0), "{}", logs.lock());
+    assert_eq!(fx.sim.counts().token_requests, 0);
+}

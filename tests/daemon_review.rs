@@ -816,3 +816,118 @@ fn a_sighup_storm_changes_nothing_for_callers() {
     assert_eq!(daemon.stop().code(), Some(0), "{}", logs.lock());
     assert_eq!(fx.sim.counts().token_requests, 0);
 }
+
+/// In a forked child running as `uid`: makes the folder `dir` (0711),
+/// listens on `socket` in it, says so on `ready`, and answers one
+/// connection with `answer`. Only async-signal-safe calls.
+///
+/// # Safety
+///
+/// Call only in the child of a `fork`.
+unsafe fn posing_daemon(uid: u32, dir: &[u8], socket: &[u8], answer: &[u8], ready: i32) -> ! {
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+            libc::_exit(10);
+        }
+        libc::mkdir(dir.as_ptr() as *const libc::c_char, 0o711);
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (i, b) in socket.iter().take_while(|b| **b != 0).enumerate() {
+            addr.sun_path[i] = *b as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        if libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 || libc::listen(fd, 8) != 0 {
+            libc::_exit(11);
+        }
+        libc::chmod(socket.as_ptr() as *const libc::c_char, 0o666);
+        libc::write(ready, b"r".as_ptr() as *const libc::c_void, 1);
+        let client = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
+        let mut buf = [0u8; 4096];
+        let mut got = 0;
+        while got < buf.len() {
+            let n = libc::read(client, buf[got..].as_mut_ptr() as *mut libc::c_void, buf.len() - got);
+            if n <= 0 {
+                break;
+            }
+            got += n as usize;
+            if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        libc::write(client, answer.as_ptr() as *const libc::c_void, answer.len());
+        libc::close(client);
+        libc::_exit(0)
+    }
+}
+
+/// The client trusts whatever listens on the configured socket: another
+/// user who makes the socket's folder first (here in a folder everyone may
+/// write, as `/tmp` is) can pose as the daemon and hand out a token of its
+/// choosing (and would be told the tokens a caller rejects). The daemon's
+/// user (or root, or the owner of a folder nobody else could have made) is
+/// the only one to ask; anyone else is no daemon.
+#[test]
+fn a_socket_served_by_another_user_in_a_shared_folder_is_not_asked() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("skipped: posing as another user needs root");
+        return;
+    }
+    let fx = Fixture::codex();
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let issued = fx.sim.sign_in(3600.0);
+    let auth = fx.write_codex(&issued);
+    let shared = fx.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let dir = shared.join("tb");
+    let socket = dir.join("tb.sock");
+    let config = fx.path("config.toml");
+    std::fs::write(&config, config_text(&socket, &auth, &fx.sim.token_url(), "")).unwrap();
+
+    let body = r#"{"access_token":"posed-token","token_type":"Bearer","expires_at":null,"account_id":null}"#;
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let nul = |p: &Path| {
+        let mut bytes = p.as_os_str().as_bytes().to_vec();
+        bytes.push(0);
+        bytes
+    };
+    let (dir_c, socket_c) = (nul(&dir), nul(&socket));
+    assert!(socket_c.len() < 100);
+    let (ready_read, ready_write) = pipe();
+    // SAFETY: the child makes only async-signal-safe calls, then _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe { posing_daemon(OTHER, &dir_c, &socket_c, &answer, ready_write) }
+    }
+    assert!(pid > 0, "fork");
+    let mut byte = 0u8;
+    // SAFETY: our own descriptors and a local byte.
+    unsafe {
+        libc::close(ready_write);
+        assert_eq!(
+            libc::read(ready_read, &mut byte as *mut u8 as *mut libc::c_void, 1),
+            1,
+            "the poser listens"
+        );
+    }
+    let out = cli_with(&config, &["token", "--profile", "codex"]);
+    // SAFETY: stops and reaps our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    assert!(
+        !stdout(&out).contains("posed-token"),
+        "the poser's token was handed out"
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{}\n", issued.access_token));
+}

@@ -163,6 +163,39 @@ impl DaemonClient {
         }
     }
 
+    /// The daemon asked must be this user's, root's, or that of the user
+    /// who owns the socket's folder when nobody else could have made that
+    /// folder (neither it nor its parent is writable by others): anyone
+    /// else listening there (a folder made first in a shared place such as
+    /// `/tmp`) is no daemon, never asked.
+    fn check_server(&self, stream: &tokio::net::UnixStream) -> Result<(), ClientError> {
+        use std::os::unix::fs::MetadataExt;
+        let server = stream.peer_cred().map_err(|e| self.unreachable(e))?.uid();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if server == me || server == 0 {
+            return Ok(());
+        }
+        let private = |path: &Path| std::fs::metadata(path).ok().filter(|m| m.mode() & 0o022 == 0);
+        let folder = self
+            .socket
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let owned = private(folder).is_some_and(|m| m.uid() == server)
+            && folder
+                .canonicalize()
+                .ok()
+                .and_then(|f| f.parent().map(Path::to_path_buf))
+                .is_some_and(|parent| private(&parent).is_some());
+        if owned {
+            return Ok(());
+        }
+        Err(self.unreachable(format_args!(
+            "the socket is served by uid {server}, neither this user, root, nor the owner of a folder only it could have made; not asking it"
+        )))
+    }
+
     async fn call(
         &self,
         method: Method,
@@ -173,6 +206,7 @@ impl DaemonClient {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| self.unreachable(e))?;
+        self.check_server(&stream)?;
         let exchange = async {
             let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await

@@ -931,3 +931,59 @@ fn a_socket_served_by_another_user_in_a_shared_folder_is_not_asked() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), format!("{}\n", issued.access_token));
 }
+
+/// `client_secret_env` names the variable holding the client secret; a
+/// tired operator pastes the secret itself there. It must then never be
+/// shown: the error that the variable is unset quoted it, in the CLI's
+/// error, the daemon's log and its API answers to every caller.
+#[test]
+fn a_secret_pasted_as_client_secret_env_is_never_shown() {
+    let (fx, _, socket) = setup(3600.0, SimConfig::default());
+    let config = fx.path("corp.toml");
+    for pasted in [
+        "sk-live-SECRETVALUE-0123456789abcdef",
+        "SECRETVALUE9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c",
+        "secretvalue_0123456789",
+    ] {
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nsocket = {socket:?}\n\n[profiles.corp]\nprovider = \"oauth2\"\nauth_file = {auth:?}\ntoken_url = {url:?}\nclient_id = \"c\"\nclient_auth = \"basic\"\nclient_secret_env = {pasted:?}\n",
+                auth = fx.path("oauth.json"),
+                url = fx.sim.token_url(),
+            ),
+        )
+        .unwrap();
+        let out = cli_with(&config, &["token", "--profile", "corp", "--daemon", "never"]);
+        assert_ne!(out.status.code(), Some(0));
+        let shown = stderr(&out);
+        assert!(shown.contains("client_secret_env"), "{pasted}: {shown}");
+        assert!(!shown.to_lowercase().contains("secretvalue"), "{pasted}: {shown}");
+        // Served by a daemon: its log and its answers.
+        let mut child = cli_command()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let answers = if first.contains("listening on") {
+            let answer = get(&socket, "/v1/profiles/corp/token");
+            let cli = cli_with(&config, &["token", "--profile", "corp", "--daemon", "require"]);
+            format!("{answer:?} {}", stderr(&cli))
+        } else {
+            String::new()
+        };
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        let log = stderr(&out);
+        assert!(!answers.to_lowercase().contains("secretvalue"), "{pasted}: {answers}");
+        assert!(!log.to_lowercase().contains("secretvalue"), "{pasted}: {log}");
+    }
+}

@@ -287,11 +287,27 @@ impl Profile {
             .ok_or_else(|| BrokerError::Config("client_auth basic or post needs client_secret_env".into()))?;
         match std::env::var(var) {
             Ok(value) if !value.is_empty() => Ok(Secret::new(value)),
-            _ => Err(BrokerError::Config(format!(
+            // A name that is not UPPER_SNAKE may be the secret itself,
+            // pasted where its variable's name belongs: not shown.
+            _ if looks_like_a_variable(var) => Err(BrokerError::Config(format!(
                 "the environment variable {var} (client_secret_env) is not set or empty"
             ))),
+            _ => Err(BrokerError::Config(
+                "the environment variable client_secret_env names is not set or empty \
+                 (it names the variable holding the secret, not the secret)"
+                    .into(),
+            )),
         }
     }
+}
+
+/// Whether `var` looks like an environment variable's name, as they are
+/// written (`CORP_CLIENT_SECRET`), so that an error may show it.
+fn looks_like_a_variable(var: &str) -> bool {
+    var.len() <= 64
+        && var
+            .bytes()
+            .all(|b| b == b'_' || b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 /// Where the configuration comes from, in the documented order.
@@ -600,8 +616,16 @@ impl RawProfile {
                 .map_err(|why| format!("token_url: {}", without_quoted_values(&why)))?;
         }
         if let Some(var) = &self.client_secret_env {
-            if var.is_empty() || var.contains(['=', '\0']) {
-                return Err("client_secret_env must name an environment variable".into());
+            let name = var
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()));
+            if var.is_empty() || !name {
+                return Err(
+                    "client_secret_env must name an environment variable (letters, digits and '_'), \
+                     not hold the secret"
+                        .into(),
+                );
             }
         }
         match (self.client_auth, &self.client_secret_env) {

@@ -987,3 +987,60 @@ fn a_secret_pasted_as_client_secret_env_is_never_shown() {
         assert!(!log.to_lowercase().contains("secretvalue"), "{pasted}: {log}");
     }
 }
+
+/// A token URL carrying a user name and password (a client secret put
+/// where it does not belong) would be shown in every error naming the
+/// endpoint: the daemon's log, `status`, and its answers to every caller.
+/// It is refused, without quoting it.
+#[test]
+fn a_token_url_carrying_a_password_is_refused_without_showing_it() {
+    let (fx, _, socket) = setup(3600.0, SimConfig::default());
+    let config = fx.path("leaky.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = {socket:?}\n\n[profiles.codex]\nprovider = \"codex\"\nauth_file = {auth:?}\ntoken_url = \"http://client:sk-SECRETVALUE@127.0.0.1:9/oauth/token\"\n",
+            auth = fx.path("auth.json"),
+        ),
+    )
+    .unwrap();
+    let mut child = cli_command()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let mut answers = String::new();
+    if first.contains("listening on") {
+        // A caller reports the token rejected: the refresh fails, and the
+        // answer names the endpoint.
+        let access = read_json(&fx.path("auth.json"))["tokens"]["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let body = serde_json::json!({ "access_token": access }).to_string();
+        let (_, answer) = http(
+            &socket,
+            &format!(
+                "POST /v1/profiles/codex/reject HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        answers.push_str(&answer);
+        answers.push_str(&get(&socket, "/v1/profiles/codex/status").1);
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert!(!answers.contains("SECRETVALUE"), "{answers}");
+    assert!(!log.contains("SECRETVALUE"), "{log}");
+    assert_eq!(out.status.code(), Some(2), "refused at start: {first}{log}");
+    assert!(log.contains("token_url"), "{log}");
+}

@@ -1044,3 +1044,49 @@ fn a_token_url_carrying_a_password_is_refused_without_showing_it() {
     assert_eq!(out.status.code(), Some(2), "refused at start: {first}{log}");
     assert!(log.contains("token_url"), "{log}");
 }
+
+/// What may lie at the socket's path: a second daemon is refused (exit 1,
+/// the first one untouched); a symlink, a plain file or a symlinked lock
+/// file is never followed nor replaced; a dead daemon's socket is.
+#[test]
+fn the_socket_path_cannot_be_taken_over() {
+    let (fx, config, socket) = setup(3600.0, SimConfig::default());
+    let daemon = Daemon::start(&config, &socket);
+    let out = cli_with(&config, &["serve"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already listens"), "{}", stderr(&out));
+    assert_eq!(get(&socket, "/healthz").0, 200, "the first daemon serves on");
+    assert_eq!(daemon.stop().code(), Some(0));
+
+    let target = fx.path("target");
+    std::fs::write(&target, "keep").unwrap();
+    let lock = socket.with_file_name("tb.sock.lock");
+    for (what, make) in [
+        (
+            "a symlink",
+            Box::new(|| std::os::unix::fs::symlink(&target, &socket).unwrap()) as Box<dyn Fn()>,
+        ),
+        ("a plain file", Box::new(|| std::fs::write(&socket, "keep").unwrap())),
+        (
+            "a symlinked lock file",
+            Box::new(|| {
+                std::fs::remove_file(&lock).unwrap();
+                std::os::unix::fs::symlink(&target, &lock).unwrap()
+            }),
+        ),
+    ] {
+        make();
+        let out = cli_with(&config, &["serve"]);
+        assert_ne!(out.status.code(), Some(0), "{what}: {}", stderr(&out));
+        assert_eq!(stderr(&out).lines().count(), 1, "{what}: {}", stderr(&out));
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep", "{what}");
+        let _ = std::fs::remove_file(&socket);
+    }
+    std::fs::remove_file(&lock).unwrap();
+    // A dead daemon's socket (bound, nobody listening) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let daemon = Daemon::start(&config, &socket);
+    assert_eq!(get(&socket, "/healthz").0, 200);
+    assert_eq!(daemon.stop().code(), Some(0));
+}

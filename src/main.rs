@@ -438,8 +438,19 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
             }
             let config = Config::load(cli.creds.config.as_deref()).map_err(CliError::Config)?;
             let settings = config.profiles.get(name).cloned();
+            // A profile this configuration file defines is asked for as the
+            // credential it names here: the daemon serves it only when its
+            // profile of that name is the same credential.
+            let expected = config
+                .source
+                .as_ref()
+                .and(settings.as_ref())
+                .map(Profile::credential_id);
             if cli.creds.daemon != DaemonMode::Never && !keep_fresh {
-                let client = daemon_client(&config, settings.as_ref());
+                let mut client = daemon_client(&config, settings.as_ref());
+                if let Some(id) = &expected {
+                    client = client.credential(id.clone());
+                }
                 let asked = tokio::select! {
                     asked = ask_daemon(&client, name, &cli.command, json) => asked,
                     signal = signals.recv() => return Err(CliError::Interrupted(signal)),
@@ -447,6 +458,15 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
                 match asked {
                     Err(ClientError::Unreachable { .. }) if cli.creds.daemon == DaemonMode::Auto => {
                         tracing::debug!(socket = %client.socket().display(), "no daemon answers: reading the credentials here");
+                    }
+                    // The daemon serves another credential under this name,
+                    // or none yet: read the one this configuration names here.
+                    Err(ClientError::Daemon { code, .. })
+                        if cli.creds.daemon == DaemonMode::Auto
+                            && expected.is_some()
+                            && matches!(code.as_str(), "profile_mismatch" | "unknown_profile") =>
+                    {
+                        tracing::debug!(%code, "the daemon does not serve this configuration's profile: reading the credentials here");
                     }
                     Err(ClientError::Unreachable { socket, why }) => {
                         return Err(CliError::NoDaemon { socket, why });
@@ -619,7 +639,7 @@ fn serve(creds: &CredentialArgs, explicit: &[&'static str]) -> Result<(), CliErr
         let profiles = daemon.profiles();
         let mut lines = format!(
             "token-broker: listening on {} ({} profile{}: {})\n",
-            daemon.socket().display(),
+            token_broker::store::display_path(daemon.socket()),
             profiles.len(),
             if profiles.len() == 1 { "" } else { "s" },
             profiles.join(", ")
@@ -1019,7 +1039,7 @@ fn error_line(json: bool, e: &CliError) -> String {
             "no_daemon",
             format!(
                 "no token-broker daemon answers on {} ({why}): start `token-broker serve`, or use --daemon auto",
-                socket.display()
+                token_broker::store::display_path(socket)
             ),
         ),
         CliError::Daemon(e) => (cli::daemon_kind(e), e.to_string()),

@@ -49,14 +49,14 @@ pub(crate) fn kind(e: &BrokerError) -> &'static str {
 pub(crate) fn daemon_exit_code(e: &ClientError) -> i32 {
     match e {
         ClientError::Daemon { code, .. } => match code.as_str() {
-            "unknown_profile" => 2,
+            "unknown_profile" | "profile_mismatch" => 2,
             "bad_credentials_file" => 3,
             "login_required" => 4,
             "provider_unavailable" | "store_busy" | "store_unavailable" | "stopping" => 5,
             _ => 1,
         },
-        // No daemon (only reported with --daemon require), or no answer in
-        // time: try again later.
+        // No daemon, or none answering in time (only reported with
+        // --daemon require): try again later.
         ClientError::Unreachable { .. } => 5,
         ClientError::Protocol { .. } => 1,
     }
@@ -68,6 +68,7 @@ pub(crate) fn daemon_kind(e: &ClientError) -> &'static str {
     match e {
         ClientError::Daemon { code, .. } => match code.as_str() {
             "unknown_profile" => "unknown_profile",
+            "profile_mismatch" => "profile_mismatch",
             "bad_credentials_file" => "credentials_invalid",
             "login_required" => "login_required",
             "provider_unavailable" => "provider_unavailable",

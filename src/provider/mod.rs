@@ -621,12 +621,22 @@ fn not_sent(token_url: &str, refused: limit::Refused) -> RefreshError {
 
 /// Checks a token endpoint URL: `https://`, or plain `http://` only to a
 /// loopback host (127.0.0.0/8, `::1`, `localhost`), since the request
-/// carries the refresh token and any client secret. The error says why.
+/// carries the refresh token and any client secret; and no user name or
+/// password in it (errors name the endpoint). The error says why.
 pub(crate) fn check_token_url(token_url: &str) -> Result<(), String> {
     let url = match reqwest::Url::parse(token_url) {
         Ok(url) if matches!(url.scheme(), "http" | "https") => url,
         _ => return Err(format!("the token URL {token_url:?} is not an http(s) URL")),
     };
+    // The endpoint is named in every error: a password in it would be shown
+    // (and the URL is not quoted here for that reason).
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "the token URL carries a user name or password; put the client secret in an environment \
+             variable and name it (client_secret_env, --client-secret-env) instead"
+                .into(),
+        );
+    }
     if url.scheme() == "https" || is_loopback(&url) {
         return Ok(());
     }

@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::daemon::{Shared, Slot, BODY_TIMEOUT, MAX_REQUEST_BYTES};
+use super::CREDENTIAL_HEADER;
 use crate::credentials::AccessToken;
 use crate::store::StoreError;
 use crate::BrokerError;
@@ -28,6 +29,7 @@ pub(super) fn router(shared: AppState) -> Router {
         .route("/v1/profiles/{name}/reject", post(reject))
         .route("/v1/profiles/{name}/status", get(status))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(shared.clone(), observe))
         .with_state(shared)
 }
@@ -145,6 +147,33 @@ async fn not_found() -> ApiError {
     )
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "the route does not take this method: GET, or POST for /v1/profiles/{name}/reject",
+    )
+}
+
+/// The `{name}` of a profile route, or a JSON `bad_request` when it does
+/// not decode to UTF-8.
+struct ProfileName(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ProfileName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(name)) => Ok(ProfileName(name)),
+            Err(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the profile name in the path is not percent-encoded UTF-8",
+            )),
+        }
+    }
+}
+
 async fn metrics(State(shared): State<AppState>) -> Response {
     let text = shared.metrics.render(&shared).await;
     (
@@ -177,8 +206,25 @@ async fn profiles(State(shared): State<AppState>) -> Response {
     Json(json!({ "profiles": list })).into_response()
 }
 
-fn slot(shared: &Shared, name: &str) -> Result<Arc<Slot>, ApiError> {
-    shared.slot(name).ok_or_else(|| ApiError::unknown_profile(name))
+/// The profile `name`, when it names the credential the caller expects
+/// (its [`CREDENTIAL_HEADER`], when sent).
+fn slot(shared: &Shared, name: &str, headers: &HeaderMap) -> Result<Arc<Slot>, ApiError> {
+    let slot = shared.slot(name).ok_or_else(|| ApiError::unknown_profile(name))?;
+    if let Some(expected) = headers.get(CREDENTIAL_HEADER) {
+        if expected.as_bytes() != slot.credential_id.as_bytes() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "profile_mismatch",
+                format!(
+                    "the daemon's profile {} is another credential than the caller's configuration names \
+                     (another file, token endpoint or client id): make the two configurations agree and send \
+                     the daemon SIGHUP, or use --daemon never",
+                    slot.name
+                ),
+            ));
+        }
+    }
+    Ok(slot)
 }
 
 fn no_store(mut response: Response) -> Response {
@@ -188,8 +234,12 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
-async fn token(State(shared): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let slot = slot(&shared, &name)?;
+async fn token(
+    State(shared): State<AppState>,
+    ProfileName(name): ProfileName,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let slot = slot(&shared, &name, &headers)?;
     let broker = shared.broker(&slot).await?;
     let token = match broker.fresh_token() {
         Some(token) => token,
@@ -205,11 +255,11 @@ async fn token(State(shared): State<AppState>, Path(name): Path<String>) -> Resu
 
 async fn reject(
     State(shared): State<AppState>,
-    Path(name): Path<String>,
+    ProfileName(name): ProfileName,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let slot = slot(&shared, &name)?;
+    let slot = slot(&shared, &name, &headers)?;
     let rejected = read_rejected(&headers, body).await?;
     let broker = shared.broker(&slot).await?;
     let token = {
@@ -269,10 +319,10 @@ async fn read_rejected(headers: &HeaderMap, body: Body) -> Result<AccessToken, A
 
 async fn status(
     State(shared): State<AppState>,
-    Path(name): Path<String>,
+    ProfileName(name): ProfileName,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let slot = slot(&shared, &name)?;
+    let slot = slot(&shared, &name, &headers)?;
     let broker = shared.broker(&slot).await?;
     let status = broker.status().await?;
     let now = SystemTime::now();

@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 
 use super::TokenReply;
 use crate::credentials::AccessToken;
+use crate::store::display_path;
 
 /// The largest answer read from the daemon.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
@@ -31,9 +32,10 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// Why the daemon did not hand out what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// No daemon answers on the socket (none runs, or it refused this
-    /// user): a caller may fall back to reading the credentials itself.
-    #[error("no token-broker daemon answers on {socket}: {why}")]
+    /// No daemon answers on the socket (none runs, it refused this user, or
+    /// it did not answer within the client's timeout: stopped or stuck): a
+    /// caller may fall back to reading the credentials itself.
+    #[error("no token-broker daemon answers on {}: {why}", display_path(.socket))]
     Unreachable {
         /// The socket.
         socket: PathBuf,
@@ -52,8 +54,8 @@ pub enum ClientError {
         /// `Retry-After`, when given.
         retry_after: Option<Duration>,
     },
-    /// The daemon's answer made no sense, or did not come in time.
-    #[error("the daemon on {socket} answered badly: {why}")]
+    /// The daemon's answer made no sense.
+    #[error("the daemon on {} answered badly: {why}", display_path(.socket))]
     Protocol {
         /// The socket.
         socket: PathBuf,
@@ -67,6 +69,7 @@ pub enum ClientError {
 pub struct DaemonClient {
     socket: PathBuf,
     timeout: Duration,
+    credential: Option<String>,
 }
 
 impl DaemonClient {
@@ -76,7 +79,16 @@ impl DaemonClient {
         DaemonClient {
             socket: socket.into(),
             timeout: Duration::from_secs(120),
+            credential: None,
         }
+    }
+
+    /// Asks the daemon to answer only when the profile asked for is this
+    /// credential ([`Profile::credential_id`](super::config::Profile::credential_id)
+    /// of the caller's profile); else it answers `profile_mismatch`.
+    pub fn credential(mut self, credential_id: impl Into<String>) -> Self {
+        self.credential = Some(credential_id.into());
+        self
     }
 
     /// How long to wait for an answer.
@@ -151,6 +163,39 @@ impl DaemonClient {
         }
     }
 
+    /// The daemon asked must be this user's, root's, or that of the user
+    /// who owns the socket's folder when nobody else could have made that
+    /// folder (neither it nor its parent is writable by others): anyone
+    /// else listening there (a folder made first in a shared place such as
+    /// `/tmp`) is no daemon, never asked.
+    fn check_server(&self, stream: &tokio::net::UnixStream) -> Result<(), ClientError> {
+        use std::os::unix::fs::MetadataExt;
+        let server = stream.peer_cred().map_err(|e| self.unreachable(e))?.uid();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if server == me || server == 0 {
+            return Ok(());
+        }
+        let private = |path: &Path| std::fs::metadata(path).ok().filter(|m| m.mode() & 0o022 == 0);
+        let folder = self
+            .socket
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let owned = private(folder).is_some_and(|m| m.uid() == server)
+            && folder
+                .canonicalize()
+                .ok()
+                .and_then(|f| f.parent().map(Path::to_path_buf))
+                .is_some_and(|parent| private(&parent).is_some());
+        if owned {
+            return Ok(());
+        }
+        Err(self.unreachable(format_args!(
+            "the socket is served by uid {server}, neither this user, root, nor the owner of a folder only it could have made; not asking it"
+        )))
+    }
+
     async fn call(
         &self,
         method: Method,
@@ -161,6 +206,7 @@ impl DaemonClient {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| self.unreachable(e))?;
+        self.check_server(&stream)?;
         let exchange = async {
             let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
@@ -176,6 +222,9 @@ impl DaemonClient {
                     hyper::header::USER_AGENT,
                     concat!("token-broker/", env!("CARGO_PKG_VERSION")),
                 );
+            if let Some(credential) = &self.credential {
+                request = request.header(super::CREDENTIAL_HEADER, credential.as_str());
+            }
             if let Some(accept) = accept {
                 request = request.header(hyper::header::ACCEPT, accept);
             }
@@ -213,7 +262,8 @@ impl DaemonClient {
         };
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(self.protocol(&format!(
+            // Stopped (SIGSTOP) or stuck: as good as no daemon.
+            Err(_) => Err(self.unreachable(format_args!(
                 "no answer within {}",
                 crate::status::human_duration(self.timeout)
             ))),

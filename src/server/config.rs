@@ -48,6 +48,7 @@ use serde::Deserialize;
 use crate::credentials::Secret;
 use crate::defaults::{DEFAULT_HTTP_TIMEOUT, DEFAULT_REFRESH_AHEAD, DEFAULT_WINNER_WAIT};
 use crate::provider::ClientAuth;
+use crate::store::display_path;
 use crate::{BrokerBuilder, BrokerError, Dialect, TokenBroker};
 
 /// The variable naming the configuration file.
@@ -67,13 +68,13 @@ const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file named by `--config` or `$TOKEN_BROKER_CONFIG` does not exist.
-    #[error("the configuration file {path} does not exist")]
+    #[error("the configuration file {} does not exist", display_path(.path))]
     NotFound {
         /// The file.
         path: PathBuf,
     },
     /// The file could not be read.
-    #[error("could not read the configuration file {path}: {source}")]
+    #[error("could not read the configuration file {}: {source}", display_path(.path))]
     Read {
         /// The file.
         path: PathBuf,
@@ -104,7 +105,7 @@ pub enum ConfigError {
 
 fn at(path: &Option<PathBuf>) -> String {
     match path {
-        Some(p) => format!("{}: ", p.display()),
+        Some(p) => format!("{}: ", display_path(p)),
         None => String::new(),
     }
 }
@@ -312,6 +313,57 @@ impl Profile {
             .keep_fresh(self.keep_fresh))
     }
 
+    /// What identifies the credential this profile names, as this process
+    /// resolves it: the dialect, the credentials file (absolute, with
+    /// symlinks resolved when it exists; for codex without `auth_file`, as
+    /// `CODEX_HOME` or `HOME` says here), the token endpoint and the client
+    /// id, hashed (SHA-256, hex). A client sends it with its requests; the
+    /// daemon answers only when its own profile of that name resolves to
+    /// the same, so that a name never stands for another credential than
+    /// the caller's configuration says.
+    pub fn credential_id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::ffi::OsStrExt;
+        let codex = self.provider == Dialect::Codex;
+        let path = match &self.auth_file {
+            Some(path) => Some(path.clone()),
+            None if codex => crate::store::CodexAuthFile::default_path(),
+            None => None,
+        }
+        .map(|p| {
+            std::fs::canonicalize(&p)
+                .or_else(|_| std::path::absolute(&p))
+                .unwrap_or(p)
+        });
+        let token_url = match &self.token_url {
+            Some(url) => Some(url.clone()),
+            None if codex => Some(
+                std::env::var(crate::provider::CODEX_TOKEN_URL_ENV)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| crate::provider::CODEX_TOKEN_URL.to_owned()),
+            ),
+            None => None,
+        };
+        let client_id = match &self.client_id {
+            Some(id) => Some(id.clone()),
+            None if codex => Some(crate::provider::CODEX_CLIENT_ID.to_owned()),
+            None => None,
+        };
+        let mut hash = Sha256::new();
+        let parts: [&[u8]; 4] = [
+            if codex { b"codex" } else { b"oauth2" },
+            path.as_ref().map_or(&[][..], |p| p.as_os_str().as_bytes()),
+            token_url.as_deref().unwrap_or("").as_bytes(),
+            client_id.as_deref().unwrap_or("").as_bytes(),
+        ];
+        for part in parts {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     fn secret(&self) -> Result<Secret, BrokerError> {
         let var = self
             .client_secret_env
@@ -319,11 +371,27 @@ impl Profile {
             .ok_or_else(|| BrokerError::Config("client_auth basic or post needs client_secret_env".into()))?;
         match std::env::var(var) {
             Ok(value) if !value.is_empty() => Ok(Secret::new(value)),
-            _ => Err(BrokerError::Config(format!(
+            // A name that is not UPPER_SNAKE may be the secret itself,
+            // pasted where its variable's name belongs: not shown.
+            _ if looks_like_a_variable(var) => Err(BrokerError::Config(format!(
                 "the environment variable {var} (client_secret_env) is not set or empty"
             ))),
+            _ => Err(BrokerError::Config(
+                "the environment variable client_secret_env names is not set or empty \
+                 (it names the variable holding the secret, not the secret)"
+                    .into(),
+            )),
         }
     }
+}
+
+/// Whether `var` looks like an environment variable's name, as they are
+/// written (`CORP_CLIENT_SECRET`), so that an error may show it.
+fn looks_like_a_variable(var: &str) -> bool {
+    var.len() <= 64
+        && var
+            .bytes()
+            .all(|b| b == b'_' || b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 /// Where the configuration comes from, in the documented order.
@@ -402,7 +470,7 @@ impl Config {
         };
         let mut profiles = BTreeMap::new();
         for (name, raw) in raw.profiles {
-            check_profile_name(&name).map_err(|m| invalid(format!("[profiles.{}]: {m}", name.escape_debug())))?;
+            check_profile_name(&name).map_err(|m| invalid(format!("[profiles.{}]: {m}", shown_name(&name))))?;
             let profile = raw
                 .into_profile(&resolve)
                 .map_err(|m| invalid(format!("[profiles.{name}] {m}")))?;
@@ -488,6 +556,17 @@ pub fn check_profile_name(name: &str) -> Result<(), String> {
         Err(format!(
             "a profile name is 1 to {MAX_PROFILE_NAME} letters, digits, '_', '-' or '.', not starting with '.'"
         ))
+    }
+}
+
+/// A bad profile name as an error shows it: escaped, and only when it is
+/// short, as a key is (a long one may be a secret pasted as a table name).
+fn shown_name(name: &str) -> String {
+    let length = name.chars().count();
+    if length <= 32 {
+        name.escape_debug().to_string()
+    } else {
+        format!("… (a name of {length} characters)")
     }
 }
 
@@ -707,8 +786,16 @@ impl RawProfile {
             }
         }
         if let Some(var) = &self.client_secret_env {
-            if var.is_empty() || var.contains(['=', '\0']) {
-                return Err("client_secret_env must name an environment variable".into());
+            let name = var
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()));
+            if var.is_empty() || !name {
+                return Err(
+                    "client_secret_env must name an environment variable (letters, digits and '_'), \
+                     not hold the secret"
+                        .into(),
+                );
             }
         }
         match (self.client_auth, &self.client_secret_env) {

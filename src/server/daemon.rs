@@ -21,6 +21,7 @@ use super::proxy::ClientKey;
 use super::socket::OwnedSocket;
 use super::TokenReply;
 use crate::credentials::AccessToken;
+use crate::store::display_path;
 use crate::{BrokerError, Brokers, TokenBroker};
 
 /// How long a client may take to send a request's head (and how long an
@@ -41,13 +42,13 @@ const RESTART_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// Another daemon serves this socket.
-    #[error("another token-broker daemon already listens on {path}; stop it first (or choose another socket)")]
+    #[error("another token-broker daemon already listens on {}; stop it first (or choose another socket)", display_path(.path))]
     AlreadyRunning {
         /// The socket.
         path: PathBuf,
     },
     /// The socket could not be made.
-    #[error("socket {path}: {message}")]
+    #[error("socket {}: {message}", display_path(.path))]
     Socket {
         /// The socket.
         path: PathBuf,
@@ -86,6 +87,8 @@ pub struct ReloadReport {
 pub(crate) struct Slot {
     pub(crate) name: String,
     pub(crate) profile: Profile,
+    /// [`Profile::credential_id`] as this daemon resolves it.
+    pub(crate) credential_id: String,
     /// Serializes starts, and marks a slot replaced by a reload.
     start: tokio::sync::Mutex<SlotState>,
     /// The last start's failure, and when.
@@ -353,8 +356,8 @@ impl Daemon {
                     continue;
                 }
             };
-            match stream.peer_cred() {
-                Ok(cred) if shared.allows(cred.uid()) => {}
+            let uid = match stream.peer_cred() {
+                Ok(cred) if shared.allows(cred.uid()) => cred.uid(),
                 Ok(cred) => {
                     shared.metrics.refused.inc();
                     tracing::warn!(
@@ -369,10 +372,14 @@ impl Daemon {
                     tracing::warn!(error = %e, "refused a connection whose peer is unknown");
                     continue;
                 }
-            }
+            };
             tokio::spawn(serve_connection(
                 stream,
                 router.clone(),
+                Some(Peer {
+                    uid,
+                    shared: shared.clone(),
+                }),
                 stopped.clone(),
                 connection_alive.clone(),
             ));
@@ -410,15 +417,57 @@ impl Daemon {
     }
 }
 
+/// A connection's peer user, checked again at every request: a reload may
+/// have taken it out of `allowed_uids` since the connection was accepted.
+pub(crate) struct Peer {
+    uid: u32,
+    shared: Arc<Shared>,
+}
+
+/// Why a request was not answered: its user is no longer allowed.
+#[derive(Debug)]
+struct NotAllowed;
+
+impl std::fmt::Display for NotAllowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the peer user is no longer allowed")
+    }
+}
+
+impl std::error::Error for NotAllowed {}
+
+/// Serves one connection until it ends or the daemon stops (then lets the
+/// request under way end, within [`HEADER_TIMEOUT`]). With `peer`, every
+/// request's user is checked again first.
 pub(crate) async fn serve_connection<I>(
     stream: I,
     router: axum::Router,
+    peer: Option<Peer>,
     mut stopping: watch::Receiver<bool>,
     _alive: tokio::sync::mpsc::Sender<()>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper_util::service::TowerToHyperService::new(router);
+    let router = hyper_util::service::TowerToHyperService::new(router);
+    // A user taken out of allowed_uids gets nothing more: the connection is
+    // closed unanswered, as at accept.
+    let service = hyper::service::service_fn(move |request| {
+        let allowed = peer.as_ref().is_none_or(|peer| peer.shared.allows(peer.uid));
+        if let (false, Some(peer)) = (allowed, &peer) {
+            peer.shared.metrics.refused.inc();
+            tracing::warn!(
+                uid = peer.uid,
+                "refused a request from a user no longer in [daemon] allowed_uids; closing its connection"
+            );
+        }
+        let answer = allowed.then(|| hyper::service::Service::call(&router, request));
+        async move {
+            match answer {
+                Some(answer) => answer.await.map_err(|never| match never {}),
+                None => Err(NotAllowed),
+            }
+        }
+    });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -449,6 +498,7 @@ impl Slot {
         Slot {
             name: name.to_owned(),
             profile: profile.clone(),
+            credential_id: profile.credential_id(),
             start: tokio::sync::Mutex::new(SlotState::default()),
             failure: Mutex::new(None),
             meta: Mutex::new(None),
@@ -467,20 +517,24 @@ impl DaemonControl {
         let shared = &self.shared;
         let _one_at_a_time = shared.reloading.lock().await;
         let mut report = ReloadReport::default();
+        let mut config = config;
         if config.proxies != shared.config.lock().proxies {
             report.ignored.push("[proxies] (apply at the next start)".to_owned());
         }
-        if config.daemon.socket != shared.config.lock().daemon.socket {
+        // The socket in use stays the one in force: what the reload names
+        // applies at the next start, and nothing else is done to it.
+        let socket = shared.config.lock().daemon.socket.clone();
+        if config.daemon.socket != socket {
             report.ignored.push(format!(
                 "socket {} (applies at the next start)",
-                config.daemon.socket.display()
+                display_path(&config.daemon.socket)
             ));
+            config.daemon.socket = socket.clone();
         }
         let was_shared = !shared.allowed_uids.read().is_empty();
         let is_shared = !config.daemon.allowed_uids.is_empty();
         *shared.allowed_uids.write() = config.daemon.allowed_uids.clone();
         if was_shared != is_shared {
-            let socket = shared.config.lock().daemon.socket.clone();
             if let Err(e) = super::socket::set_access(&socket, is_shared) {
                 tracing::warn!(socket = %socket.display(), error = %e, "could not change the socket's mode");
             }

@@ -9,7 +9,8 @@
 //! `~/.local/state/token-broker/token-broker.sock`) in a folder that is
 //! mode 0700 and owned by the daemon's user; the socket is mode 0600 and
 //! every connection's peer user (`SO_PEERCRED`) must be the daemon's or be
-//! listed in `[daemon] allowed_uids`. When `allowed_uids` names other users
+//! listed in `[daemon] allowed_uids` (checked again at every request, so
+//! that a reload that takes a user out applies to its open connections). When `allowed_uids` names other users
 //! they must be able to reach the socket: the folder may then be 0711
 //! (never writable by others) and the socket is 0666, and the peer check
 //! alone keeps everyone else out. Bodies are JSON.
@@ -23,6 +24,12 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /healthz` | `ok` |
 //!
+//! A request for a profile may carry [`CREDENTIAL_HEADER`], the caller's
+//! [`Profile::credential_id`](config::Profile::credential_id) of it: the
+//! daemon then answers only when its profile of that name is the same
+//! credential (else `profile_mismatch`), so that one name never stands for
+//! two credentials.
+//!
 //! Errors are `{"error": code, "message": what to do}`; the message never
 //! quotes a token. The codes and their statuses:
 //!
@@ -35,8 +42,10 @@
 //! | `bad_credentials_file` | 500 | 3 |
 //! | `write_failed`, `bad_profile` | 500 | 1 |
 //! | `account_changed` | 409 | 1 |
+//! | `profile_mismatch` | 409 | 2 (`--daemon auto`: read here) |
 //! | `bad_request` | 400 | 1 |
 //! | `payload_too_large` | 413 | 1 |
+//! | `not_found` (no such route), `method_not_allowed` | 404, 405 | 1 |
 
 use std::time::SystemTime;
 
@@ -44,6 +53,10 @@ use serde_json::json;
 
 use crate::credentials::{format_rfc3339, parse_rfc3339, AccessToken};
 use crate::status::Status;
+
+/// The request header carrying the credential the caller expects of the
+/// profile it names (see [`config::Profile::credential_id`]).
+pub const CREDENTIAL_HEADER: &str = "token-broker-credential";
 
 mod api;
 pub mod client;

@@ -489,7 +489,7 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let (router, stopped, alive) = (router.clone(), stopped.clone(), alive.clone());
             tokio::spawn(async move {
-                super::daemon::serve_connection(stream, router, stopped, alive).await;
+                super::daemon::serve_connection(stream, router, None, stopped, alive).await;
                 drop(permit);
             });
         }

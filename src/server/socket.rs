@@ -7,6 +7,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt,
 use std::path::{Path, PathBuf};
 
 use super::daemon::DaemonError;
+use crate::store::display_path;
 
 /// The socket file while the daemon owns it: removed (if still the one it
 /// made) and unlocked on drop.
@@ -44,7 +45,8 @@ impl Drop for OwnedSocket {
 }
 
 /// Takes the socket at `path`: checks (or makes) its private folder, takes
-/// the one-daemon lock, replaces a stale socket, binds with mode 0600.
+/// the one-daemon lock, replaces a stale socket, binds with mode 0600
+/// (0666 with `shared`).
 ///
 /// With `shared` (`allowed_uids` names other users), those users must be
 /// able to reach it: the folder may then be traversable by others (0711,
@@ -78,7 +80,7 @@ pub(crate) fn bind(path: &Path, shared: bool) -> Result<(std::os::unix::net::Uni
         .map_err(|e| {
             socket_err(format!(
                 "could not open its lock file {}: {e}",
-                lock_name.to_string_lossy()
+                display_path(Path::new(&lock_name))
             ))
         })?;
     if !try_flock(&lock) {
@@ -111,9 +113,9 @@ pub(crate) fn bind(path: &Path, shared: bool) -> Result<(std::os::unix::net::Uni
     let listener =
         std::os::unix::net::UnixListener::bind(path).map_err(|e| socket_err(format!("could not listen: {e}")))?;
     // The folder is private already; the mode keeps the socket so if it is
-    // ever moved or the folder opened up.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| socket_err(format!("could not set its mode: {e}")))?;
+    // ever moved or the folder opened up (0666 when others are allowed: the
+    // peer check keeps everyone else out).
+    set_access(path, shared).map_err(|e| socket_err(format!("could not set its mode: {e}")))?;
     let meta = std::fs::symlink_metadata(path).map_err(|e| socket_err(e.to_string()))?;
     listener.set_nonblocking(true).map_err(|e| socket_err(e.to_string()))?;
     Ok((
@@ -154,11 +156,11 @@ fn private_folder(dir: &Path, shared: bool) -> Result<(), String> {
             .recursive(true)
             .mode(if shared { 0o711 } else { 0o700 })
             .create(dir)
-            .map_err(|e| format!("could not create its folder {}: {e}", dir.display()))?;
+            .map_err(|e| format!("could not create its folder {}: {e}", display_path(dir)))?;
     }
-    let meta = std::fs::metadata(dir).map_err(|e| format!("its folder {}: {e}", dir.display()))?;
+    let meta = std::fs::metadata(dir).map_err(|e| format!("its folder {}: {e}", display_path(dir)))?;
     if !meta.is_dir() {
-        return Err(format!("{} is not a folder", dir.display()));
+        return Err(format!("{} is not a folder", display_path(dir)));
     }
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
@@ -176,7 +178,7 @@ fn private_folder(dir: &Path, shared: bool) -> Result<(), String> {
         return Err(format!(
             "its folder {} must be {wanted} and owned by uid {me} (it is {mode:04o}, owned by uid {}): \
              `{fix}` it, or choose a socket in a private folder such as $XDG_RUNTIME_DIR",
-            dir.display(),
+            display_path(dir),
             meta.uid()
         ));
     }

@@ -572,7 +572,7 @@ impl Eq for StoreError {}
 /// else quoted and escaped like a Rust string (`"/tmp/a\nb/auth.json"`), so
 /// that a newline, a terminal escape or a bidirectional override in a file
 /// name can neither split nor forge a line of output.
-pub(crate) fn display_path(path: &Path) -> String {
+pub fn display_path(path: &Path) -> String {
     let quoted = format!("{path:?}");
     match path.to_str() {
         // Debug only ever lengthens a string that needs escaping.

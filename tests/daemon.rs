@@ -3,8 +3,10 @@
 //! provider on loopback behind it.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -13,142 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use daemon::Daemon;
 use token_broker::sim::{codex_auth_json, SimConfig};
-
-/// A running `token-broker serve` and its folder.
-#[allow(dead_code)]
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    config: PathBuf,
-    stderr: std::sync::Arc<parking_lot::Mutex<String>>,
-    /// Reads stderr into `stderr` until the daemon exits.
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-#[allow(dead_code)]
-impl Daemon {
-    /// Starts `serve --config config` and waits for its "listening" line.
-    fn start(config: &Path, socket: &Path) -> Daemon {
-        Daemon::start_logging(config, socket, "info")
-    }
-
-    /// Like [`start`](Self::start), logging at `level` (`RUST_LOG`).
-    fn start_logging(config: &Path, socket: &Path, level: &str) -> Daemon {
-        let mut child = cli_command()
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", level)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the daemon");
-        let stderr = std::sync::Arc::new(parking_lot::Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        assert!(
-            first.contains("listening on"),
-            "the daemon did not start: {first}{}",
-            stderr.lock()
-        );
-        Daemon {
-            child: Some(child),
-            socket: socket.to_path_buf(),
-            config: config.to_path_buf(),
-            stderr,
-            reader: Some(reader),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("the daemon runs").id() as i32
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.pid(), signal) };
-    }
-
-    /// Sends SIGTERM and waits for the exit status (and the last logs).
-    fn stop(&mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
-        self.wait()
-    }
-
-    /// Waits for the exit status without sending anything, and for the
-    /// last of the logs.
-    fn wait(&mut self) -> std::process::ExitStatus {
-        let status = self.child.take().unwrap().wait().unwrap();
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        status
-    }
-
-    fn logs(&self) -> String {
-        self.stderr.lock().clone()
-    }
-
-    /// Waits until the logs contain `needle`.
-    fn wait_for_log(&self, needle: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !self.logs().contains(needle) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the daemon never logged {needle:?}:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Sends SIGHUP and waits for the reload's `outcome` line to be logged
-    /// once more than it was.
-    fn reload(&self, outcome: &str) {
-        let before = self.logs().matches(outcome).count();
-        self.signal(libc::SIGHUP);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while self.logs().matches(outcome).count() <= before {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {outcome:?} after SIGHUP:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// `token-broker <args> --config <config>`.
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        cli_command()
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// One HTTP/1.1 exchange on the socket, raw: the status and the body.
 fn http(socket: &Path, request: &str) -> (u16, String) {

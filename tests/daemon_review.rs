@@ -2,107 +2,18 @@
 //! HTTP on the socket, the CLI as a client.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
+use daemon::Daemon;
 use token_broker::sim::{codex_auth_json, SimConfig};
-
-/// A running `token-broker serve` and its folder.
-#[allow(dead_code)]
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    config: PathBuf,
-    stderr: std::sync::Arc<parking_lot::Mutex<String>>,
-}
-
-#[allow(dead_code)]
-impl Daemon {
-    /// Starts `serve --config config` and waits for its "listening" line.
-    fn start(config: &Path, socket: &Path) -> Daemon {
-        Daemon::start_with(config, socket, "info")
-    }
-
-    fn start_with(config: &Path, socket: &Path, log: &str) -> Daemon {
-        let mut child = cli_command()
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", log)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the daemon");
-        let stderr = std::sync::Arc::new(parking_lot::Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        assert!(
-            first.contains("listening on"),
-            "the daemon did not start: {first}{}",
-            stderr.lock()
-        );
-        Daemon {
-            child: Some(child),
-            socket: socket.to_path_buf(),
-            config: config.to_path_buf(),
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.pid(), signal) };
-    }
-
-    /// Sends SIGTERM and waits for the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
-        self.child.take().unwrap().wait().unwrap()
-    }
-
-    fn logs(&self) -> String {
-        self.stderr.lock().clone()
-    }
-
-    /// `token-broker <args> --config <config>`.
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        cli_command()
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// One HTTP/1.1 exchange on the socket, raw: the status and the body.
 #[allow(dead_code)]
@@ -324,7 +235,7 @@ fn a_user_in_allowed_uids_can_connect_to_a_daemon_just_started() {
         config_text(&socket, &auth, &url, &format!("allowed_uids = [{OTHER}]\n")),
     )
     .unwrap();
-    let daemon = Daemon::start(&config, &socket);
+    let mut daemon = Daemon::start(&config, &socket);
     assert_eq!(mode(&socket), 0o666, "the allowed users can open the socket");
     assert_eq!(
         mode(&socket.with_file_name("")),
@@ -366,7 +277,7 @@ fn a_user_taken_out_of_allowed_uids_gets_nothing_more_on_a_kept_alive_connection
         config_text(&socket, &auth, &url, &format!("allowed_uids = [{OTHER}]\n")),
     )
     .unwrap();
-    let daemon = Daemon::start(&config, &socket);
+    let mut daemon = Daemon::start(&config, &socket);
     let heard = as_other_user(OTHER, &socket, HEALTHZ_KEPT_ALIVE, TOKEN_AND_CLOSE, || {
         // The operator takes the user out again.
         reload(&daemon, &config_text(&socket, &auth, &url, ""), 1);
@@ -391,7 +302,7 @@ fn a_reload_after_an_ignored_socket_change_sets_the_mode_of_the_socket_in_use() 
     use std::os::unix::fs::PermissionsExt;
     let (fx, config, socket) = setup(3600.0, SimConfig::default());
     let (auth, url) = (fx.path("auth.json"), fx.sim.token_url());
-    let daemon = Daemon::start(&config, &socket);
+    let mut daemon = Daemon::start(&config, &socket);
     let precious = fx.path("precious");
     std::fs::write(&precious, "not a socket").unwrap();
     std::fs::set_permissions(&precious, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -464,7 +375,7 @@ fn the_daemon_never_hands_out_another_credential_than_the_callers_configuration_
         ),
     )
     .unwrap();
-    let daemon = Daemon::start(&daemon_config, &socket);
+    let mut daemon = Daemon::start(&daemon_config, &socket);
 
     // The daemon's own configuration gets the daemon's credential.
     let out = cli_with(&daemon_config, &["token", "--profile", "codex", "--daemon", "require"]);
@@ -594,7 +505,7 @@ fn a_secret_pasted_as_a_profile_name_is_not_quoted_in_the_error() {
 #[test]
 fn every_error_answer_is_the_documented_json() {
     let (_fx, config, socket) = setup(3600.0, SimConfig::default());
-    let daemon = Daemon::start(&config, &socket);
+    let mut daemon = Daemon::start(&config, &socket);
     for (request, status, code) in [
         ("GET /v1/profiles/%FF/token HTTP/1.1", 400, "bad_request"),
         ("GET /v1/profiles/%C3%28/status HTTP/1.1", 400, "bad_request"),
@@ -707,7 +618,7 @@ fn a_daemon_stopped_during_a_refresh_writes_the_rotated_tokens_and_exits_0() {
             ..SimConfig::default()
         },
     );
-    let daemon = Daemon::start(&config, &socket);
+    let mut daemon = Daemon::start(&config, &socket);
     let (spent, caller) = refresh_under_way(&fx, &socket);
     let logs = daemon.stderr.clone();
     let status = daemon.stop();
@@ -730,7 +641,7 @@ fn a_profile_removed_during_its_refresh_keeps_the_rotated_tokens() {
             ..SimConfig::default()
         },
     );
-    let daemon = Daemon::start(&config, &socket);
+    let mut daemon = Daemon::start(&config, &socket);
     let (spent, caller) = refresh_under_way(&fx, &socket);
     let other = fx.path("other.json");
     std::fs::write(&other, codex_auth_json(&fx.sim.sign_in_as("acct-other", 3600.0))).unwrap();
@@ -758,7 +669,7 @@ fn a_profile_removed_during_its_refresh_keeps_the_rotated_tokens() {
 #[test]
 fn the_daemons_log_to_a_pipe_has_no_terminal_escapes() {
     let (_fx, config, socket) = setup(3600.0, SimConfig::default());
-    let daemon = Daemon::start_with(&config, &socket, "debug");
+    let mut daemon = Daemon::start_with(&config, &socket, "debug");
     assert_eq!(get(&socket, "/v1/profiles/codex/token").0, 200);
     daemon.signal(libc::SIGHUP);
     wait_until(Duration::from_secs(30), "a reload", || {
@@ -776,7 +687,7 @@ fn the_daemons_log_to_a_pipe_has_no_terminal_escapes() {
 #[test]
 fn a_sighup_storm_changes_nothing_for_callers() {
     let (fx, config, socket) = setup(3600.0, SimConfig::default());
-    let daemon = Daemon::start(&config, &socket);
+    let mut daemon = Daemon::start(&config, &socket);
     let token = read_json(&fx.path("auth.json"))["tokens"]["access_token"]
         .as_str()
         .unwrap()
@@ -1051,7 +962,7 @@ fn a_token_url_carrying_a_password_is_refused_without_showing_it() {
 #[test]
 fn the_socket_path_cannot_be_taken_over() {
     let (fx, config, socket) = setup(3600.0, SimConfig::default());
-    let daemon = Daemon::start(&config, &socket);
+    let mut daemon = Daemon::start(&config, &socket);
     let out = cli_with(&config, &["serve"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("already listens"), "{}", stderr(&out));
@@ -1086,7 +997,7 @@ fn the_socket_path_cannot_be_taken_over() {
     // A dead daemon's socket (bound, nobody listening) is replaced.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     assert!(socket.exists());
-    let daemon = Daemon::start(&config, &socket);
+    let mut daemon = Daemon::start(&config, &socket);
     assert_eq!(get(&socket, "/healthz").0, 200);
     assert_eq!(daemon.stop().code(), Some(0));
 }

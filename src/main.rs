@@ -120,30 +120,19 @@ struct SimulateArgs {
 const MAX_JOBS: i64 = 10_000;
 const MAX_CONCURRENCY: i64 = 100_000;
 
-/// The bounds of the duration flags, with how they are shown.
-const MINUTE: (Duration, &str) = (Duration::from_secs(60), "1m");
-const TEN_MINUTES: (Duration, &str) = (Duration::from_secs(600), "10m");
-const HOUR: (Duration, &str) = (Duration::from_secs(3600), "1h");
-const DAY: (Duration, &str) = (Duration::from_secs(24 * 3600), "1d");
-const YEAR: (Duration, &str) = (Duration::from_secs(365 * 24 * 3600), "365d");
+/// The bounds of the duration flags.
+const MINUTE: Duration = Duration::from_secs(60);
+const TEN_MINUTES: Duration = Duration::from_secs(600);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A duration flag's value, at most `max` and, when `positive`, more than
 /// zero; else a usage error that states the bounds (clap names the flag and
 /// exits 2). Bounding every duration keeps absurd values (`300000000000y`)
 /// from overflowing instants anywhere downstream.
-fn bounded_duration(text: &str, positive: bool, (max, shown): (Duration, &str)) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| format!("{e} (expected e.g. 90s, 10m, 2h)"))?;
-    if positive && d.is_zero() {
-        return Err(format!("must be more than zero and at most {shown}"));
-    }
-    if d > max {
-        return Err(if positive {
-            format!("must be more than zero and at most {shown}")
-        } else {
-            format!("must be at most {shown}")
-        });
-    }
-    Ok(d)
+fn bounded_duration(text: &str, positive: bool, max: Duration) -> Result<Duration, String> {
+    token_broker::server::config::parse_duration(text, positive, max)
 }
 
 fn refresh_ahead(text: &str) -> Result<Duration, String> {

@@ -827,10 +827,11 @@ const TEN_MINUTES: Duration = Duration::from_secs(600);
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// A duration written as text (`90s`, `10m`, `2h`), at most `max` and, when
-/// `positive`, more than zero.
+/// `positive`, more than zero; else a message stating the bounds. (The
+/// command line's duration flags use it too.)
 pub fn parse_duration(text: &str, positive: bool, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|_| "is not a duration (e.g. 90s, 10m, 2h)".to_owned())?;
-    let shown = humantime::format_duration(max);
+    let shown = shown_bound(max);
     if positive && d.is_zero() {
         return Err(format!("must be more than zero and at most {shown}"));
     }
@@ -842,6 +843,18 @@ pub fn parse_duration(text: &str, positive: bool, max: Duration) -> Result<Durat
         });
     }
     Ok(d)
+}
+
+/// A bound as a person writes it: `365d`, `1h`, `10m`, `90s`.
+fn shown_bound(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 fn duration_field<'de, D: serde::Deserializer<'de>>(

@@ -469,9 +469,20 @@ fn dot_segments_in_the_path_never_leave_the_upstream_base_path() {
         "/%2e%2e",
     ];
     let mut escaped = Vec::new();
-    for target in targets {
+    for target in targets.iter().copied().chain(["*"]) {
         let before = upstream.seen().len();
-        let answer = get(proxy.addr(), proxy.key(), target);
+        let answer = if target == "*" {
+            send_raw(
+                proxy.addr(),
+                format!(
+                    "OPTIONS * HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                    proxy.key()
+                )
+                .as_bytes(),
+            )
+        } else {
+            get(proxy.addr(), proxy.key(), target)
+        };
         let seen = upstream.seen();
         for s in &seen[before..] {
             let path = normalized(s.target());
@@ -1248,5 +1259,43 @@ fn a_chunked_answer_with_trailers_arrives_whole() {
             .unwrap();
         let a = read_answer(&mut reader, false).unwrap();
         assert_eq!((a.status, a.text().as_str()), (200, body), "{a:?}");
+    }
+}
+
+/// Finding 6: max_connections with clients that send a head and part of a
+/// body, then stall: a request body has no read timeout, so two such
+/// clients hold both slots of `max_connections = 2` for ever, and a third
+/// client is never served. Without the key (the 401 is answered at once)
+/// and with it.
+#[test]
+#[ignore = "finding 6: a stalled request body holds a max_connections slot for ever (no body read timeout)"]
+fn clients_that_stall_mid_body_do_not_lock_out_new_clients() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(|_, s| ok(s, "ok"));
+    let daemon = cred.serve(&proxy_table("t", &upstream.origin(), "max_connections = 2"), 1);
+    let key = daemon.key().to_owned();
+    for auth in [String::new(), format!("Authorization: Bearer {key}\r\n")] {
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            let (mut stream, _) = connect(daemon.addr());
+            stream
+                .write_all(format!("POST /x HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 100\r\n\r\n0123456789").as_bytes())
+                .unwrap();
+            stalled.push(stream);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let (mut stream, mut reader) = connect(daemon.addr());
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        stream
+            .write_all(format!("GET /third HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n").as_bytes())
+            .unwrap();
+        let answer = read_answer(&mut reader, false);
+        assert_eq!(
+            answer.map(|a| a.status),
+            Some(200),
+            "the third client was never served (stalled clients {})",
+            if auth.is_empty() { "without the key" } else { "with the key" }
+        );
+        drop(stalled);
     }
 }

@@ -1299,3 +1299,49 @@ fn clients_that_stall_mid_body_do_not_lock_out_new_clients() {
         drop(stalled);
     }
 }
+
+/// Finding 7: a tired operator's "unlimited": the largest max_connections
+/// TOML can write is refused as a usage error or works, never a panic
+/// (tokio's semaphore panics above 2^61 - 1 permits, in the proxy's task:
+/// the daemon ran on without its proxy).
+#[test]
+#[ignore = "finding 7: max_connections above 2^61-1 panics the proxy's task (tokio semaphore MAX_PERMITS)"]
+fn a_huge_max_connections_is_refused_or_works_but_never_panics() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(|_, s| ok(s, "ok"));
+    let (config, _) = cred.config(&proxy_table(
+        "t",
+        &upstream.origin(),
+        "max_connections = 9223372036854775807",
+    ));
+    let mut child = cli_command()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("XDG_STATE_HOME", cred.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut addr = None;
+    while out.read_line(&mut line).unwrap_or(0) > 0 {
+        if let Some(rest) = line.split("http://").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+            break;
+        }
+        line.clear();
+    }
+    let answered = addr.as_deref().and_then(|a| {
+        let key = std::fs::read_to_string(cred.dir.path().join("token-broker/client-key")).ok()?;
+        get(a, key.trim(), "/x")
+    });
+    let _ = child.kill();
+    let done = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    match answered {
+        Some(a) => assert_eq!(a.status, 200, "{a:?}"),
+        None => assert_eq!(done.status.code(), Some(2), "neither served nor refused: {err}"),
+    }
+}

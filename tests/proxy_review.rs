@@ -1344,3 +1344,80 @@ fn a_huge_max_connections_is_refused_or_works_but_never_panics() {
         None => assert_eq!(done.status.code(), Some(2), "neither served nor refused: {err}"),
     }
 }
+
+/// Finding 8: an upstream answer with both Content-Length and chunked
+/// framing: the chunked body wins (RFC 9112 section 6.3: a proxy MUST
+/// remove the received Content-Length before forwarding) or the answer is
+/// a 502; never the body truncated to the stale length.
+#[test]
+#[ignore = "finding 8: an upstream answer with Content-Length and chunked keeps the stale Content-Length: the client gets a truncated body"]
+fn an_upstream_answer_with_conflicting_lengths_is_not_truncated() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(|r, s| {
+        if r.target() == "/both" {
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n"
+            );
+        } else {
+            ok(s, "after");
+        }
+    });
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
+    let key = proxy.key().to_owned();
+    let (mut stream, mut reader) = connect(proxy.addr());
+    stream
+        .write_all(format!("GET /both HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n\r\n").as_bytes())
+        .unwrap();
+    let a = read_answer(&mut reader, false).unwrap();
+    if a.status != 502 {
+        assert_eq!((a.status, a.text().as_str()), (200, "hello world"), "{a:?}");
+        stream
+            .write_all(format!("GET /n HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n\r\n").as_bytes())
+            .unwrap();
+        let a = read_answer(&mut reader, false).unwrap();
+        assert_eq!((a.status, a.text().as_str()), (200, "after"), "{a:?}");
+    }
+}
+
+/// An account id that cannot be a header value (a CR LF in the file) is
+/// never sent as one, and never lets a header in.
+#[test]
+fn an_account_id_with_a_line_break_never_injects_a_header() {
+    let (cred, upstream, proxy) = with_a_broken_account_id();
+    let _ = get(proxy.addr(), proxy.key(), "/x").unwrap();
+    for s in upstream.seen() {
+        assert!(s.header("x-injected").is_none(), "{}", s.head_text());
+    }
+    drop(cred);
+}
+
+/// Finding 9 (low): such an account id is dropped silently and the request
+/// goes to a codex upstream without `ChatGPT-Account-Id` (the upstream's
+/// default account or workspace), where a token that cannot be sent is
+/// refused (500 bad_token). The request should be refused the same way.
+#[test]
+#[ignore = "finding 9: an account id that is not a valid header value is dropped silently; the request goes without it"]
+fn a_codex_request_never_goes_without_its_account_id() {
+    let (cred, upstream, proxy) = with_a_broken_account_id();
+    let a = get(proxy.addr(), proxy.key(), "/x").unwrap();
+    let without: Vec<String> = upstream
+        .seen()
+        .iter()
+        .filter(|s| s.header("chatgpt-account-id").is_none())
+        .map(|s| s.line.clone())
+        .collect();
+    assert!(without.is_empty(), "sent without the account: {without:?}; client got {} {}", a.status, a.text());
+    assert!(a.status >= 500, "{a:?}");
+    drop(cred);
+}
+
+fn with_a_broken_account_id() -> (Cred, RawUpstream, Running) {
+    let cred = Cred::new();
+    let mut auth = read_json(&cred.auth);
+    auth["tokens"]["account_id"] = serde_json::json!("acct\r\nX-Injected: yes");
+    std::fs::write(&cred.auth, auth.to_string()).unwrap();
+    let upstream = RawUpstream::start(|_, s| ok(s, "ok"));
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
+    (cred, upstream, proxy)
+}

@@ -1421,3 +1421,69 @@ fn with_a_broken_account_id() -> (Cred, RawUpstream, Running) {
     let proxy = cred.proxy(&upstream.origin(), &[], &[]);
     (cred, upstream, proxy)
 }
+
+/// An upstream that closes idle keep-alive connections soon (as many load
+/// balancers do, silently): the proxy's pooled connection is gone by the
+/// next request, which must still get the upstream's answer, not a 502.
+#[test]
+fn an_upstream_that_drops_idle_connections_never_costs_a_502() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(|_, s| {
+        ok(s, "ok");
+        let _ = s.flush();
+        let s = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        });
+    });
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
+    for i in 0..6 {
+        let a = get(proxy.addr(), proxy.key(), &format!("/x{i}")).unwrap();
+        assert_eq!(a.status, 200, "request {i}: {a:?} {}", a.text());
+        std::thread::sleep(Duration::from_millis(400));
+    }
+}
+
+/// The 401 storm with bodies too large to keep: every client gets the
+/// 401 (nothing resent), and the token is still refreshed only once.
+#[test]
+fn a_401_storm_with_bodies_too_large_to_resend_costs_one_refresh_and_no_resend() {
+    let cred = Cred::new();
+    let old = cred.issued.access_token.clone();
+    let upstream = RawUpstream::start(move |r, s| {
+        std::thread::sleep(Duration::from_millis(100));
+        if r.header("authorization") == Some(format!("Bearer {old}").as_str()) {
+            let _ = write!(s, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n");
+        } else {
+            ok(s, "fresh");
+        }
+    });
+    let proxy = cred.proxy(&upstream.origin(), &["--retry-body-limit", "16"], &[]);
+    let (addr, key) = (proxy.addr().to_owned(), proxy.key().to_owned());
+    let threads: Vec<_> = (0..12)
+        .map(|_| {
+            let (addr, key) = (addr.clone(), key.clone());
+            std::thread::spawn(move || {
+                let body = "x".repeat(64);
+                send_raw(
+                    &addr,
+                    format!(
+                        "POST /v1/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+            })
+        })
+        .collect();
+    for t in threads {
+        let a = t.join().unwrap().expect("an answer");
+        assert_eq!(a.status, 401, "{a:?}");
+    }
+    assert_eq!(upstream.seen().len(), 12, "a body too large to keep was sent again");
+    assert_eq!(cred.sim.counts().token_requests, 1, "{:?}", cred.sim.counts());
+    // The clients' own retries go with the new token.
+    let a = get(&addr, &key, "/v1/x").unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+}

@@ -249,9 +249,13 @@ struct Cred {
 
 impl Cred {
     fn new() -> Cred {
+        Cred::with_lifetime(3600.0)
+    }
+
+    fn with_lifetime(lifetime: f64) -> Cred {
         let sim = Arc::new(ProviderServer::start(SimConfig::default()).unwrap());
         let dir = tempfile::tempdir().unwrap();
-        let issued = sim.sign_in(3600.0);
+        let issued = sim.sign_in(lifetime);
         let auth = dir.path().join("auth.json");
         std::fs::write(&auth, codex_auth_json(&issued)).unwrap();
         Cred { sim, dir, auth, issued }
@@ -1486,4 +1490,33 @@ fn a_401_storm_with_bodies_too_large_to_resend_costs_one_refresh_and_no_resend()
     // The clients' own retries go with the new token.
     let a = get(&addr, &key, "/v1/x").unwrap();
     assert_eq!(a.status, 200, "{a:?}");
+}
+
+/// No token to be had: the README's error shapes, and nothing reaches the
+/// upstream. A spent refresh token is 401 login_required; a provider
+/// that fails is 503 provider_unavailable with Retry-After.
+#[test]
+fn without_a_token_the_client_gets_login_required_or_provider_unavailable() {
+    let upstream = RawUpstream::start(|_, s| ok(s, "ok"));
+    let cred = Cred::with_lifetime(-10.0);
+    cred.sim.spend(&cred.issued.refresh_token);
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
+    let a = get(proxy.addr(), proxy.key(), "/x").unwrap();
+    assert_eq!(a.status, 401, "{a:?} {}", a.text());
+    let error: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(error["error"]["code"], "login_required", "{error}");
+    assert_eq!(error["error"]["type"], "token_broker", "{error}");
+
+    let cred = Cred::with_lifetime(-10.0);
+    cred.sim.reconfigure(|c| c.fault_rate = 1.0);
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
+    let a = get(proxy.addr(), proxy.key(), "/x").unwrap();
+    assert_eq!(a.status, 503, "{a:?} {}", a.text());
+    let error: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(error["error"]["code"], "provider_unavailable", "{error}");
+    assert!(
+        a.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)),
+        "{a:?}"
+    );
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
 }

@@ -1520,3 +1520,41 @@ fn without_a_token_the_client_gets_login_required_or_provider_unavailable() {
     );
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
 }
+
+/// The first start of several proxies at once (a daemon and a one-off
+/// proxy, or a unit and a test run) on a state folder without a key: each
+/// gets the one key that was made, none reads a half-written one.
+#[test]
+fn proxies_started_at_once_on_a_fresh_state_all_get_the_same_key() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(|_, s| ok(s, "ok"));
+    let mut failures = Vec::new();
+    for round in 0..5 {
+        let state = cred.dir.path().join(format!("state-{round}"));
+        std::fs::create_dir_all(&state).unwrap();
+        let children: Vec<Child> = (0..6)
+            .map(|_| {
+                cli_command()
+                    .arg("proxy")
+                    .args(["--listen", "127.0.0.1:0", "--upstream", &upstream.origin(), "--auth-file"])
+                    .arg(&cred.auth)
+                    .args(["--token-url", &cred.sim.token_url()])
+                    .env("XDG_STATE_HOME", &state)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut child in children {
+            let mut line = String::new();
+            let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            if !line.contains("http://") {
+                failures.push(format!("round {round}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

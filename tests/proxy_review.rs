@@ -499,7 +499,11 @@ fn dot_segments_in_the_path_never_leave_the_upstream_base_path() {
             }
         }
     }
-    assert!(escaped.is_empty(), "left the upstream's base path:\n{}", escaped.join("\n"));
+    assert!(
+        escaped.is_empty(),
+        "left the upstream's base path:\n{}",
+        escaped.join("\n")
+    );
 }
 
 /// The absolute form (`GET http://other/ HTTP/1.1`) and CONNECT never take
@@ -552,7 +556,10 @@ fn connect_is_refused_not_forwarded_with_the_token() {
         .filter(|s| s.method() == "CONNECT")
         .map(Seen::head_text)
         .collect();
-    assert!(connects.is_empty(), "the upstream got {connects:?}; client got {answer:?}");
+    assert!(
+        connects.is_empty(),
+        "the upstream got {connects:?}; client got {answer:?}"
+    );
 }
 
 // ---------------------------------------------------------------------
@@ -634,7 +641,10 @@ fn the_upstream_gets_the_profiles_credentials_and_no_hop_by_hop_headers() {
     let s = &upstream.seen()[0];
     let head = s.head_text();
     assert_eq!(s.target(), "/v1/x?a=1&b=%20");
-    assert_eq!(s.header("authorization"), Some(format!("Bearer {}", cred.issued.access_token).as_str()));
+    assert_eq!(
+        s.header("authorization"),
+        Some(format!("Bearer {}", cred.issued.access_token).as_str())
+    );
     assert_eq!(s.header("chatgpt-account-id"), Some(cred.issued.account_id.as_str()));
     assert_eq!(s.header("host"), Some(upstream.addr.as_str()));
     assert_eq!(s.header("x-end-to-end"), Some("kept"));
@@ -643,7 +653,10 @@ fn the_upstream_gets_the_profiles_credentials_and_no_hop_by_hop_headers() {
     }
     assert!(!head.contains(&key), "the client key reached the upstream:\n{head}");
     assert_eq!(
-        s.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("authorization")).count(),
+        s.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+            .count(),
         1
     );
 }
@@ -706,7 +719,13 @@ fn a_client_key_file_that_is_a_symlink_or_open_to_others_is_refused() {
     let run = |state: &Path| {
         cli_command()
             .arg("proxy")
-            .args(["--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9", "--auth-file"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "http://127.0.0.1:9",
+                "--auth-file",
+            ])
             .arg(&cred.auth)
             .args(["--token-url", &cred.sim.token_url()])
             .env("XDG_STATE_HOME", state)
@@ -814,8 +833,15 @@ fn upstream_redirects_go_back_to_the_client_and_are_never_followed() {
     let elsewhere = RawUpstream::start(|_, s| ok(s, "stolen"));
     let target = elsewhere.origin();
     let upstream = RawUpstream::start(move |r, s| {
-        let code = if r.target().contains("307") { "307 Temporary Redirect" } else { "302 Found" };
-        let _ = write!(s, "HTTP/1.1 {code}\r\nLocation: {target}/steal\r\nContent-Length: 0\r\n\r\n");
+        let code = if r.target().contains("307") {
+            "307 Temporary Redirect"
+        } else {
+            "302 Found"
+        };
+        let _ = write!(
+            s,
+            "HTTP/1.1 {code}\r\nLocation: {target}/steal\r\nContent-Length: 0\r\n\r\n"
+        );
     });
     let proxy = cred.proxy(&upstream.origin(), &[], &[]);
     for path in ["/302", "/307"] {
@@ -832,7 +858,9 @@ fn upstream_redirects_go_back_to_the_client_and_are_never_followed() {
 #[test]
 fn head_204_304_and_gzip_pass_through_and_the_connection_stays_in_step() {
     let cred = Cred::new();
-    let gz: Vec<u8> = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0, 0x86, 0xa6, 0x10, 0x36, 5, 0, 0, 0];
+    let gz: Vec<u8> = vec![
+        0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0, 0x86, 0xa6, 0x10, 0x36, 5, 0, 0, 0,
+    ];
     let upstream = {
         let gz = gz.clone();
         RawUpstream::start(move |r, s| match r.target() {
@@ -843,7 +871,10 @@ fn head_204_304_and_gzip_pass_through_and_the_connection_stays_in_step() {
                 let _ = write!(s, "HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n");
             }
             "/304" => {
-                let _ = write!(s, "HTTP/1.1 304 Not Modified\r\nETag: \"e\"\r\nContent-Length: 99\r\n\r\n");
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 304 Not Modified\r\nETag: \"e\"\r\nContent-Length: 99\r\n\r\n"
+                );
             }
             "/gzip" => {
                 let _ = write!(
@@ -999,10 +1030,7 @@ fn no_answer_is_a_504_but_a_slow_body_after_the_headers_is_not_cut() {
             let _ = write!(s, "-last");
         }
     });
-    let daemon = cred.serve(
-        &proxy_table("t", &upstream.origin(), "response_timeout = \"1s\""),
-        1,
-    );
+    let daemon = cred.serve(&proxy_table("t", &upstream.origin(), "response_timeout = \"1s\""), 1);
     let answer = get(daemon.addr(), daemon.key(), "/hang").unwrap();
     assert_eq!(answer.status, 504, "{answer:?}");
     let error: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
@@ -1022,7 +1050,11 @@ fn a_slow_upload_is_not_cut_by_the_response_header_timeout() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|r, s| ok(s, &format!("{}", r.body.len())));
     let daemon = cred.serve(
-        &proxy_table("t", &upstream.origin(), "response_timeout = \"1s\"\nretry_body_limit = 16"),
+        &proxy_table(
+            "t",
+            &upstream.origin(),
+            "response_timeout = \"1s\"\nretry_body_limit = 16",
+        ),
         1,
     );
     let (mut stream, mut reader) = connect(daemon.addr());
@@ -1084,11 +1116,12 @@ fn idle_keep_alive_connections_do_not_lock_out_new_clients() {
     // (or at once), not never. 60 s is far beyond any idle timeout a
     // proxy would use.
     let (mut stream, mut reader) = connect(daemon.addr());
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    stream
-        .write_all(format!("GET /third HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET /third HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .unwrap();
     let answer = read_answer(&mut reader, false);
     assert_eq!(answer.map(|a| a.status), Some(200), "the third client was never served");
@@ -1174,9 +1207,8 @@ fn remote_listen_cleartext_remote_upstream_and_unknown_profiles_are_refused() {
     }
     let (config, _) = cred.config(&proxy_table("t", "http://127.0.0.1:9", "profile = \"nope\""));
     let _ = config;
-    let (config, _) = cred.config(
-        "[proxies.t]\nprofile = \"nope\"\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:9\"\n",
-    );
+    let (config, _) =
+        cred.config("[proxies.t]\nprofile = \"nope\"\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:9\"\n");
     let out = cli_command()
         .args(["serve", "--config"])
         .arg(&config)
@@ -1259,7 +1291,10 @@ fn a_chunked_answer_with_trailers_arrives_whole() {
     let (mut stream, mut reader) = connect(proxy.addr());
     for (path, body) in [("/t", "hello"), ("/n", "after")] {
         stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nTE: trailers\r\n\r\n").as_bytes())
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nTE: trailers\r\n\r\n")
+                    .as_bytes(),
+            )
             .unwrap();
         let a = read_answer(&mut reader, false).unwrap();
         assert_eq!((a.status, a.text().as_str()), (200, body), "{a:?}");
@@ -1283,7 +1318,9 @@ fn clients_that_stall_mid_body_do_not_lock_out_new_clients() {
         for _ in 0..2 {
             let (mut stream, _) = connect(daemon.addr());
             stream
-                .write_all(format!("POST /x HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 100\r\n\r\n0123456789").as_bytes())
+                .write_all(
+                    format!("POST /x HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 100\r\n\r\n0123456789").as_bytes(),
+                )
                 .unwrap();
             stalled.push(stream);
         }
@@ -1291,14 +1328,21 @@ fn clients_that_stall_mid_body_do_not_lock_out_new_clients() {
         let (mut stream, mut reader) = connect(daemon.addr());
         stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         stream
-            .write_all(format!("GET /third HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n").as_bytes())
+            .write_all(
+                format!("GET /third HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
             .unwrap();
         let answer = read_answer(&mut reader, false);
         assert_eq!(
             answer.map(|a| a.status),
             Some(200),
             "the third client was never served (stalled clients {})",
-            if auth.is_empty() { "without the key" } else { "with the key" }
+            if auth.is_empty() {
+                "without the key"
+            } else {
+                "with the key"
+            }
         );
         drop(stalled);
     }
@@ -1411,7 +1455,12 @@ fn a_codex_request_never_goes_without_its_account_id() {
         .filter(|s| s.header("chatgpt-account-id").is_none())
         .map(|s| s.line.clone())
         .collect();
-    assert!(without.is_empty(), "sent without the account: {without:?}; client got {} {}", a.status, a.text());
+    assert!(
+        without.is_empty(),
+        "sent without the account: {without:?}; client got {} {}",
+        a.status,
+        a.text()
+    );
     assert!(a.status >= 500, "{a:?}");
     drop(cred);
 }
@@ -1515,7 +1564,8 @@ fn without_a_token_the_client_gets_login_required_or_provider_unavailable() {
     let error: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
     assert_eq!(error["error"]["code"], "provider_unavailable", "{error}");
     assert!(
-        a.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)),
+        a.header("retry-after")
+            .is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)),
         "{a:?}"
     );
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
@@ -1536,7 +1586,13 @@ fn proxies_started_at_once_on_a_fresh_state_all_get_the_same_key() {
             .map(|_| {
                 cli_command()
                     .arg("proxy")
-                    .args(["--listen", "127.0.0.1:0", "--upstream", &upstream.origin(), "--auth-file"])
+                    .args([
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--upstream",
+                        &upstream.origin(),
+                        "--auth-file",
+                    ])
                     .arg(&cred.auth)
                     .args(["--token-url", &cred.sim.token_url()])
                     .env("XDG_STATE_HOME", &state)
@@ -1552,7 +1608,10 @@ fn proxies_started_at_once_on_a_fresh_state_all_get_the_same_key() {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
             if !line.contains("http://") {
-                failures.push(format!("round {round}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+                failures.push(format!(
+                    "round {round}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
             }
         }
     }

@@ -1571,15 +1571,20 @@ fn without_a_token_the_client_gets_login_required_or_provider_unavailable() {
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
 }
 
-/// The first start of several proxies at once (a daemon and a one-off
-/// proxy, or a unit and a test run) on a state folder without a key: each
-/// gets the one key that was made, none reads a half-written one.
+/// Finding 10: the first start of several proxies at once (a daemon and a
+/// one-off proxy, or a unit and a test run) on a state folder without a
+/// key: each must get the one key that was made. The key file is created
+/// (empty) and written after, so a second process that opens it in
+/// between reads nothing, refuses to start, and tells the operator to
+/// delete the file the first one is using. A race: this fails in about
+/// one run in three or four of 20 rounds.
 #[test]
+#[ignore = "finding 10 (a race): a proxy starting while another writes the new client key reads it empty and refuses to start"]
 fn proxies_started_at_once_on_a_fresh_state_all_get_the_same_key() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|_, s| ok(s, "ok"));
     let mut failures = Vec::new();
-    for round in 0..5 {
+    for round in 0..20 {
         let state = cred.dir.path().join(format!("state-{round}"));
         std::fs::create_dir_all(&state).unwrap();
         let children: Vec<Child> = (0..6)

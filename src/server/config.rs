@@ -168,8 +168,12 @@ impl ProxyConfig {
 
     /// Checks the settings that do not depend on the profiles: a loopback
     /// `listen` unless `allow_remote`, an `https://` upstream unless its
-    /// host is loopback.
+    /// host is loopback, `max_connections` from 1 to
+    /// [`MAX_MAX_CONNECTIONS`].
     pub fn check(&self) -> Result<(), String> {
+        if self.max_connections == 0 || self.max_connections > MAX_MAX_CONNECTIONS {
+            return Err(format!("max_connections must be at least 1 and at most {MAX_MAX_CONNECTIONS}"));
+        }
         if !self.allow_remote && !self.listen.ip().is_loopback() {
             return Err(format!(
                 "listen {} is not a loopback address: anyone who can reach it would use the profile's token; \
@@ -204,6 +208,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(600);
 /// The proxy's client connections at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The most `max_connections` may be (a larger "unlimited" would overflow
+/// the proxy's semaphore, a panic that stops the proxy; no process has
+/// that many descriptors anyway).
+pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 
 /// The `[daemon]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -701,8 +709,8 @@ impl RawProxy {
             .parse()
             .map_err(|_| "listen must be an address and port, such as 127.0.0.1:8788".to_owned())?;
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-        if max_connections == 0 {
-            return Err("max_connections must be at least 1".into());
+        if max_connections == 0 || max_connections > MAX_MAX_CONNECTIONS {
+            return Err(format!("max_connections must be at least 1 and at most {MAX_MAX_CONNECTIONS}"));
         }
         let proxy = ProxyConfig {
             profile: self.profile,

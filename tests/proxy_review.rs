@@ -1628,7 +1628,6 @@ fn proxies_started_at_once_on_a_fresh_state_all_get_the_same_key() {
 /// token to anyone who can reach the port; it starts without a word. It
 /// should be refused (or at least need a louder, separate opt-in).
 #[test]
-#[ignore = "finding 11: allow_remote without a client key starts: anyone on the network uses the profile's token"]
 fn a_remote_listener_without_a_client_key_is_refused() {
     let cred = Cred::new();
     let mut child = cli_command()

@@ -172,7 +172,16 @@ impl ProxyConfig {
     /// [`MAX_MAX_CONNECTIONS`].
     pub fn check(&self) -> Result<(), String> {
         if self.max_connections == 0 || self.max_connections > MAX_MAX_CONNECTIONS {
-            return Err(format!("max_connections must be at least 1 and at most {MAX_MAX_CONNECTIONS}"));
+            return Err(format!(
+                "max_connections must be at least 1 and at most {MAX_MAX_CONNECTIONS}"
+            ));
+        }
+        if self.allow_remote && !self.require_client_key {
+            return Err(
+                "allow_remote without a client key would hand the profile's token to anyone who can reach the port; \
+                 keep require_client_key on"
+                    .into(),
+            );
         }
         if !self.allow_remote && !self.listen.ip().is_loopback() {
             return Err(format!(
@@ -710,7 +719,9 @@ impl RawProxy {
             .map_err(|_| "listen must be an address and port, such as 127.0.0.1:8788".to_owned())?;
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if max_connections == 0 || max_connections > MAX_MAX_CONNECTIONS {
-            return Err(format!("max_connections must be at least 1 and at most {MAX_MAX_CONNECTIONS}"));
+            return Err(format!(
+                "max_connections must be at least 1 and at most {MAX_MAX_CONNECTIONS}"
+            ));
         }
         let proxy = ProxyConfig {
             profile: self.profile,

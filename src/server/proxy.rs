@@ -609,7 +609,7 @@ impl Refusal {
         let body = json!({
             "error": {"type": "token_broker", "code": self.code, "message": self.message}
         });
-        let mut response = Response::new(Out::Full(Some(Bytes::from(body.to_string()))));
+        let mut response = Response::new(Out::full(Bytes::from(body.to_string())));
         *response.status_mut() = self.status;
         response
             .headers_mut()
@@ -669,19 +669,19 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
     };
     let first = send(inner, &parts.method, &url, headers, first_body, &sent).await?;
     if first.status() != StatusCode::UNAUTHORIZED {
-        return Ok(stream_back(inner, first));
+        return Ok(stream_back(inner, first).await);
     }
     if !inner.may_reject(&sent.reply.access_token) {
         // The token a 401 just made us fetch is refused too: the upstream's
         // doing (a wrong URL or account), which another refresh would not
         // mend. The client sees the 401.
-        return Ok(stream_back(inner, first));
+        return Ok(stream_back(inner, first).await);
     }
     let Some(bytes) = kept else {
         // Too large to send again: the client sees the 401, once the
         // token is refreshed, so that its retry goes with the new one.
         let _ = inner.source.reject(&sent.reply.access_token).await;
-        return Ok(stream_back(inner, first));
+        return Ok(stream_back(inner, first).await);
     };
     drop(first);
     let fresh = inner.source.reject(&sent.reply.access_token).await?;
@@ -691,7 +691,7 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
     if second.status() == StatusCode::UNAUTHORIZED {
         inner.refused_at_once(&fresh.reply.access_token);
     }
-    Ok(stream_back(inner, second))
+    Ok(stream_back(inner, second).await)
 }
 
 /// The hop-by-hop headers (RFC 9110 section 7.6.1).
@@ -863,8 +863,96 @@ impl Body for Up {
     }
 }
 
-/// An answer's body as the client gets it.
-enum Out {
+/// An answer's body as the client gets it: what was there already when
+/// its head was, then the rest.
+struct Out {
+    first: Option<Result<Bytes, hyper::Error>>,
+    ended: bool,
+    rest: Rest,
+}
+
+impl Out {
+    fn full(bytes: Bytes) -> Out {
+        Out {
+            first: None,
+            ended: false,
+            rest: Rest::Full(Some(bytes)),
+        }
+    }
+
+    /// `rest` with what it has already (within [`AHEAD_TURNS`] turns of the
+    /// scheduler) taken ahead, so that it leaves with the head: the server
+    /// writes the head at once when the body is not ready at its first
+    /// poll, a write of its own (and a wake-up and a read for the client).
+    async fn ahead(mut rest: Rest) -> Out {
+        let mut turns = 0;
+        // Some(frame) when one came (or the end, or an error), None when
+        // nothing is there yet.
+        let first = std::future::poll_fn(|cx| match Pin::new(&mut rest).poll_frame(cx) {
+            Poll::Ready(polled) => Poll::Ready(Some(polled)),
+            Poll::Pending if turns < AHEAD_TURNS => {
+                turns += 1;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        let (first, ended) = match first {
+            Some(None) => (None, true),
+            Some(Some(Ok(frame))) => (frame.into_data().ok().map(Ok), false),
+            Some(Some(Err(e))) => (Some(Err(e)), false),
+            None => (None, false),
+        };
+        Out { first, ended, rest }
+    }
+}
+
+/// The most turns of the scheduler [`Out::ahead`] waits for the first
+/// bytes of an answer.
+const AHEAD_TURNS: u8 = 64;
+
+impl Body for Out {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(first.map(Frame::data)));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut this.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && (self.ended || self.rest.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = match &self.first {
+            Some(Ok(b)) => b.len() as u64,
+            _ => 0,
+        };
+        if self.ended {
+            return SizeHint::with_exact(first);
+        }
+        let rest = self.rest.size_hint();
+        match rest.exact() {
+            Some(n) => SizeHint::with_exact(n + first),
+            None => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + first);
+                hint
+            }
+        }
+    }
+}
+
+/// An answer's body after its first bytes.
+enum Rest {
     /// The proxy's own answer.
     Full(Option<Bytes>),
     /// The upstream's, of a known length: as it comes.
@@ -876,14 +964,14 @@ enum Out {
     },
 }
 
-impl Body for Out {
+impl Body for Rest {
     type Data = Bytes;
     type Error = hyper::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Out::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Out::Sized { body, metrics } => loop {
+            Rest::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Rest::Sized { body, metrics } => loop {
                 // The upstream's trailers are not passed on.
                 match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
                     Some(Ok(frame)) => match frame.into_data() {
@@ -896,7 +984,7 @@ impl Body for Out {
                     other => return Poll::Ready(other),
                 }
             },
-            Out::Streamed { body, metrics } => {
+            Rest::Streamed { body, metrics } => {
                 let polled = std::task::ready!(body.poll_next_unpin(cx));
                 Poll::Ready(polled.map(|chunk| {
                     chunk.map(|data| {
@@ -910,17 +998,17 @@ impl Body for Out {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Out::Full(bytes) => bytes.is_none(),
-            Out::Sized { body, .. } => body.is_end_stream(),
-            Out::Streamed { .. } => false,
+            Rest::Full(bytes) => bytes.is_none(),
+            Rest::Sized { body, .. } => body.is_end_stream(),
+            Rest::Streamed { body, .. } => body.is_ended(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Out::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Out::Sized { body, .. } => body.size_hint(),
-            Out::Streamed { .. } => SizeHint::default(),
+            Rest::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Rest::Sized { body, .. } => body.size_hint(),
+            Rest::Streamed { .. } => SizeHint::default(),
         }
     }
 }
@@ -1013,7 +1101,7 @@ fn upstream_timeout(inner: &Inner, doing: &str) -> Refusal {
 }
 
 /// The upstream's answer, streamed to the client as it comes.
-fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Out> {
+async fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Out> {
     let (parts, body) = upstream.into_parts();
     let mut headers = parts.headers;
     drop_hop_by_hop(&mut headers);
@@ -1022,14 +1110,14 @@ fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Out> {
     // server ends it by its length, without waiting); a streamed one
     // (SSE) is coalesced.
     let body = if headers.contains_key(header::CONTENT_LENGTH) {
-        Out::Sized { body, metrics }
+        Rest::Sized { body, metrics }
     } else {
-        Out::Streamed {
+        Rest::Streamed {
             body: Coalesce::new(body.into_data_stream()),
             metrics,
         }
     };
-    let mut response = Response::new(body);
+    let mut response = Response::new(Out::ahead(body).await);
     *response.status_mut() = parts.status;
     *response.headers_mut() = headers;
     response
@@ -1111,6 +1199,12 @@ impl Held {
 impl<S: TryStream> Unpin for Coalesce<S> {}
 
 impl<S: TryStream> Coalesce<S> {
+    /// Whether the stream has ended and everything it held is passed on:
+    /// the server then writes the last bytes and the end together.
+    fn is_ended(&self) -> bool {
+        self.ended && self.held.len() == 0 && self.failed.is_none()
+    }
+
     fn new(inner: S) -> Self {
         Coalesce {
             inner: Box::pin(inner),

@@ -443,8 +443,8 @@ pub(crate) async fn serve_connection<I>(
     stream: I,
     router: axum::Router,
     peer: Option<Peer>,
-    mut stopping: watch::Receiver<bool>,
-    _alive: tokio::sync::mpsc::Sender<()>,
+    stopping: watch::Receiver<bool>,
+    alive: tokio::sync::mpsc::Sender<()>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -468,6 +468,25 @@ pub(crate) async fn serve_connection<I>(
             }
         }
     });
+    serve_http1(stream, service, stopping, alive).await;
+}
+
+/// Serves one connection with `service` (HTTP/1.1, kept alive, the head
+/// read within [`HEADER_TIMEOUT`] and at most [`MAX_REQUEST_BYTES`]) until
+/// it ends or the daemon stops (then lets the request under way end,
+/// within [`HEADER_TIMEOUT`]).
+pub(crate) async fn serve_http1<I, S, B>(
+    stream: I,
+    service: S,
+    mut stopping: watch::Receiver<bool>,
+    _alive: tokio::sync::mpsc::Sender<()>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -42,13 +42,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::{StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::{Stream, StreamExt, TryStream};
 use http_body_util::BodyExt;
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use parking_lot::Mutex;
 use serde_json::json;
 use tokio::sync::watch;
@@ -316,14 +320,59 @@ fn gone(profile: &str) -> BrokerError {
 struct Inner {
     name: String,
     config: ProxyConfig,
-    upstream: reqwest::Url,
+    upstream: Upstream,
     source: Source,
     key: Option<ClientKey>,
-    client: reqwest::Client,
+    client: Client,
     metrics: ProxyMetrics,
     /// A token fetched because of a 401 that the upstream refused at once
     /// too (on the retry), and when.
     refused_fresh: Mutex<Option<(AccessToken, Instant)>>,
+}
+
+/// The client to the upstream.
+type Client = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Up>;
+
+/// The upstream URL split once: a request's URI is its parts and the
+/// request's path and query.
+struct Upstream {
+    scheme: Scheme,
+    authority: Authority,
+    /// Its path without a trailing `/`.
+    base: String,
+}
+
+impl Upstream {
+    fn new(url: &reqwest::Url) -> Option<Upstream> {
+        Some(Upstream {
+            scheme: Scheme::try_from(url.scheme()).ok()?,
+            authority: Authority::try_from(url.authority()).ok()?,
+            base: url.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The upstream's path joined with the request's path, and its query.
+    fn target(&self, uri: &Uri) -> Option<Uri> {
+        let path = uri.path();
+        let query = uri.query();
+        let mut joined = String::with_capacity(self.base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        joined.push_str(&self.base);
+        if path != "/" || self.base.is_empty() {
+            joined.push_str(path);
+        }
+        if joined.is_empty() {
+            joined.push('/');
+        }
+        if let Some(query) = query {
+            joined.push('?');
+            joined.push_str(query);
+        }
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(joined)).ok()?);
+        Uri::from_parts(parts).ok()
+    }
 }
 
 /// How long a token fetched because of a 401, and refused at once too, is
@@ -403,14 +452,26 @@ impl Proxy {
         if config.require_client_key && key.is_none() {
             return Err(fail("require_client_key is on but no client key was given".into()));
         }
-        let upstream = reqwest::Url::parse(&config.upstream).map_err(|_| fail("upstream is not a URL".into()))?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
+        let upstream = reqwest::Url::parse(&config.upstream)
+            .ok()
+            .as_ref()
+            .and_then(Upstream::new)
+            .ok_or_else(|| fail("upstream is not a URL".into()))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| fail(format!("could not make the HTTP client: {e}")))?;
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ProxyError::Listen {
@@ -462,7 +523,13 @@ impl Proxy {
         let Proxy { listener, inner } = self;
         let limit = Arc::new(tokio::sync::Semaphore::new(inner.config.max_connections));
         let (alive, mut open) = tokio::sync::mpsc::channel::<()>(1);
-        let router = axum::Router::new().fallback(forward).with_state(inner.clone());
+        let service = {
+            let inner = inner.clone();
+            hyper::service::service_fn(move |request| {
+                let inner = inner.clone();
+                async move { Ok::<_, std::convert::Infallible>(forward(&inner, request).await) }
+            })
+        };
         let mut stop = std::pin::pin!(stop);
         loop {
             // At most max_connections at once: the others wait in the
@@ -487,9 +554,9 @@ impl Proxy {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let (router, stopped, alive) = (router.clone(), stopped.clone(), alive.clone());
+            let (service, stopped, alive) = (service.clone(), stopped.clone(), alive.clone());
             tokio::spawn(async move {
-                super::daemon::serve_connection(stream, router, None, stopped, alive).await;
+                super::daemon::serve_http1(stream, service, stopped, alive).await;
                 drop(permit);
             });
         }
@@ -537,15 +604,16 @@ impl From<BrokerError> for Refusal {
     }
 }
 
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        let mut response = (
-            self.status,
-            axum::Json(json!({
-                "error": {"type": "token_broker", "code": self.code, "message": self.message}
-            })),
-        )
-            .into_response();
+impl Refusal {
+    fn into_response(self) -> Response<Out> {
+        let body = json!({
+            "error": {"type": "token_broker", "code": self.code, "message": self.message}
+        });
+        let mut response = Response::new(Out::full(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(after) = self.retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             response
@@ -557,8 +625,8 @@ impl IntoResponse for Refusal {
 }
 
 /// Every request: checked, given the token, forwarded, streamed back.
-async fn forward(State(inner): State<Arc<Inner>>, request: Request) -> Response {
-    let response = match proxy(&inner, request).await {
+async fn forward(inner: &Inner, request: Request<Incoming>) -> Response<Out> {
+    let response = match proxy(inner, request).await {
         Ok(response) => response,
         Err(refusal) => refusal.into_response(),
     };
@@ -566,7 +634,7 @@ async fn forward(State(inner): State<Arc<Inner>>, request: Request) -> Response 
     response
 }
 
-async fn proxy(inner: &Arc<Inner>, request: Request) -> Result<Response, Refusal> {
+async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out>, Refusal> {
     if let Some(key) = &inner.key {
         if !key.admits(request.headers()) {
             return Err(Refusal::new(
@@ -580,7 +648,13 @@ async fn proxy(inner: &Arc<Inner>, request: Request) -> Result<Response, Refusal
         }
     }
     let (parts, body) = request.into_parts();
-    let url = target(&inner.upstream, &parts.uri);
+    let url = inner.upstream.target(&parts.uri).ok_or_else(|| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the request's path cannot be forwarded",
+        )
+    })?;
     let headers = forwarded(&parts.headers);
     let declared = parts
         .headers
@@ -590,49 +664,34 @@ async fn proxy(inner: &Arc<Inner>, request: Request) -> Result<Response, Refusal
     let body = Kept::read(body, declared, inner.config.retry_body_limit, &inner.metrics).await?;
     let sent = inner.source.token().await?;
     let (first_body, kept) = match body {
-        Kept::Whole(bytes) => (reqwest::Body::from(bytes.clone()), Some(bytes)),
+        Kept::Whole(bytes) => (Up::Whole(Some(bytes.clone())), Some(bytes)),
         Kept::Streamed(body) => (body, None),
     };
     let first = send(inner, &parts.method, &url, headers, first_body, &sent).await?;
-    if first.status() != reqwest::StatusCode::UNAUTHORIZED {
-        return Ok(stream_back(inner, first));
+    if first.status() != StatusCode::UNAUTHORIZED {
+        return Ok(stream_back(inner, first).await);
     }
     if !inner.may_reject(&sent.reply.access_token) {
         // The token a 401 just made us fetch is refused too: the upstream's
         // doing (a wrong URL or account), which another refresh would not
         // mend. The client sees the 401.
-        return Ok(stream_back(inner, first));
+        return Ok(stream_back(inner, first).await);
     }
     let Some(bytes) = kept else {
         // Too large to send again: the client sees the 401, once the
         // token is refreshed, so that its retry goes with the new one.
         let _ = inner.source.reject(&sent.reply.access_token).await;
-        return Ok(stream_back(inner, first));
+        return Ok(stream_back(inner, first).await);
     };
     drop(first);
     let fresh = inner.source.reject(&sent.reply.access_token).await?;
     inner.metrics.retry();
     let headers = forwarded(&parts.headers);
-    let second = send(inner, &parts.method, &url, headers, reqwest::Body::from(bytes), &fresh).await?;
-    if second.status() == reqwest::StatusCode::UNAUTHORIZED {
+    let second = send(inner, &parts.method, &url, headers, Up::Whole(Some(bytes)), &fresh).await?;
+    if second.status() == StatusCode::UNAUTHORIZED {
         inner.refused_at_once(&fresh.reply.access_token);
     }
-    Ok(stream_back(inner, second))
-}
-
-/// The upstream's path joined with the request's path, and its query.
-fn target(upstream: &reqwest::Url, uri: &Uri) -> reqwest::Url {
-    let mut url = upstream.clone();
-    let base = upstream.path().trim_end_matches('/');
-    let path = uri.path();
-    let joined = if path == "/" && !base.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}{path}")
-    };
-    url.set_path(&joined);
-    url.set_query(uri.query());
-    url
+    Ok(stream_back(inner, second).await)
 }
 
 /// The hop-by-hop headers (RFC 9110 section 7.6.1).
@@ -672,6 +731,14 @@ fn forwarded(client: &HeaderMap) -> HeaderMap {
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::EXPECT);
     headers.remove(ACCOUNT_HEADER);
+    // What the upstream's client set when the client's request had none.
+    headers
+        .entry(header::USER_AGENT)
+        .or_insert(HeaderValue::from_static(concat!(
+            "token-broker/",
+            env!("CARGO_PKG_VERSION")
+        )));
+    headers.entry(header::ACCEPT).or_insert(HeaderValue::from_static("*/*"));
     headers
 }
 
@@ -679,22 +746,22 @@ fn forwarded(client: &HeaderMap) -> HeaderMap {
 /// streamed through.
 enum Kept {
     Whole(Bytes),
-    Streamed(reqwest::Body),
+    Streamed(Up),
 }
 
 impl Kept {
-    async fn read(body: Body, declared: Option<u64>, limit: usize, metrics: &ProxyMetrics) -> Result<Kept, Refusal> {
-        let counted = {
-            let metrics = metrics.clone();
-            move |chunk: &Result<Bytes, axum::Error>| {
-                if let Ok(c) = chunk {
-                    metrics.bytes_up(c.len());
-                }
-            }
-        };
+    async fn read(
+        body: Incoming,
+        declared: Option<u64>,
+        limit: usize,
+        metrics: &ProxyMetrics,
+    ) -> Result<Kept, Refusal> {
         if declared.is_some_and(|n| n > limit as u64) {
-            let stream = body.into_data_stream().inspect(counted);
-            return Ok(Kept::Streamed(reqwest::Body::wrap_stream(stream)));
+            return Ok(Kept::Streamed(Up::Streamed {
+                head: None,
+                rest: body,
+                metrics: metrics.clone(),
+            }));
         }
         let mut body = body;
         let mut kept: Vec<u8> = Vec::new();
@@ -713,13 +780,22 @@ impl Kept {
                 }
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else { continue };
+                    if kept.is_empty() && data.len() > limit {
+                        metrics.bytes_up(data.len());
+                        return Ok(Kept::Streamed(Up::Streamed {
+                            head: Some(data),
+                            rest: body,
+                            metrics: metrics.clone(),
+                        }));
+                    }
                     kept.extend_from_slice(&data);
                     if kept.len() > limit {
                         metrics.bytes_up(kept.len());
-                        let head =
-                            futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(Bytes::from(kept)) });
-                        let stream = head.chain(body.into_data_stream().inspect(counted));
-                        return Ok(Kept::Streamed(reqwest::Body::wrap_stream(stream)));
+                        return Ok(Kept::Streamed(Up::Streamed {
+                            head: Some(Bytes::from(kept)),
+                            rest: body,
+                            metrics: metrics.clone(),
+                        }));
                     }
                 }
             }
@@ -727,14 +803,224 @@ impl Kept {
     }
 }
 
+/// A request body as the upstream gets it.
+enum Up {
+    /// Kept whole (taken when sent).
+    Whole(Option<Bytes>),
+    /// Streamed from the client: what was read already, then the rest.
+    Streamed {
+        head: Option<Bytes>,
+        rest: Incoming,
+        metrics: ProxyMetrics,
+    },
+}
+
+impl Body for Up {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Up::Whole(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Up::Streamed { head, rest, metrics } => {
+                if let Some(head) = head.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(head))));
+                }
+                let polled = Pin::new(rest).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        metrics.bytes_up(data.len());
+                    }
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Up::Whole(bytes) => bytes.as_ref().is_none_or(|b| b.is_empty()),
+            Up::Streamed { head, rest, .. } => head.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Up::Whole(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Up::Streamed { head, rest, .. } => {
+                let before = head.as_ref().map_or(0, |b| b.len() as u64);
+                let rest = rest.size_hint();
+                match rest.exact() {
+                    Some(n) => SizeHint::with_exact(n + before),
+                    None => {
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(rest.lower() + before);
+                        hint
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An answer's body as the client gets it: what was there already when
+/// its head was, then the rest.
+struct Out {
+    first: Option<Result<Bytes, hyper::Error>>,
+    ended: bool,
+    rest: Rest,
+}
+
+impl Out {
+    fn full(bytes: Bytes) -> Out {
+        Out {
+            first: None,
+            ended: false,
+            rest: Rest::Full(Some(bytes)),
+        }
+    }
+
+    /// `rest` with what it has already (within [`AHEAD_TURNS`] turns of the
+    /// scheduler) taken ahead, so that it leaves with the head: the server
+    /// writes the head at once when the body is not ready at its first
+    /// poll, a write of its own (and a wake-up and a read for the client).
+    async fn ahead(mut rest: Rest) -> Out {
+        let mut turns = 0;
+        // Some(frame) when one came (or the end, or an error), None when
+        // nothing is there yet.
+        let first = std::future::poll_fn(|cx| match Pin::new(&mut rest).poll_frame(cx) {
+            Poll::Ready(polled) => Poll::Ready(Some(polled)),
+            Poll::Pending if turns < AHEAD_TURNS => {
+                turns += 1;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        let (first, ended) = match first {
+            Some(None) => (None, true),
+            Some(Some(Ok(frame))) => (frame.into_data().ok().map(Ok), false),
+            Some(Some(Err(e))) => (Some(Err(e)), false),
+            None => (None, false),
+        };
+        Out { first, ended, rest }
+    }
+}
+
+/// The most turns of the scheduler [`Out::ahead`] waits for the first
+/// bytes of an answer.
+const AHEAD_TURNS: u8 = 64;
+
+impl Body for Out {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(first.map(Frame::data)));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut this.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && (self.ended || self.rest.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = match &self.first {
+            Some(Ok(b)) => b.len() as u64,
+            _ => 0,
+        };
+        if self.ended {
+            return SizeHint::with_exact(first);
+        }
+        let rest = self.rest.size_hint();
+        match rest.exact() {
+            Some(n) => SizeHint::with_exact(n + first),
+            None => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + first);
+                hint
+            }
+        }
+    }
+}
+
+/// An answer's body after its first bytes.
+enum Rest {
+    /// The proxy's own answer.
+    Full(Option<Bytes>),
+    /// The upstream's, of a known length: as it comes.
+    Sized { body: Incoming, metrics: ProxyMetrics },
+    /// The upstream's, streamed (SSE): coalesced.
+    Streamed {
+        body: Coalesce<http_body_util::BodyDataStream<Incoming>>,
+        metrics: ProxyMetrics,
+    },
+}
+
+impl Body for Rest {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Rest::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Rest::Sized { body, metrics } => loop {
+                // The upstream's trailers are not passed on.
+                match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => {
+                            metrics.bytes_down(data.len());
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Err(_) => continue,
+                    },
+                    other => return Poll::Ready(other),
+                }
+            },
+            Rest::Streamed { body, metrics } => {
+                let polled = std::task::ready!(body.poll_next_unpin(cx));
+                Poll::Ready(polled.map(|chunk| {
+                    chunk.map(|data| {
+                        metrics.bytes_down(data.len());
+                        Frame::data(data)
+                    })
+                }))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Rest::Full(bytes) => bytes.is_none(),
+            Rest::Sized { body, .. } => body.is_end_stream(),
+            Rest::Streamed { body, .. } => body.is_ended(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Rest::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Rest::Sized { body, .. } => body.size_hint(),
+            Rest::Streamed { .. } => SizeHint::default(),
+        }
+    }
+}
+
 async fn send(
     inner: &Inner,
-    method: &axum::http::Method,
-    url: &reqwest::Url,
+    method: &hyper::Method,
+    url: &Uri,
     mut headers: HeaderMap,
-    body: reqwest::Body,
+    body: Up,
     sending: &Sending,
-) -> Result<reqwest::Response, Refusal> {
+) -> Result<Response<Incoming>, Refusal> {
     let token = &sending.reply;
     let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.access_token.expose())).map_err(|_| {
         Refusal::new(
@@ -750,16 +1036,16 @@ async fn send(
             headers.insert(ACCOUNT_HEADER, account);
         }
     }
-    // A request made whole (a builder would copy the headers once more).
-    let mut request = reqwest::Request::new(method.clone(), url.clone());
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = url.clone();
     *request.headers_mut() = headers;
-    *request.body_mut() = Some(body);
-    let request = inner.client.execute(request);
+    let request = inner.client.request(request);
     let started = Instant::now();
     let timeout = inner.config.response_timeout;
     let response = match tokio::time::timeout(timeout, request).await {
         Ok(Ok(response)) => response,
-        Ok(Err(e)) if e.is_timeout() => return Err(upstream_timeout(inner, "connecting")),
+        Ok(Err(e)) if timed_out(&e) => return Err(upstream_timeout(inner, "connecting")),
         Ok(Err(e)) => {
             return Err(Refusal::new(
                 StatusCode::BAD_GATEWAY,
@@ -767,7 +1053,7 @@ async fn send(
                 format!(
                     "the upstream {} could not be reached: {}",
                     inner.config.upstream,
-                    e.without_url()
+                    error_chain(&e)
                 ),
             ))
         }
@@ -775,6 +1061,35 @@ async fn send(
     };
     inner.metrics.upstream_latency(started.elapsed());
     Ok(response)
+}
+
+/// Whether `e` is the connect timeout.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// `e` and its causes, each once.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 fn upstream_timeout(inner: &Inner, doing: &str) -> Refusal {
@@ -786,27 +1101,24 @@ fn upstream_timeout(inner: &Inner, doing: &str) -> Refusal {
 }
 
 /// The upstream's answer, streamed to the client as it comes.
-fn stream_back(inner: &Inner, upstream: reqwest::Response) -> Response {
-    let status = upstream.status();
-    let mut headers = upstream.headers().clone();
+async fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Out> {
+    let (parts, body) = upstream.into_parts();
+    let mut headers = parts.headers;
     drop_hop_by_hop(&mut headers);
-    let upstream_length = headers.get(header::CONTENT_LENGTH).cloned();
     let metrics = inner.metrics.clone();
-    let body = upstream.bytes_stream().inspect(move |chunk| {
-        if let Ok(c) = chunk {
-            metrics.bytes_down(c.len());
-        }
-    });
     // A body of a known length leaves as the upstream sends it (the
     // server ends it by its length, without waiting); a streamed one
     // (SSE) is coalesced.
-    let body = if upstream_length.is_some() {
-        Body::from_stream(body)
+    let body = if headers.contains_key(header::CONTENT_LENGTH) {
+        Rest::Sized { body, metrics }
     } else {
-        Body::from_stream(Coalesce::new(body))
+        Rest::Streamed {
+            body: Coalesce::new(body.into_data_stream()),
+            metrics,
+        }
     };
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
+    let mut response = Response::new(Out::ahead(body).await);
+    *response.status_mut() = parts.status;
     *response.headers_mut() = headers;
     response
 }
@@ -832,13 +1144,13 @@ const COALESCE_TURNS: u8 = 2;
 /// whatever came goes on together, and when nothing more comes (the next
 /// event is not there yet) the held bytes go on after those turns, which
 /// cost no system call.
-struct Coalesce<S> {
-    inner: std::pin::Pin<Box<S>>,
+struct Coalesce<S: TryStream> {
+    inner: Pin<Box<S>>,
     held: Held,
     /// The turns yielded since the last chunk came.
     yielded: u8,
     /// An error that came after held bytes: passed on after them.
-    failed: Option<reqwest::Error>,
+    failed: Option<S::Error>,
     /// Whether the body has ended (its end may come after held bytes).
     ended: bool,
 }
@@ -883,7 +1195,16 @@ impl Held {
     }
 }
 
-impl<S> Coalesce<S> {
+// Its stream is boxed, and nothing else of it is pinned.
+impl<S: TryStream> Unpin for Coalesce<S> {}
+
+impl<S: TryStream> Coalesce<S> {
+    /// Whether the stream has ended and everything it held is passed on:
+    /// the server then writes the last bytes and the end together.
+    fn is_ended(&self) -> bool {
+        self.ended && self.held.len() == 0 && self.failed.is_none()
+    }
+
     fn new(inner: S) -> Self {
         Coalesce {
             inner: Box::pin(inner),
@@ -895,17 +1216,13 @@ impl<S> Coalesce<S> {
     }
 }
 
-impl<S> futures_util::Stream for Coalesce<S>
+impl<S> Stream for Coalesce<S>
 where
-    S: futures_util::Stream<Item = Result<Bytes, reqwest::Error>>,
+    S: TryStream<Ok = Bytes>,
 {
-    type Item = Result<Bytes, reqwest::Error>;
+    type Item = Result<Bytes, S::Error>;
 
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if let Some(e) = this.failed.take() {
             return Poll::Ready(Some(Err(e)));
@@ -914,7 +1231,7 @@ where
             return Poll::Ready(None);
         }
         loop {
-            match this.inner.as_mut().poll_next(cx) {
+            match this.inner.as_mut().try_poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.held.push(chunk);
                     this.yielded = 0;

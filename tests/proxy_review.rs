@@ -457,7 +457,6 @@ fn normalized(path: &str) -> String {
 /// by the proxy's own URL handling nor by an upstream that normalizes
 /// what it gets.
 #[test]
-#[ignore = "finding 1: dot segments (`/../`, `/%2e%2e/`) in the request path leave the upstream's base path"]
 fn dot_segments_in_the_path_never_leave_the_upstream_base_path() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|_, s| ok(s, "ok"));
@@ -537,7 +536,6 @@ fn absolute_form_targets_and_connect_never_reach_another_host() {
 /// Finding 2 (low): CONNECT is forwarded to the upstream, with the token:
 /// a reverse proxy in front of an API has no use for it.
 #[test]
-#[ignore = "finding 2: CONNECT is forwarded to the upstream with the profile's token instead of being refused"]
 fn connect_is_refused_not_forwarded_with_the_token() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|_, s| ok(s, "upstream"));
@@ -934,7 +932,6 @@ fn head_204_304_and_gzip_pass_through_and_the_connection_stays_in_step() {
 /// must get a final answer (502), not a 101 without an Upgrade header that
 /// leaves its connection dead, and the proxy goes on serving.
 #[test]
-#[ignore = "finding 4: an unasked 101 from the upstream is passed to the client (without Upgrade), its connection then dead"]
 fn an_unasked_101_from_the_upstream_does_not_tunnel_or_wedge_the_proxy() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|r, s| {
@@ -1045,7 +1042,6 @@ fn no_answer_is_a_504_but_a_slow_body_after_the_headers_is_not_cut() {
 /// that the client uploads for longer than response_timeout (a big file
 /// on a slow link) must not be cut with a 504 while it is still flowing.
 #[test]
-#[ignore = "finding 3: response_timeout runs while the request body is still uploading: a slow upload gets 504"]
 fn a_slow_upload_is_not_cut_by_the_response_header_timeout() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|r, s| ok(s, &format!("{}", r.body.len())));
@@ -1254,7 +1250,6 @@ fn a_proxy_whose_profile_a_reload_removed_answers_in_openais_error_shape() {
 /// `upstream_unreachable` "error sending request" that blames the network
 /// for the upstream client's default cap of 100 headers.
 #[test]
-#[ignore = "finding 5: an upstream answer with more than 100 headers becomes 502 upstream_unreachable"]
 fn an_upstream_answer_with_many_headers_reaches_the_client() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|_, s| {
@@ -1307,7 +1302,6 @@ fn a_chunked_answer_with_trailers_arrives_whole() {
 /// client is never served. Without the key (the 401 is answered at once)
 /// and with it.
 #[test]
-#[ignore = "finding 6: a stalled request body holds a max_connections slot for ever (no body read timeout)"]
 fn clients_that_stall_mid_body_do_not_lock_out_new_clients() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|_, s| ok(s, "ok"));
@@ -1398,7 +1392,6 @@ fn a_huge_max_connections_is_refused_or_works_but_never_panics() {
 /// remove the received Content-Length before forwarding) or the answer is
 /// a 502; never the body truncated to the stale length.
 #[test]
-#[ignore = "finding 8: an upstream answer with Content-Length and chunked keeps the stale Content-Length: the client gets a truncated body"]
 fn an_upstream_answer_with_conflicting_lengths_is_not_truncated() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|r, s| {
@@ -1445,7 +1438,6 @@ fn an_account_id_with_a_line_break_never_injects_a_header() {
 /// default account or workspace), where a token that cannot be sent is
 /// refused (500 bad_token). The request should be refused the same way.
 #[test]
-#[ignore = "finding 9: an account id that is not a valid header value is dropped silently; the request goes without it"]
 fn a_codex_request_never_goes_without_its_account_id() {
     let (cred, upstream, proxy) = with_a_broken_account_id();
     let a = get(proxy.addr(), proxy.key(), "/x").unwrap();
@@ -1579,7 +1571,6 @@ fn without_a_token_the_client_gets_login_required_or_provider_unavailable() {
 /// delete the file the first one is using. A race: this fails in about
 /// one run in three or four of 20 rounds.
 #[test]
-#[ignore = "finding 10 (a race): a proxy starting while another writes the new client key reads it empty and refuses to start"]
 fn proxies_started_at_once_on_a_fresh_state_all_get_the_same_key() {
     let cred = Cred::new();
     let upstream = RawUpstream::start(|_, s| ok(s, "ok"));

@@ -130,7 +130,7 @@ impl ClientKey {
     /// other users may read is refused.
     pub fn load_or_create(path: &Path) -> Result<ClientKey, ProxyError> {
         use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
         let fail = |message: String| ProxyError::Key {
             path: path.to_path_buf(),
             message,
@@ -142,30 +142,38 @@ impl ClientKey {
                 .create(dir)
                 .map_err(|e| fail(format!("could not create its folder: {e}")))?;
         }
-        let made = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path);
-        match made {
-            Ok(mut file) => {
-                let mut bytes = [0u8; 32];
-                getrandom::fill(&mut bytes).map_err(|e| fail(format!("no randomness for a new key: {e}")))?;
-                let key = {
-                    use base64::Engine;
-                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-                };
-                file.write_all(format!("{key}\n").as_bytes())
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| fail(format!("could not write it: {e}")))?;
-                return Ok(ClientKey {
-                    key: Secret::new(key),
-                    path: path.to_path_buf(),
-                });
+        if std::fs::symlink_metadata(path).is_err() {
+            // Made whole in a temporary file and linked into place, so that
+            // a proxy starting at the same moment never reads it half
+            // written: the first link wins, the others read its key.
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let mut temp = tempfile::Builder::new()
+                .prefix(".client-key.")
+                .permissions(std::fs::Permissions::from_mode(0o600))
+                .tempfile_in(dir)
+                .map_err(|e| fail(format!("could not create it: {e}")))?;
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes).map_err(|e| fail(format!("no randomness for a new key: {e}")))?;
+            let key = {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+            };
+            temp.write_all(format!("{key}\n").as_bytes())
+                .and_then(|()| temp.as_file().sync_all())
+                .map_err(|e| fail(format!("could not write it: {e}")))?;
+            match std::fs::hard_link(temp.path(), path) {
+                Ok(()) => {
+                    return Ok(ClientKey {
+                        key: Secret::new(key),
+                        path: path.to_path_buf(),
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(fail(format!("could not create it: {e}"))),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(fail(format!("could not create it: {e}"))),
         }
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -469,6 +477,8 @@ impl Proxy {
             .wrap_connector(http);
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            // An answer may carry many headers (hyper's default is 100).
+            .http1_max_headers(MAX_UPSTREAM_HEADERS)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(https);
@@ -648,6 +658,20 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
         }
     }
     let (parts, body) = request.into_parts();
+    if matches!(parts.method, hyper::Method::CONNECT | hyper::Method::TRACE) {
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("this proxy does not forward {}", parts.method),
+        ));
+    }
+    if !plain_path(parts.uri.path()) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the request's path must be a plain absolute path: no `.` or `..` segments (even percent-encoded), no backslash",
+        ));
+    }
     let url = inner.upstream.target(&parts.uri).ok_or_else(|| {
         Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -668,6 +692,15 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
         Kept::Streamed(body) => (body, None),
     };
     let first = send(inner, &parts.method, &url, headers, first_body, &sent).await?;
+    if first.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // The client's Upgrade is never forwarded: an upgrade nobody asked
+        // for would leave the client's connection dead.
+        return Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_upgrade",
+            "the upstream switched protocols unasked; this proxy forwards HTTP requests only",
+        ));
+    }
     if first.status() != StatusCode::UNAUTHORIZED {
         return Ok(stream_back(inner, first).await);
     }
@@ -693,6 +726,26 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
     }
     Ok(stream_back(inner, second).await)
 }
+
+/// Whether `path` stays under the upstream's base path wherever it is
+/// resolved: it starts with `/` and has no `.` or `..` segment (`%2e` counts
+/// as a dot) and no backslash.
+fn plain_path(path: &str) -> bool {
+    if !path.starts_with('/') || path.contains('\\') {
+        return false;
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%5c") {
+        return false;
+    }
+    lower.split('/').all(|segment| {
+        let dots = segment.replace("%2e", ".");
+        dots != "." && dots != ".."
+    })
+}
+
+/// The most header fields an upstream's answer may have.
+const MAX_UPSTREAM_HEADERS: usize = 1000;
 
 /// The hop-by-hop headers (RFC 9110 section 7.6.1).
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -757,16 +810,22 @@ impl Kept {
         metrics: &ProxyMetrics,
     ) -> Result<Kept, Refusal> {
         if declared.is_some_and(|n| n > limit as u64) {
-            return Ok(Kept::Streamed(Up::Streamed {
-                head: None,
-                rest: body,
-                metrics: metrics.clone(),
-            }));
+            return Ok(Kept::Streamed(Up::streamed(None, body, metrics)));
         }
         let mut body = body;
         let mut kept: Vec<u8> = Vec::new();
         loop {
-            match body.frame().await {
+            let Ok(frame) = tokio::time::timeout(BODY_IDLE, body.frame()).await else {
+                return Err(Refusal::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body stalled for {}",
+                        crate::status::human_duration(BODY_IDLE)
+                    ),
+                ));
+            };
+            match frame {
                 None => {
                     metrics.bytes_up(kept.len());
                     return Ok(Kept::Whole(Bytes::from(kept)));
@@ -782,20 +841,12 @@ impl Kept {
                     let Ok(data) = frame.into_data() else { continue };
                     if kept.is_empty() && data.len() > limit {
                         metrics.bytes_up(data.len());
-                        return Ok(Kept::Streamed(Up::Streamed {
-                            head: Some(data),
-                            rest: body,
-                            metrics: metrics.clone(),
-                        }));
+                        return Ok(Kept::Streamed(Up::streamed(Some(data), body, metrics)));
                     }
                     kept.extend_from_slice(&data);
                     if kept.len() > limit {
                         metrics.bytes_up(kept.len());
-                        return Ok(Kept::Streamed(Up::Streamed {
-                            head: Some(Bytes::from(kept)),
-                            rest: body,
-                            metrics: metrics.clone(),
-                        }));
+                        return Ok(Kept::Streamed(Up::streamed(Some(Bytes::from(kept)), body, metrics)));
                     }
                 }
             }
@@ -812,27 +863,112 @@ enum Up {
         head: Option<Bytes>,
         rest: Incoming,
         metrics: ProxyMetrics,
+        /// Ends the upload when the client sends nothing this long (made
+        /// at the first wait: the token fetch and the connection come
+        /// before).
+        idle: Option<Pin<Box<tokio::time::Sleep>>>,
+        /// Told when the body has been sent whole (or dropped).
+        sent: Option<tokio::sync::oneshot::Sender<()>>,
     },
+}
+
+/// How long a client may send nothing in the middle of a request body.
+const BODY_IDLE: Duration = Duration::from_secs(20);
+
+/// A request body that stalled for [`BODY_IDLE`].
+#[derive(Debug)]
+struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body stalled for {}",
+            crate::status::human_duration(BODY_IDLE)
+        )
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Up {
+    fn streamed(head: Option<Bytes>, rest: Incoming, metrics: &ProxyMetrics) -> Up {
+        Up::Streamed {
+            head,
+            rest,
+            metrics: metrics.clone(),
+            idle: None,
+            sent: None,
+        }
+    }
+
+    /// A receiver told once the body has been sent whole: at once for a
+    /// kept body (it goes in one write).
+    fn when_sent(&mut self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self {
+            Up::Whole(_) => drop(tx),
+            Up::Streamed { sent, .. } => *sent = Some(tx),
+        }
+        rx
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Up::Streamed { sent, .. } = self {
+            if let Some(sent) = sent.take() {
+                let _ = sent.send(());
+            }
+        }
+    }
 }
 
 impl Body for Up {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Up::Whole(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
-            Up::Streamed { head, rest, metrics } => {
+            Up::Streamed {
+                head,
+                rest,
+                metrics,
+                idle,
+                sent,
+            } => {
                 if let Some(head) = head.take() {
                     return Poll::Ready(Some(Ok(Frame::data(head))));
                 }
-                let polled = Pin::new(rest).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled {
-                    if let Some(data) = frame.data_ref() {
-                        metrics.bytes_up(data.len());
+                match Pin::new(rest).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            metrics.bytes_up(data.len());
+                        }
+                        if let Some(idle) = idle {
+                            idle.as_mut().reset(tokio::time::Instant::now() + BODY_IDLE);
+                        }
+                        Poll::Ready(Some(Ok(frame)))
                     }
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(None) => {
+                        if let Some(sent) = sent.take() {
+                            let _ = sent.send(());
+                        }
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => match std::future::Future::poll(
+                        idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(BODY_IDLE)))
+                            .as_mut(),
+                        cx,
+                    ) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Stalled)))),
+                        Poll::Pending => Poll::Pending,
+                    },
                 }
-                polled
             }
         }
     }
@@ -1032,10 +1168,21 @@ async fn send(
     bearer.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, bearer);
     if sending.codex {
-        if let Some(account) = token.account_id.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+        if let Some(account) = token.account_id.as_deref() {
+            // Never sent without it: the upstream would pick its default
+            // account.
+            let account = HeaderValue::from_str(account).map_err(|_| {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "bad_account",
+                    "the profile's account id cannot be sent in a header; check the credentials file",
+                )
+            })?;
             headers.insert(ACCOUNT_HEADER, account);
         }
     }
+    let mut body = body;
+    let uploaded = body.when_sent();
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = url.clone();
@@ -1043,8 +1190,25 @@ async fn send(
     let request = inner.client.request(request);
     let started = Instant::now();
     let timeout = inner.config.response_timeout;
-    let response = match tokio::time::timeout(timeout, request).await {
+    // The wait for the answer's head starts once the body is sent: a slow
+    // upload in flight is never cut.
+    let deadline = async {
+        let _ = uploaded.await;
+        tokio::time::sleep(timeout).await;
+    };
+    let answered = tokio::select! {
+        answered = request => Ok(answered),
+        () = deadline => Err(()),
+    };
+    let response = match answered {
         Ok(Ok(response)) => response,
+        Ok(Err(e)) if stalled(&e) => {
+            return Err(Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                Stalled.to_string(),
+            ))
+        }
         Ok(Err(e)) if timed_out(&e) => return Err(upstream_timeout(inner, "connecting")),
         Ok(Err(e)) => {
             return Err(Refusal::new(
@@ -1061,6 +1225,18 @@ async fn send(
     };
     inner.metrics.upstream_latency(started.elapsed());
     Ok(response)
+}
+
+/// Whether `e` is a client's request body that stalled.
+fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<Stalled>().is_some() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Whether `e` is the connect timeout.
@@ -1104,6 +1280,11 @@ fn upstream_timeout(inner: &Inner, doing: &str) -> Refusal {
 async fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Out> {
     let (parts, body) = upstream.into_parts();
     let mut headers = parts.headers;
+    // Framed by its transfer coding: a Content-Length beside it is stale
+    // (RFC 9112 section 6.3) and would cut the body short.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     drop_hop_by_hop(&mut headers);
     let metrics = inner.metrics.clone();
     // A body of a known length leaves as the upstream sends it (the

@@ -336,6 +336,8 @@ struct Inner {
     /// A token fetched because of a 401 that the upstream refused at once
     /// too (on the retry), and when.
     refused_fresh: Mutex<Option<(AccessToken, Instant)>>,
+    /// The headers made for the last token sent.
+    headers: Mutex<Option<(TokenReply, HeaderValue, Option<HeaderValue>)>>,
 }
 
 /// The client to the upstream.
@@ -405,6 +407,43 @@ impl Inner {
             }
             _ => true,
         }
+    }
+
+    /// The `Authorization` value for `sending`'s token and, for a codex
+    /// profile, its `ChatGPT-Account-Id`: made once per token, then cloned
+    /// (a reference count).
+    fn token_headers(&self, sending: &Sending) -> Result<(HeaderValue, Option<HeaderValue>), Refusal> {
+        let token = &sending.reply;
+        if let Some((cached, bearer, account)) = &*self.headers.lock() {
+            if cached.access_token.expose() == token.access_token.expose()
+                && cached.account_id == token.account_id
+                && account.is_some() == (sending.codex && token.account_id.is_some())
+            {
+                return Ok((bearer.clone(), account.clone()));
+            }
+        }
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.access_token.expose())).map_err(|_| {
+            Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "bad_token",
+                "the profile's access token cannot be sent in a header",
+            )
+        })?;
+        bearer.set_sensitive(true);
+        let account = match token.account_id.as_deref() {
+            // Never sent without it: the upstream would pick its default
+            // account.
+            Some(account) if sending.codex => Some(HeaderValue::from_str(account).map_err(|_| {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "bad_account",
+                    "the profile's account id cannot be sent in a header; check the credentials file",
+                )
+            })?),
+            _ => None,
+        };
+        *self.headers.lock() = Some((token.clone(), bearer.clone(), account.clone()));
+        Ok((bearer, account))
     }
 
     fn refused_at_once(&self, fresh: &AccessToken) {
@@ -500,6 +539,7 @@ impl Proxy {
                 key,
                 client,
                 refused_fresh: Mutex::new(None),
+                headers: Mutex::new(None),
             }),
         })
     }
@@ -731,16 +771,29 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
 /// resolved: it starts with `/` and has no `.` or `..` segment (`%2e` counts
 /// as a dot) and no backslash.
 fn plain_path(path: &str) -> bool {
-    if !path.starts_with('/') || path.contains('\\') {
+    let Some(rest) = path.strip_prefix('/') else {
         return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%5c") {
-        return false;
-    }
-    lower.split('/').all(|segment| {
-        let dots = segment.replace("%2e", ".");
-        dots != "." && dots != ".."
+    };
+    rest.split('/').all(|segment| {
+        let b = segment.as_bytes();
+        // Dots, each written `.` or `%2e`: one or two of them alone make a
+        // segment that climbs.
+        let (mut dots, mut i, mut only_dots) = (0, 0, true);
+        while i < b.len() {
+            match b[i] {
+                b'\\' => return false,
+                b'%' if b.len() >= i + 3 && b[i + 1] == b'5' && b[i + 2].eq_ignore_ascii_case(&b'c') => return false,
+                b'%' if b.len() >= i + 3 && b[i + 1] == b'2' && b[i + 2].eq_ignore_ascii_case(&b'e') => {
+                    dots += 1;
+                    i += 3;
+                    continue;
+                }
+                b'.' => dots += 1,
+                _ => only_dots = false,
+            }
+            i += 1;
+        }
+        !(only_dots && (dots == 1 || dots == 2))
     })
 }
 
@@ -1157,29 +1210,10 @@ async fn send(
     body: Up,
     sending: &Sending,
 ) -> Result<Response<Incoming>, Refusal> {
-    let token = &sending.reply;
-    let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.access_token.expose())).map_err(|_| {
-        Refusal::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "bad_token",
-            "the profile's access token cannot be sent in a header",
-        )
-    })?;
-    bearer.set_sensitive(true);
+    let (bearer, account) = inner.token_headers(sending)?;
     headers.insert(header::AUTHORIZATION, bearer);
-    if sending.codex {
-        if let Some(account) = token.account_id.as_deref() {
-            // Never sent without it: the upstream would pick its default
-            // account.
-            let account = HeaderValue::from_str(account).map_err(|_| {
-                Refusal::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "bad_account",
-                    "the profile's account id cannot be sent in a header; check the credentials file",
-                )
-            })?;
-            headers.insert(ACCOUNT_HEADER, account);
-        }
+    if let Some(account) = account {
+        headers.insert(ACCOUNT_HEADER, account);
     }
     let mut body = body;
     let uploaded = body.when_sent();
@@ -1452,6 +1486,38 @@ where
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_plain_paths_are_forwarded() {
+        for good in [
+            "/",
+            "/v1/chat/completions",
+            "/a//b",
+            "/a..b",
+            "/.../x",
+            "/.well-known",
+            "/%2e%2ex",
+        ] {
+            assert!(super::plain_path(good), "{good}");
+        }
+        for bad in [
+            "",
+            "*",
+            "v1",
+            "/.",
+            "/..",
+            "/a/./b",
+            "/a/../b",
+            "/%2e%2E/x",
+            "/.%2e/x",
+            "/%2E/x",
+            "/a\\b",
+            "/a%5Cb",
+            "/a%5cb",
+        ] {
+            assert!(!super::plain_path(bad), "{bad}");
+        }
+    }
+
     use super::*;
 
     fn events(range: std::ops::Range<usize>) -> Vec<Result<Bytes, reqwest::Error>> {

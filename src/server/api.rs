@@ -109,14 +109,16 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         if let Some(after) = self.retry_after {
-            // Whole seconds, rounded up, at least one.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            response.headers_mut().insert(header::RETRY_AFTER, retry_after(after));
         }
         response
     }
+}
+
+/// A `Retry-After` value: whole seconds, rounded up, at least one.
+pub(super) fn retry_after(after: Duration) -> HeaderValue {
+    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
 }
 
 /// Counts and times every request by route, method and status.

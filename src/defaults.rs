@@ -55,6 +55,32 @@ pub const fn default_lock_timeout(http_timeout: Duration, winner_wait: Duration)
         .saturating_add(LOCK_TIMEOUT_MARGIN)
 }
 
+/// How long a refresh cycle already under way can still take to answer
+/// its callers: two token requests, each with [`TIMEOUT_GRACE`] (an unknown
+/// outcome is retried once), and the wait for a winner's tokens.
+pub const fn refresh_bound(http_timeout: Duration, winner_wait: Duration) -> Duration {
+    http_timeout
+        .saturating_add(TIMEOUT_GRACE)
+        .saturating_mul(2)
+        .saturating_add(winner_wait)
+}
+
+/// What a stop allows for the writes that follow a refresh: four attempts,
+/// each waiting up to 10 s for the Codex CLI's commit locks.
+pub const WRITES_BOUND: Duration = Duration::from_secs(45);
+
+/// How long a stop waits for a refresh in flight to reach the store:
+/// [`refresh_bound`] and [`WRITES_BOUND`]. 115 s with the defaults.
+///
+/// ```
+/// use std::time::Duration;
+/// use token_broker::defaults::{finish_bound, DEFAULT_HTTP_TIMEOUT, DEFAULT_WINNER_WAIT};
+/// assert_eq!(finish_bound(DEFAULT_HTTP_TIMEOUT, DEFAULT_WINNER_WAIT), Duration::from_secs(115));
+/// ```
+pub const fn finish_bound(http_timeout: Duration, winner_wait: Duration) -> Duration {
+    refresh_bound(http_timeout, winner_wait).saturating_add(WRITES_BOUND)
+}
+
 /// The shortest wait after a failed refresh.
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
 

@@ -491,7 +491,7 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
     // (an unknown outcome is retried once, each with a second of grace), the
     // wait for a winner, and its writes (four attempts, each waiting up to
     // 10 s for the Codex CLI's commit locks).
-    let bound = finish_bound(timeout, winner_wait);
+    let bound = token_broker::defaults::finish_bound(timeout, winner_wait);
     match tokio::time::timeout(bound, broker.finish()).await {
         Ok(Ok(())) => result,
         // Rotated tokens that could not be written outrank everything, even
@@ -501,25 +501,12 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
     }
 }
 
-/// How long a refresh in flight may take to reach the store after a stop.
-fn finish_bound(timeout: Duration, winner_wait: Duration) -> Duration {
-    timeout
-        .saturating_add(token_broker::defaults::TIMEOUT_GRACE)
-        .saturating_mul(2)
-        .saturating_add(winner_wait)
-        .saturating_add(Duration::from_secs(45))
-}
-
 /// A client of the configured daemon, waiting as long as the daemon may
 /// take to refresh the profile (its settings, when this configuration
 /// knows them).
 fn daemon_client(config: &Config, profile: Option<&Profile>) -> DaemonClient {
     let settings = profile.cloned().unwrap_or_else(Profile::codex_defaults);
-    let wait = settings
-        .timeout
-        .saturating_add(token_broker::defaults::TIMEOUT_GRACE)
-        .saturating_mul(2)
-        .saturating_add(settings.winner_wait)
+    let wait = token_broker::defaults::refresh_bound(settings.timeout, settings.winner_wait)
         .saturating_add(Duration::from_secs(15));
     DaemonClient::new(&config.daemon.socket).timeout(wait)
 }

@@ -394,11 +394,7 @@ impl Daemon {
         let bound = {
             let config = shared.config.lock();
             let longest = |f: fn(&Profile) -> Duration| config.profiles.values().map(f).max().unwrap_or_default();
-            longest(|p| p.timeout)
-                .saturating_add(crate::defaults::TIMEOUT_GRACE)
-                .saturating_mul(2)
-                .saturating_add(longest(|p| p.winner_wait))
-                .saturating_add(Duration::from_secs(45))
+            crate::defaults::finish_bound(longest(|p| p.timeout), longest(|p| p.winner_wait))
         };
         let finished = tokio::time::timeout(bound, shared.brokers.finish());
         // Callers waiting for that refresh get their answers before the

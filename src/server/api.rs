@@ -242,16 +242,7 @@ async fn token(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let slot = slot(&shared, &name, &headers)?;
-    let broker = shared.broker(&slot).await?;
-    let token = match broker.fresh_token() {
-        Some(token) => token,
-        None => {
-            let _waiting = slot.metrics.waiting();
-            broker.token().await?
-        }
-    };
-    slot.metrics.served();
-    let reply = shared.reply(&slot, &broker, token).await;
+    let reply = shared.serve_token(&slot).await?;
     Ok(no_store(Json(reply.to_json()).into_response()))
 }
 
@@ -263,13 +254,7 @@ async fn reject(
 ) -> Result<Response, ApiError> {
     let slot = slot(&shared, &name, &headers)?;
     let rejected = read_rejected(&headers, body).await?;
-    let broker = shared.broker(&slot).await?;
-    let token = {
-        let _waiting = slot.metrics.waiting();
-        broker.reject(&rejected).await?
-    };
-    slot.metrics.served();
-    let reply = shared.reply(&slot, &broker, token).await;
+    let reply = shared.serve_reject(&slot, &rejected).await?;
     Ok(no_store(Json(reply.to_json()).into_response()))
 }
 

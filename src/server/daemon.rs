@@ -164,9 +164,32 @@ impl Shared {
         }
     }
 
-    /// `token` as the token endpoint answers it, with its expiry and account.
-    pub(crate) async fn reply(&self, slot: &Slot, broker: &TokenBroker, token: AccessToken) -> TokenReply {
-        super::reply_cached(&slot.meta, broker, token).await
+    /// A valid token of `slot`'s profile, with its expiry and account, as
+    /// the token endpoint and the proxies hand it out (counted as served;
+    /// a caller that has to wait is counted as waiting meanwhile).
+    pub(crate) async fn serve_token(&self, slot: &Slot) -> Result<TokenReply, BrokerError> {
+        let broker = self.broker(slot).await?;
+        let token = match broker.fresh_token() {
+            Some(token) => token,
+            None => {
+                let _waiting = slot.metrics.waiting();
+                broker.token().await?
+            }
+        };
+        slot.metrics.served();
+        Ok(super::reply_cached(&slot.meta, &broker, token).await)
+    }
+
+    /// Like [`serve_token`](Self::serve_token) after the upstream API
+    /// answered 401 for `rejected`.
+    pub(crate) async fn serve_reject(&self, slot: &Slot, rejected: &AccessToken) -> Result<TokenReply, BrokerError> {
+        let broker = self.broker(slot).await?;
+        let token = {
+            let _waiting = slot.metrics.waiting();
+            broker.reject(rejected).await?
+        };
+        slot.metrics.served();
+        Ok(super::reply_cached(&slot.meta, &broker, token).await)
     }
 
     pub(crate) fn allows(&self, uid: u32) -> bool {

@@ -268,17 +268,8 @@ impl Source {
         match self {
             Source::Daemon { shared, profile } => {
                 let slot = shared.slot(profile).ok_or_else(|| gone(profile))?;
-                let broker = shared.broker(&slot).await?;
-                let token = match broker.fresh_token() {
-                    Some(token) => token,
-                    None => {
-                        let _waiting = slot.metrics.waiting();
-                        broker.token().await?
-                    }
-                };
-                slot.metrics.served();
                 Ok(Sending {
-                    reply: shared.reply(&slot, &broker, token).await,
+                    reply: shared.serve_token(&slot).await?,
                     codex: slot.profile.provider == Dialect::Codex,
                 })
             }
@@ -296,14 +287,8 @@ impl Source {
         match self {
             Source::Daemon { shared, profile } => {
                 let slot = shared.slot(profile).ok_or_else(|| gone(profile))?;
-                let broker = shared.broker(&slot).await?;
-                let token = {
-                    let _waiting = slot.metrics.waiting();
-                    broker.reject(sent).await?
-                };
-                slot.metrics.served();
                 Ok(Sending {
-                    reply: shared.reply(&slot, &broker, token).await,
+                    reply: shared.serve_reject(&slot, sent).await?,
                     codex: slot.profile.provider == Dialect::Codex,
                 })
             }

@@ -527,7 +527,7 @@ impl BrokerBuilder {
         let location = store.location().to_owned();
         let codex = self.dialect == Dialect::Codex;
         let mut policy = RefreshPolicy::new(self.refresh_ahead);
-        if codex {
+        if codex && store.codex_cli_may_refresh() {
             policy = policy.before_neighbour(CODEX_REFRESH_MARK);
             if policy.window_after_mark() {
                 tracing::warn!(

@@ -17,7 +17,7 @@ use super::Config;
 use crate::credentials::{RefreshToken, TokenSet};
 use crate::error::BrokerError;
 use crate::policy::{freshness, Freshness};
-use crate::store::{Changes, Loaded, StoreError, StoreLock, Version};
+use crate::store::{Changes, Loaded, StoreError, StoreLock, Takeover, Version};
 
 /// Rotated tokens a refresh returned that could not be written yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,7 +152,7 @@ async fn locked(
     let mut live_holder = None;
     let interrupted = match marker {
         Some(record) if Some(&record.refresh_token_sha256) == on_disk_hash.as_ref() => {
-            if record.holder_alive && record.holder_pid != std::process::id() {
+            if record.holder_alive && !record.mine {
                 live_holder = Some(record.holder_pid);
                 false
             } else {
@@ -246,6 +246,23 @@ async fn locked(
         }
     }
 
+    // An interrupted refresh elsewhere, under a store whose policy is to
+    // wait: while the access token still works, spend nothing (the
+    // holder's late write may yet land, and a reuse may revoke the whole
+    // token family); once it has expired, nothing else can help.
+    if interrupted && !rejected && cfg.store.takeover() == Takeover::Wait && state.is_usable() {
+        warn!("an interrupted refresh was found; the takeover policy is to wait while the access token is valid");
+        return Err(BrokerError::Unavailable {
+            location: cfg.rules.location.clone(),
+            cause: crate::provider::RefreshError::Transient {
+                endpoint: cfg.provider.token_url().to_owned(),
+                kind: crate::provider::Failure::InterruptedElsewhere,
+                retry_after: None,
+            },
+            retry_in: None,
+        });
+    }
+
     // Shutting down: spend nothing new (a refresh already spent is
     // finished and written; this one has not started).
     if cfg.stopping.load(Ordering::SeqCst) {
@@ -293,7 +310,7 @@ async fn locked(
                 // Our record, for a token we did not send: remove it, unless
                 // a broker that got in meanwhile has replaced it with its own.
                 match cfg.store.interrupted_refresh().await? {
-                    Some(record) if record.holder_pid == std::process::id() => cfg.store.clear_refreshing().await?,
+                    Some(record) if record.mine => cfg.store.clear_refreshing().await?,
                     _ => {}
                 }
             }

@@ -236,6 +236,16 @@ pub enum Failure {
     /// could have entered: nothing was spent.
     #[error("the lock file was deleted or replaced while held; nothing was spent")]
     LockLost,
+    /// An earlier refresh of this refresh token was interrupted (its holder
+    /// died or was cut off before writing a result), and the store's
+    /// takeover policy is [`Takeover::Wait`](crate::store::Takeover::Wait):
+    /// nothing is spent while the access token is still valid.
+    #[error(
+        "an earlier refresh of this refresh token was interrupted before its result was saved; \
+         spending nothing while the access token is still valid (takeover = wait): the holder's late \
+         write is adopted if it comes, else the token is spent once when the access token expires"
+    )]
+    InterruptedElsewhere,
     /// A body larger than [`MAX_RESPONSE_BYTES`].
     #[error("HTTP {status} with a body over {MAX_RESPONSE_BYTES} bytes")]
     TooLarge {
@@ -275,6 +285,7 @@ impl Failure {
             | Failure::ExpiredOnArrival
             | Failure::UnsavedElsewhere(_)
             | Failure::LockLost
+            | Failure::InterruptedElsewhere
             | Failure::Redirect { .. } => false,
         }
     }

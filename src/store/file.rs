@@ -534,10 +534,15 @@ pub(crate) fn read_marker(path: &Path) -> Option<RefreshRecord> {
         host: value.get("host").and_then(|v| v.as_str()).map(str::to_owned),
         boot_id: value.get("boot_id").and_then(|v| v.as_str()).map(str::to_owned),
     };
+    let me = Holder::current();
     Some(RefreshRecord {
         refresh_token_sha256: hash,
         holder_alive: holder.is_alive(),
         holder_pid: holder.pid,
+        mine: holder.pid == me.pid
+            && holder.pid_start == me.pid_start
+            && holder.host == me.host
+            && holder.boot_id == me.boot_id,
     })
 }
 

@@ -65,6 +65,8 @@
 //!   `source()`.
 
 mod codex;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod file;
 mod json_file;
 mod json_text;
@@ -84,6 +86,8 @@ use std::time::{Duration, SystemTime};
 use futures_util::Stream;
 
 pub use codex::{CodexAuthFile, CodexFormat};
+#[cfg(feature = "etcd")]
+pub use etcd::{EncryptionKey, EtcdSettings, EtcdStore, EtcdTls, FleetStatus, ImportError, Imported};
 pub use json_file::{FileFormat, JsonFileStore};
 pub use memory::MemoryStore;
 pub use oauth2::{OAuth2File, OAuth2Format};
@@ -188,6 +192,77 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         let _ = key;
         Box::pin(std::future::ready(Ok(None)))
     }
+
+    /// What the refresh cycle does once a refresh interrupted elsewhere
+    /// (its holder gone, the quarantine over) is found. The default,
+    /// [`Takeover::RetryOnce`], suits a file shared on one host, where a
+    /// holder that died is known to be dead.
+    fn takeover(&self) -> Takeover {
+        Takeover::RetryOnce
+    }
+
+    /// Whether the engine that coordinates the brokers could not be reached
+    /// at the last attempt (for etcd: no connection or no quorum). Nothing
+    /// is spent meanwhile; valid access tokens are still served.
+    fn coordination_unavailable(&self) -> bool {
+        false
+    }
+
+    /// Whether the Codex CLI may read and refresh these credentials itself
+    /// (a Codex `auth.json`): a codex broker then refreshes before the
+    /// CLI's own 5-minute mark. A store no CLI reads (etcd) says `false`,
+    /// and its refresh-ahead window is used as configured.
+    fn codex_cli_may_refresh(&self) -> bool {
+        true
+    }
+}
+
+/// Checks an etcd store's endpoints (`http(s)://host:port`, no user or
+/// password) and key prefix (absolute, no `..`, no control character or
+/// space); the message never quotes them. Compiled without the `etcd`
+/// feature too, so that a configuration is checked the same way.
+pub(crate) fn check_etcd_location(endpoints: &[String], prefix: &str) -> Result<(), String> {
+    if endpoints.is_empty() {
+        return Err("etcd_endpoints is empty".into());
+    }
+    for endpoint in endpoints {
+        let ok = (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            && !endpoint.contains('@')
+            && endpoint.len() <= 512
+            && !endpoint.chars().any(char::is_control);
+        if !ok {
+            return Err(
+                "every etcd endpoint must be http://HOST:PORT or https://HOST:PORT, without user or password".into(),
+            );
+        }
+    }
+    let prefix = prefix.trim_end_matches('/');
+    let ok = prefix.starts_with('/')
+        && prefix.len() > 1
+        && prefix.len() <= 256
+        && !prefix.split('/').any(|s| s == ".." || s == ".")
+        && !prefix.chars().any(|c| c.is_control() || c.is_whitespace());
+    if !ok {
+        return Err("etcd_prefix must be an absolute key prefix such as /token-broker/codex".into());
+    }
+    Ok(())
+}
+
+/// What to do with a refresh token whose last spending was interrupted
+/// (its holder died or was cut off after the record was written, and never
+/// wrote a result): the provider may or may not have rotated it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Takeover {
+    /// Spend it once more: providers that accept a just-rotated token
+    /// again, or that never received it, recover at once; a provider that
+    /// saw it refuses it and the credential needs a sign-in.
+    RetryOnce,
+    /// Spend nothing while the current access token is still valid, and
+    /// report the interrupted refresh (status, logs); spend once only when
+    /// the access token has expired and nothing else can help. The default
+    /// for providers that revoke the whole token family on reuse.
+    #[default]
+    Wait,
 }
 
 /// What [`Store::load`] read.
@@ -372,6 +447,8 @@ pub struct RefreshRecord {
     pub holder_alive: bool,
     /// The holder's process id, for messages.
     pub holder_pid: u32,
+    /// Whether this very broker (process and store) wrote it.
+    pub mine: bool,
 }
 
 /// Where a [`StoreError`] happened: a file (shown as `credentials file

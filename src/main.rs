@@ -52,6 +52,11 @@ enum Command {
     /// Run one auth-injecting proxy: every request to --listen goes to
     /// --upstream with the credential's token, refreshed once on a 401.
     Proxy(ProxyArgs),
+    /// Share one credential across hosts through etcd: seed it, or look at
+    /// it (profiles with store = "etcd"; needs a build with `--features
+    /// etcd`).
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Keep a broker running and print a line (a fingerprint, never the
     /// token) whenever the access token changes.
     Watch {
@@ -62,6 +67,24 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = watch_duration)]
         duration: Option<Duration>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCommand {
+    /// Seed etcd with the tokens of a Codex or OAuth2 credentials file (the
+    /// profile's provider says which). Refuses to replace other tokens that
+    /// expire no earlier than the file's, unless --force.
+    Import {
+        /// The credentials file to read.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Replace the tokens in etcd even when they are newer.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the lock holder, the generation, the expiry and any refresh in
+    /// progress, without secrets.
+    Status,
 }
 
 #[derive(Debug, Args)]
@@ -335,6 +358,12 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(json, &CliError::Simulation(e)),
     };
+    if let Command::Fleet(command) = &cli.command {
+        return match runtime.block_on(fleet(&cli.creds, &explicit, command)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(json, &e),
+        };
+    }
     match runtime.block_on(run(cli, explicit)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(json, &e),
@@ -483,7 +512,7 @@ async fn run(cli: Cli, explicit: Vec<&'static str>) -> Result<(), CliError> {
         },
         Command::Watch { interval, duration } => watch(&broker, interval, duration, json, &mut signals).await,
         Command::Proxy(args) => run_proxy(&broker, &args, &mut signals).await,
-        Command::Simulate(_) | Command::Serve => unreachable!("handled in main"),
+        Command::Simulate(_) | Command::Serve | Command::Fleet(_) => unreachable!("handled in main"),
     };
     // Let a refresh in flight write its tokens before the process exits,
     // whatever signals arrive meanwhile (they stay caught). A cycle that has
@@ -522,10 +551,125 @@ async fn ask_daemon(
         Command::Token { format } => Ok(format_token(&client.token(profile).await?, *format)),
         Command::Status if json => Ok(format!("{}\n", client.status_json(profile).await?)),
         Command::Status => client.status_text(profile).await,
-        Command::Watch { .. } | Command::Simulate(_) | Command::Serve | Command::Proxy(_) => {
+        Command::Watch { .. } | Command::Simulate(_) | Command::Serve | Command::Proxy(_) | Command::Fleet(_) => {
             unreachable!("not asked of a daemon")
         }
     }
+}
+
+/// The etcd profile `fleet` works on: `--profile NAME` of the
+/// configuration, with `store = "etcd"`.
+fn fleet_profile(creds: &CredentialArgs, explicit: &[&'static str]) -> Result<Profile, CliError> {
+    if let Some(flag) = explicit.first() {
+        return Err(CliError::Broker(BrokerError::Config(format!(
+            "fleet takes its settings from the profile, not {flag}"
+        ))));
+    }
+    let Some(name) = &creds.profile else {
+        return Err(CliError::Broker(BrokerError::Config(
+            "fleet needs --profile NAME: a profile with store = \"etcd\"".into(),
+        )));
+    };
+    let config = Config::load(creds.config.as_deref()).map_err(CliError::Config)?;
+    let profile = config.profile(name).map_err(CliError::Config)?;
+    if profile.store == token_broker::server::config::ProfileStore::File {
+        return Err(CliError::Broker(BrokerError::Config(format!(
+            "the profile {name} keeps its credential in a file; fleet works on profiles with store = \"etcd\""
+        ))));
+    }
+    Ok(profile.clone())
+}
+
+/// `fleet import` and `fleet status`.
+#[cfg(feature = "etcd")]
+async fn fleet(creds: &CredentialArgs, explicit: &[&'static str], command: &FleetCommand) -> Result<(), CliError> {
+    use token_broker::server::config::ProfileStore;
+    use token_broker::store::{CodexAuthFile, EtcdStore, ImportError, Imported, OAuth2File};
+    let profile = fleet_profile(creds, explicit)?;
+    let ProfileStore::Etcd(etcd) = &profile.store else {
+        unreachable!("fleet_profile returns etcd profiles only");
+    };
+    let store = EtcdStore::new(profile.etcd_settings(etcd)?);
+    let prefix = etcd.prefix.clone();
+    match command {
+        FleetCommand::Import { from, force } => {
+            let loaded = match profile.provider {
+                Dialect::Codex => CodexAuthFile::new(from).load_blocking(),
+                Dialect::OAuth2 => OAuth2File::new(from).load_blocking(),
+            }
+            .map_err(|e| CliError::Broker(e.into()))?;
+            let done = store.import(&loaded.tokens, *force).await.map_err(|e| match e {
+                ImportError::Store(e) => CliError::Broker(e.into()),
+                refused @ ImportError::Newer { .. } => CliError::Broker(BrokerError::Config(refused.to_string())),
+            })?;
+            let what = match done {
+                Imported::Created => "imported",
+                Imported::Replaced => "replaced the older tokens with",
+                Imported::Unchanged => "already holds",
+            };
+            write_out(&format!(
+                "{prefix}: {what} the tokens of {} (access token {})\n",
+                token_broker::store::display_path(from),
+                loaded.tokens.access_token.fingerprint()
+            ))
+        }
+        FleetCommand::Status => {
+            let s = store.fleet_status().await.map_err(|e| CliError::Broker(e.into()))?;
+            let now = SystemTime::now();
+            if creds.json {
+                let value = serde_json::json!({
+                    "prefix": prefix,
+                    "present": s.present,
+                    "generation": s.generation,
+                    "revision": s.revision,
+                    "expires_at": s.expires_at.map(token_broker::credentials::format_rfc3339),
+                    "last_refresh": s.last_refresh.map(token_broker::credentials::format_rfc3339),
+                    "sealed": s.sealed,
+                    "access_token_fingerprint": s.access_fingerprint,
+                    "lock_holder": s.lock_holder,
+                    "refreshing": s.refreshing,
+                });
+                return write_out(&format!("{value}\n"));
+            }
+            let mut out = format!("credential:     etcd {prefix}\n");
+            if !s.present {
+                out.push_str("tokens:         none (seed them with `token-broker fleet import`)\n");
+                return write_out(&out);
+            }
+            out.push_str(&format!(
+                "generation:     {} (revision {}{})\n",
+                s.generation,
+                s.revision,
+                if s.sealed { ", sealed" } else { "" }
+            ));
+            match s.expires_at {
+                Some(at) => out.push_str(&format!(
+                    "access token:   {} expires {} ({})\n",
+                    s.access_fingerprint.as_deref().unwrap_or("?"),
+                    token_broker::credentials::format_rfc3339(at),
+                    token_broker::status::relative(at, now)
+                )),
+                None => out.push_str("access token:   expiry unknown\n"),
+            }
+            out.push_str(&format!(
+                "lock:           {}\n",
+                s.lock_holder.as_deref().unwrap_or("free")
+            ));
+            out.push_str(&format!(
+                "refreshing:     {}\n",
+                s.refreshing.as_deref().unwrap_or("no")
+            ));
+            write_out(&out)
+        }
+    }
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn fleet(creds: &CredentialArgs, explicit: &[&'static str], _command: &FleetCommand) -> Result<(), CliError> {
+    fleet_profile(creds, explicit)?;
+    Err(CliError::Broker(BrokerError::Config(
+        "this token-broker was built without etcd support: build it with `--features etcd`".into(),
+    )))
 }
 
 fn write_out(text: &str) -> Result<(), CliError> {

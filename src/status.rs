@@ -74,6 +74,10 @@ pub struct Status {
     pub access_token_fingerprint: String,
     /// The last error, if the last refresh failed.
     pub last_error: Option<String>,
+    /// Whether the store's coordination engine (etcd) could not be reached
+    /// at the last attempt: nothing is spent meanwhile, valid access
+    /// tokens are still served. Always false for a file.
+    pub coordination_unavailable: bool,
     /// Counters since the broker started.
     pub counters: Counters,
 }
@@ -92,6 +96,7 @@ impl Status {
             "refreshing": self.refreshing,
             "access_token_fingerprint": self.access_token_fingerprint,
             "last_error": self.last_error,
+            "coordination_unavailable": self.coordination_unavailable,
             "counters": self.counters,
         })
     }
@@ -139,6 +144,12 @@ impl fmt::Display for StatusLines<'_> {
         )?;
         if let Some(err) = &s.last_error {
             writeln!(f, "last error:     {err}")?;
+        }
+        if s.coordination_unavailable {
+            writeln!(
+                f,
+                "coordination:   unavailable (coordination_unavailable): serving the valid token, spending nothing"
+            )?;
         }
         Ok(())
     }

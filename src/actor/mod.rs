@@ -426,6 +426,7 @@ impl TokenActor {
             refreshing: self.machine.refreshing(),
             access_token_fingerprint: tokens.access_token.fingerprint(),
             last_error,
+            coordination_unavailable: self.cfg.store.coordination_unavailable(),
             counters,
         }
     }

@@ -83,7 +83,8 @@ impl From<BrokerError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_busy", message).retry_after(one_second)
             }
             BrokerError::Store(StoreError::Backend { .. }) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message).retry_after(one_second)
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "coordination_unavailable", message)
+                    .retry_after(one_second)
             }
             BrokerError::Store(StoreError::Write { .. } | StoreError::Conflict { .. }) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "write_failed", message)

@@ -260,6 +260,64 @@ pub struct Profile {
     /// Whether a long-running broker (the daemon) refreshes before expiry
     /// unasked. Default: true.
     pub keep_fresh: bool,
+    /// Where the credential lives: its file (the default), or etcd
+    /// (`store = "etcd"`).
+    pub store: ProfileStore,
+}
+
+/// Where a profile's credential lives (`store`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ProfileStore {
+    /// Its credentials file (`auth_file`, or the Codex CLI's).
+    #[default]
+    File,
+    /// An etcd v3 cluster shared by a fleet of hosts (needs the `etcd`
+    /// feature at run time).
+    Etcd(Box<EtcdProfile>),
+}
+
+/// The etcd settings of a `store = "etcd"` profile. Secrets are never
+/// values here: the password comes from a variable or a file, the
+/// encryption key from a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdProfile {
+    /// `etcd_endpoints`: `http(s)://host:port` of the members.
+    pub endpoints: Vec<String>,
+    /// `etcd_prefix`: the keys live under it.
+    pub prefix: String,
+    /// `etcd_user`.
+    pub user: Option<String>,
+    /// `etcd_password_env`: the variable holding the user's password.
+    pub password_env: Option<String>,
+    /// `etcd_password_file`: a file holding it.
+    pub password_file: Option<PathBuf>,
+    /// `etcd_ca_file`: PEM of the CA to trust (TLS).
+    pub ca_file: Option<PathBuf>,
+    /// `etcd_cert_file`: PEM client certificate (TLS client auth).
+    pub cert_file: Option<PathBuf>,
+    /// `etcd_key_file`: its PEM private key.
+    pub key_file: Option<PathBuf>,
+    /// `etcd_tls_domain`: the name in the members' certificates.
+    pub tls_domain: Option<String>,
+    /// `encryption_key_file`: seals the tokens at rest.
+    pub encryption_key_file: Option<PathBuf>,
+    /// `spool_dir`: where rotated tokens wait to reach etcd (default:
+    /// the state folder's `spool`).
+    pub spool_dir: Option<PathBuf>,
+    /// `takeover`: `wait` (default) or `retry-once`.
+    pub takeover: crate::store::Takeover,
+    /// `lease_ttl`: the lock's lease (default 30 s).
+    pub lease_ttl: Duration,
+}
+
+/// token-broker's state folder: `$XDG_STATE_HOME/token-broker`, else
+/// `~/.local/state/token-broker` (`None` when neither variable is set).
+pub fn state_dir() -> Option<PathBuf> {
+    let var = |v: &str| std::env::var_os(v).filter(|v| !v.is_empty()).map(PathBuf::from);
+    match var("XDG_STATE_HOME").filter(|p| p.is_absolute()) {
+        Some(state) => Some(state.join("token-broker")),
+        None => Some(var("HOME")?.join(".local").join("state").join("token-broker")),
+    }
 }
 
 /// How an oauth2 client authenticates (`client_auth`).
@@ -290,6 +348,7 @@ impl Profile {
             winner_wait: DEFAULT_WINNER_WAIT,
             timeout: DEFAULT_HTTP_TIMEOUT,
             keep_fresh: true,
+            store: ProfileStore::File,
         }
     }
 
@@ -316,6 +375,9 @@ impl Profile {
         }
         if let Some(path) = &self.auth_file {
             builder = builder.credentials_path(path);
+        }
+        if let ProfileStore::Etcd(etcd) = &self.store {
+            builder = builder.store(self.etcd_store(etcd)?);
         }
         let auth = match self.client_auth {
             ClientAuthKind::None => ClientAuth::None,
@@ -368,9 +430,13 @@ impl Profile {
             None => None,
         };
         let mut hash = Sha256::new();
+        let place = match &self.store {
+            ProfileStore::File => path.as_ref().map_or(Vec::new(), |p| p.as_os_str().as_bytes().to_vec()),
+            ProfileStore::Etcd(etcd) => format!("etcd\0{}\0{}", etcd.endpoints.join(","), etcd.prefix).into_bytes(),
+        };
         let parts: [&[u8]; 4] = [
             if codex { b"codex" } else { b"oauth2" },
-            path.as_ref().map_or(&[][..], |p| p.as_os_str().as_bytes()),
+            &place,
             token_url.as_deref().unwrap_or("").as_bytes(),
             client_id.as_deref().unwrap_or("").as_bytes(),
         ];
@@ -379,6 +445,79 @@ impl Profile {
             hash.update(part);
         }
         hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The etcd store of an etcd profile.
+    #[cfg(feature = "etcd")]
+    fn etcd_store(&self, etcd: &EtcdProfile) -> Result<std::sync::Arc<dyn crate::store::Store>, BrokerError> {
+        Ok(std::sync::Arc::new(crate::store::EtcdStore::new(
+            self.etcd_settings(etcd)?,
+        )))
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn etcd_store(&self, _etcd: &EtcdProfile) -> Result<std::sync::Arc<dyn crate::store::Store>, BrokerError> {
+        Err(BrokerError::Config(
+            "this profile keeps its credential in etcd (store = \"etcd\"), and this token-broker was built \
+             without etcd support: build it with `--features etcd`"
+                .into(),
+        ))
+    }
+
+    /// The etcd store's settings for an etcd profile: reads the password,
+    /// the TLS files and the encryption key now. Errors name the setting
+    /// and the file, never a secret.
+    #[cfg(feature = "etcd")]
+    pub fn etcd_settings(&self, etcd: &EtcdProfile) -> Result<crate::store::EtcdSettings, BrokerError> {
+        use crate::store::{EncryptionKey, EtcdSettings, EtcdTls};
+        let config = |m: String| BrokerError::Config(m);
+        let mut settings = EtcdSettings::new(etcd.endpoints.iter().cloned(), &etcd.prefix).map_err(config)?;
+        settings = settings
+            .takeover(etcd.takeover)
+            .lease_ttl(etcd.lease_ttl)
+            .quarantine(self.timeout + crate::defaults::TIMEOUT_GRACE + Duration::from_secs(5));
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| config(format!("{what} {}: {e}", display_path(path))))
+        };
+        if let Some(user) = &etcd.user {
+            let password = match (&etcd.password_env, &etcd.password_file) {
+                (Some(var), _) => match std::env::var(var) {
+                    Ok(v) if !v.is_empty() => v,
+                    _ => {
+                        return Err(config(format!(
+                            "the variable {var} (etcd_password_env) is not set or empty"
+                        )))
+                    }
+                },
+                (None, Some(path)) => {
+                    let bytes = read("etcd_password_file", path)?;
+                    String::from_utf8_lossy(&bytes)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned()
+                }
+                (None, None) => return Err(config("etcd_user needs etcd_password_env or etcd_password_file".into())),
+            };
+            settings = settings.user(user.clone(), Secret::new(password));
+        }
+        if let Some(ca) = &etcd.ca_file {
+            let identity_pem = match (&etcd.cert_file, &etcd.key_file) {
+                (Some(cert), Some(key)) => Some((read("etcd_cert_file", cert)?, read("etcd_key_file", key)?)),
+                _ => None,
+            };
+            settings = settings.tls(EtcdTls {
+                ca_pem: read("etcd_ca_file", ca)?,
+                identity_pem,
+                domain: etcd.tls_domain.clone(),
+            });
+        }
+        if let Some(path) = &etcd.encryption_key_file {
+            settings = settings.encryption_key(EncryptionKey::from_file(path).map_err(config)?);
+        }
+        let spool = etcd.spool_dir.clone().or_else(|| state_dir().map(|d| d.join("spool")));
+        if let Some(dir) = spool {
+            settings = settings.spool_dir(dir);
+        }
+        Ok(settings)
     }
 
     fn secret(&self) -> Result<Secret, BrokerError> {
@@ -771,6 +910,45 @@ struct RawProfile {
     #[serde(default, deserialize_with = "timeout")]
     timeout: Option<Duration>,
     keep_fresh: Option<bool>,
+    #[serde(default)]
+    store: RawStore,
+    etcd_endpoints: Option<Vec<String>>,
+    etcd_prefix: Option<String>,
+    etcd_user: Option<String>,
+    etcd_password_env: Option<String>,
+    etcd_password_file: Option<String>,
+    etcd_ca_file: Option<String>,
+    etcd_cert_file: Option<String>,
+    etcd_key_file: Option<String>,
+    etcd_tls_domain: Option<String>,
+    encryption_key_file: Option<String>,
+    spool_dir: Option<String>,
+    takeover: Option<RawTakeover>,
+    #[serde(default, deserialize_with = "lease_ttl")]
+    lease_ttl: Option<Duration>,
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RawStore {
+    #[default]
+    File,
+    Etcd,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+enum RawTakeover {
+    Wait,
+    RetryOnce,
+}
+
+fn lease_ttl<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let ttl = duration_field(d, true, TEN_MINUTES)?;
+    if ttl.is_some_and(|t| t < Duration::from_secs(5)) {
+        return Err(serde::de::Error::custom("must be at least 5s"));
+    }
+    Ok(ttl)
 }
 
 impl RawProfile {
@@ -785,7 +963,7 @@ impl RawProfile {
         };
         if provider == Dialect::OAuth2 {
             for (key, set) in [
-                ("auth_file", auth_file.is_some()),
+                ("auth_file", auth_file.is_some() || self.store == RawStore::Etcd),
                 ("token_url", self.token_url.is_some()),
                 ("client_id", self.client_id.is_some()),
             ] {
@@ -826,7 +1004,9 @@ impl RawProfile {
             }
             _ => {}
         }
+        let store = self.store_settings(&auth_file, resolve)?;
         Ok(Profile {
+            store,
             provider,
             auth_file,
             token_url: self.token_url,
@@ -838,6 +1018,111 @@ impl RawProfile {
             timeout: self.timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT),
             keep_fresh: self.keep_fresh.unwrap_or(true),
         })
+    }
+}
+
+impl RawProfile {
+    /// The `store` and its settings; etcd keys without `store = "etcd"`
+    /// are an error rather than silently ignored.
+    fn store_settings(
+        &self,
+        auth_file: &Option<PathBuf>,
+        resolve: &dyn Fn(&str) -> Result<PathBuf, String>,
+    ) -> Result<ProfileStore, String> {
+        let etcd_keys = [
+            ("etcd_endpoints", self.etcd_endpoints.is_some()),
+            ("etcd_prefix", self.etcd_prefix.is_some()),
+            ("etcd_user", self.etcd_user.is_some()),
+            ("etcd_password_env", self.etcd_password_env.is_some()),
+            ("etcd_password_file", self.etcd_password_file.is_some()),
+            ("etcd_ca_file", self.etcd_ca_file.is_some()),
+            ("etcd_cert_file", self.etcd_cert_file.is_some()),
+            ("etcd_key_file", self.etcd_key_file.is_some()),
+            ("etcd_tls_domain", self.etcd_tls_domain.is_some()),
+            ("encryption_key_file", self.encryption_key_file.is_some()),
+            ("spool_dir", self.spool_dir.is_some()),
+            ("takeover", self.takeover.is_some()),
+            ("lease_ttl", self.lease_ttl.is_some()),
+        ];
+        if self.store == RawStore::File {
+            return match etcd_keys.iter().find(|(_, set)| *set) {
+                Some((key, _)) => Err(format!("{key} applies to store = \"etcd\" only")),
+                None => Ok(ProfileStore::File),
+            };
+        }
+        if auth_file.is_some() {
+            return Err(
+                "auth_file and store = \"etcd\" exclude each other: the credential lives in etcd \
+                        (seed it with `token-broker fleet import --profile NAME --from FILE`)"
+                    .into(),
+            );
+        }
+        let (Some(endpoints), Some(prefix)) = (&self.etcd_endpoints, &self.etcd_prefix) else {
+            return Err("store = \"etcd\" needs etcd_endpoints and etcd_prefix".into());
+        };
+        crate::store::check_etcd_location(endpoints, prefix)?;
+        if let Some(var) = &self.etcd_password_env {
+            if !looks_like_a_variable(var) {
+                return Err(
+                    "etcd_password_env must name an environment variable (A-Z, 0-9, _), not hold the password".into(),
+                );
+            }
+        }
+        if self.etcd_password_env.is_some() && self.etcd_password_file.is_some() {
+            return Err("etcd_password_env and etcd_password_file exclude each other".into());
+        }
+        if self.etcd_user.is_none() && (self.etcd_password_env.is_some() || self.etcd_password_file.is_some()) {
+            return Err("an etcd password needs etcd_user".into());
+        }
+        if self.etcd_user.is_some() && self.etcd_password_env.is_none() && self.etcd_password_file.is_none() {
+            return Err("etcd_user needs etcd_password_env or etcd_password_file".into());
+        }
+        if self.etcd_cert_file.is_some() != self.etcd_key_file.is_some() {
+            return Err("etcd_cert_file and etcd_key_file go together".into());
+        }
+        if (self.etcd_cert_file.is_some() || self.etcd_tls_domain.is_some()) && self.etcd_ca_file.is_none() {
+            return Err("etcd_cert_file, etcd_key_file and etcd_tls_domain need etcd_ca_file".into());
+        }
+        // A refresh token is spent only while the lease certainly outlives
+        // the request (its timeout and a grace); keep-alives renew it every
+        // third of its TTL, so two thirds of it must cover that.
+        let timeout = self.timeout.unwrap_or(DEFAULT_HTTP_TIMEOUT);
+        let needed = (timeout + crate::defaults::TIMEOUT_GRACE) * 3 / 2;
+        let lease_ttl = match self.lease_ttl {
+            Some(ttl) if ttl <= needed => {
+                return Err(format!(
+                    "lease_ttl must be more than one and a half times timeout plus 1s (more than {}), \
+                     else the lease could lapse while a token request is under way and nothing would be spent",
+                    humantime::format_duration(needed)
+                ))
+            }
+            Some(ttl) => ttl,
+            None => Duration::from_secs(30).max(needed * 2),
+        };
+        let path = |key: &str, value: &Option<String>| -> Result<Option<PathBuf>, String> {
+            value
+                .as_deref()
+                .map(|p| resolve(p).map_err(|m| format!("{key} {m}")))
+                .transpose()
+        };
+        Ok(ProfileStore::Etcd(Box::new(EtcdProfile {
+            endpoints: endpoints.clone(),
+            prefix: prefix.trim_end_matches('/').to_owned(),
+            user: self.etcd_user.clone(),
+            password_env: self.etcd_password_env.clone(),
+            password_file: path("etcd_password_file", &self.etcd_password_file)?,
+            ca_file: path("etcd_ca_file", &self.etcd_ca_file)?,
+            cert_file: path("etcd_cert_file", &self.etcd_cert_file)?,
+            key_file: path("etcd_key_file", &self.etcd_key_file)?,
+            tls_domain: self.etcd_tls_domain.clone(),
+            encryption_key_file: path("encryption_key_file", &self.encryption_key_file)?,
+            spool_dir: path("spool_dir", &self.spool_dir)?,
+            takeover: match self.takeover {
+                Some(RawTakeover::RetryOnce) => crate::store::Takeover::RetryOnce,
+                Some(RawTakeover::Wait) | None => crate::store::Takeover::Wait,
+            },
+            lease_ttl,
+        })))
     }
 }
 

@@ -111,6 +111,7 @@ struct Sample {
     failures: u64,
     adoptions: u64,
     expires_in: Option<f64>,
+    coordination_unavailable: bool,
 }
 
 /// One profile's request-side metrics, kept by its slot (no label lookup
@@ -281,6 +282,7 @@ impl Metrics {
                         Ok(d) => d.as_secs_f64(),
                         Err(e) => -e.duration().as_secs_f64(),
                     }),
+                    coordination_unavailable: s.coordination_unavailable,
                 },
                 None => Sample {
                     profile: slot.name.clone(),
@@ -290,6 +292,7 @@ impl Metrics {
                     failures: 0,
                     adoptions: 0,
                     expires_in: None,
+                    coordination_unavailable: false,
                 },
             });
         }
@@ -360,6 +363,19 @@ impl Collector for Samples {
                     let labels = profile(&s.profile);
                     ConstGauge::new(secs).encode(metric.encode_family(&labels)?)?;
                 }
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "coordination_unavailable",
+                "1 while the profile's coordination store (etcd) cannot be reached: valid tokens are served, \
+                 nothing is spent",
+                None,
+                MetricType::Gauge,
+            )?;
+            for s in samples.iter() {
+                let labels = profile(&s.profile);
+                ConstGauge::new(i64::from(s.coordination_unavailable)).encode(metric.encode_family(&labels)?)?;
             }
         }
         let mut metric = encoder.encode_descriptor(

@@ -38,7 +38,7 @@
 //! | `unknown_profile` | 404 | 2 |
 //! | `login_required` | 401 | 4 |
 //! | `provider_unavailable` (with `Retry-After`) | 503 | 5 |
-//! | `store_busy`, `store_unavailable`, `stopping` (with `Retry-After`) | 503 | 5 |
+//! | `store_busy`, `coordination_unavailable`, `stopping` (with `Retry-After`) | 503 | 5 |
 //! | `bad_credentials_file` | 500 | 3 |
 //! | `write_failed`, `bad_profile` | 500 | 1 |
 //! | `account_changed` | 409 | 1 |

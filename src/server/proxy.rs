@@ -117,12 +117,7 @@ impl ClientKey {
     /// `$XDG_STATE_HOME/token-broker/client-key`, else
     /// `~/.local/state/token-broker/client-key`.
     pub fn default_path() -> Option<PathBuf> {
-        let var = |v: &str| std::env::var_os(v).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let dir = match var("XDG_STATE_HOME").filter(|p| p.is_absolute()) {
-            Some(state) => state.join("token-broker"),
-            None => var("HOME")?.join(".local").join("state").join("token-broker"),
-        };
-        Some(dir.join("client-key"))
+        Some(super::config::state_dir()?.join("client-key"))
     }
 
     /// Reads the key at `path`, or makes one there (32 random bytes,

@@ -1,0 +1,223 @@
+//! A real etcd v3 cluster on loopback for tests: each member its own
+//! process and data folder, stopped (and its folder removed) on drop.
+//! Needs Debian's `etcd-server` (`/usr/bin/etcd`) and `etcdctl`, which
+//! `.ci/run` installs.
+//!
+//! Mount it with `#[path = "common/etcd.rs"] mod etcd;`.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One member.
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data: PathBuf,
+    pub child: Option<Child>,
+}
+
+/// A cluster of members on 127.0.0.1.
+pub struct Cluster {
+    pub members: Vec<Member>,
+    initial: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The etcd binary, or a loud failure naming what installs it.
+fn etcd_binary() -> &'static str {
+    for candidate in ["/usr/bin/etcd", "/usr/local/bin/etcd"] {
+        if std::path::Path::new(candidate).exists() {
+            return candidate;
+        }
+    }
+    panic!("etcd is not installed: `apt-get install etcd-server etcd-client` (as .ci/run does)");
+}
+
+impl Cluster {
+    /// Starts `n` members and waits until the cluster has a leader.
+    pub fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data: dir.path().join(format!("m{i}")),
+                child: None,
+            });
+        }
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            members,
+            initial,
+            token: format!("tb-{}-{}", std::process::id(), fastrand::u64(..)),
+            _dir: dir,
+        };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let m = &self.members[i];
+        let child = Command::new(etcd_binary())
+            .arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&m.data)
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", m.client_port))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{}", m.client_port))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", m.peer_port))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{}",
+                m.peer_port
+            ))
+            .arg(format!("--initial-cluster={}", self.initial))
+            .arg(format!("--initial-cluster-token={}", self.token))
+            .arg("--initial-cluster-state=new")
+            .args(["--heartbeat-interval=50", "--election-timeout=500"])
+            .args(["--logger=zap", "--log-outputs=stderr", "--log-level=error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        self.members[i].child = Some(child);
+    }
+
+    /// `http://127.0.0.1:PORT` of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// The endpoints as a TOML array.
+    pub fn toml_endpoints(&self) -> String {
+        format!(
+            "[{}]",
+            self.endpoints()
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    /// `etcdctl` against the running members.
+    pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
+        let running: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect();
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", running.join(",")))
+            .args(["--command-timeout=3s", "--dial-timeout=2s"])
+            .args(args)
+            .output()
+            .expect("run etcdctl")
+    }
+
+    /// The value of `key` (empty when absent).
+    pub fn get(&self, key: &str) -> String {
+        let out = self.etcdctl(&["get", "--print-value-only", key]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Waits until a write goes through (the cluster has a leader and quorum).
+    pub fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = self.etcdctl(&["put", "/health-check", "ok"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the etcd cluster never became healthy: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The index of the current leader.
+    pub fn leader(&self) -> usize {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.child.is_none() {
+                continue;
+            }
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints=http://127.0.0.1:{}", m.client_port))
+                .args(["endpoint", "status", "--write-out=json"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let status = &json[0]["Status"];
+            if status["leader"].as_u64().is_some() && status["leader"] == status["header"]["member_id"] {
+                return i;
+            }
+        }
+        panic!("no leader");
+    }
+
+    /// Sends `signal` to member `i`.
+    pub fn signal(&self, i: usize, signal: i32) {
+        if let Some(child) = &self.members[i].child {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
+    /// Kills member `i` (SIGKILL) and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data folder.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                // SAFETY: kill on our own child's pid (a stopped member
+                // must be continued to die cleanly).
+                unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! A fleet of daemons sharing one credential on a real 3-member etcd
+//! cluster (Debian's `etcd-server`, started on loopback by each test),
+//! against the simulated provider with single-use refresh tokens and
+//! revoke-on-reuse on.
+
+#![cfg(feature = "etcd")]
+
+mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
+#[path = "common/etcd.rs"]
+mod etcd;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use daemon::{socket_get, Daemon};
+use etcd::Cluster;
+use token_broker::sim::{codex_auth_json, Issued, SimConfig};
+
+/// A provider like the real one: single-use refresh tokens, and a reuse
+/// revokes the whole family.
+fn strict(lifetime: Duration) -> SimConfig {
+    SimConfig {
+        access_lifetime: lifetime,
+        revoke_family_on_reuse: true,
+        ..SimConfig::default()
+    }
+}
+
+/// One "host": a folder with its configuration, socket and spool.
+struct Host {
+    config: PathBuf,
+    socket: PathBuf,
+}
+
+impl Host {
+    fn new(root: &Path, name: &str, profile: &str) -> Host {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("run").join("tb.sock");
+        let config = dir.join("config.toml");
+        let text = format!(
+            "[daemon]\nsocket = {socket:?}\n\n[profiles.codex]\n{profile}spool_dir = {:?}\n",
+            dir.join("spool")
+        );
+        std::fs::write(&config, text).unwrap();
+        Host { config, socket }
+    }
+
+    fn start(&self) -> Daemon {
+        Daemon::start_logging(&self.config, &self.socket, "info,token_broker=info")
+    }
+}
+
+/// The profile lines of an etcd profile against `fx`'s provider.
+fn etcd_profile(fx: &Fixture, cluster: &Cluster, prefix: &str, extra: &str) -> String {
+    format!(
+        "provider = \"codex\"\nstore = \"etcd\"\netcd_endpoints = {}\netcd_prefix = {prefix:?}\n\
+         token_url = {:?}\nwinner_wait = \"2s\"\ntimeout = \"3s\"\nlease_ttl = \"10s\"\n{extra}",
+        cluster.toml_endpoints(),
+        fx.sim.token_url()
+    )
+}
+
+/// Seeds etcd with `issued` through `fleet import`.
+fn import(fx: &Fixture, host: &Host, issued: &Issued, force: bool) -> std::process::Output {
+    let file = fx.path(&format!("import-{}.json", fastrand::u32(..)));
+    std::fs::write(&file, codex_auth_json(issued)).unwrap();
+    let mut args = vec![
+        "fleet",
+        "import",
+        "--profile",
+        "codex",
+        "--from",
+        file.to_str().unwrap(),
+    ];
+    if force {
+        args.push("--force");
+    }
+    cli_command()
+        .args(&args)
+        .arg("--config")
+        .arg(&host.config)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+fn fleet_status(host: &Host) -> String {
+    let out = cli_command()
+        .args(["fleet", "status", "--profile", "codex", "--config"])
+        .arg(&host.config)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+}
+
+fn token_of(body: &str) -> String {
+    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    json["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token: {body}"))
+        .to_owned()
+}
+
+fn no_secret_in(fx: &Fixture, text: &str) {
+    for secret in fx.sim.issued_secrets() {
+        assert!(!text.contains(&secret), "a secret leaked:\n{text}");
+    }
+}
+
+#[test]
+fn import_status_and_sealed_tokens_at_rest() {
+    let cluster = Cluster::start(3);
+    let fx = Fixture::new(strict(Duration::from_secs(3600)));
+    let key = fx.path("etcd.key");
+    std::fs::write(&key, [42u8; 32]).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let extra = format!("encryption_key_file = {key:?}\n");
+    let host = Host::new(fx.dir.path(), "a", &etcd_profile(&fx, &cluster, "/tb/sealed", &extra));
+
+    // Nothing yet.
+    assert!(fleet_status(&host).contains("none"));
+    let first = fx.sim.sign_in(3000.0);
+    let out = import(&fx, &host, &first, false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("imported"), "{}", stdout(&out));
+
+    // At rest: sealed, no token text in etcd.
+    let raw = cluster.get("/tb/sealed/tokens");
+    assert!(raw.contains("XChaCha20-Poly1305"), "{raw}");
+    no_secret_in(&fx, &raw);
+
+    let status = fleet_status(&host);
+    assert!(
+        status.contains("generation:     1") && status.contains("sealed"),
+        "{status}"
+    );
+    assert!(status.contains("lock:           free"), "{status}");
+    no_secret_in(&fx, &status);
+
+    // The same tokens again: nothing changes.
+    let out = import(&fx, &host, &first, false);
+    assert!(
+        out.status.success() && stdout(&out).contains("already holds"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Older tokens (they expire sooner) are refused without --force, and
+    // nothing is written.
+    let older = fx.sim.sign_in(60.0);
+    let out = import(&fx, &host, &older, false);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    no_secret_in(&fx, &stderr(&out));
+    assert!(fleet_status(&host).contains("generation:     1"));
+    let out = import(&fx, &host, &older, true);
+    assert!(
+        out.status.success() && stdout(&out).contains("replaced"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(fleet_status(&host).contains("generation:     2"));
+
+    // A one-shot CLI reads it straight from etcd (no daemon).
+    let out = cli_command()
+        .args(["token", "--profile", "codex", "--daemon", "never", "--config"])
+        .arg(&host.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), older.access_token);
+
+    // A profile without the key cannot open the sealed tokens: a typed
+    // error that quotes nothing.
+    let keyless = Host::new(fx.dir.path(), "b", &etcd_profile(&fx, &cluster, "/tb/sealed", ""));
+    let out = cli_command()
+        .args(["token", "--profile", "codex", "--daemon", "never", "--config"])
+        .arg(&keyless.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("encryption_key_file"), "{}", stderr(&out));
+    no_secret_in(&fx, &stderr(&out));
+}
+
+/// Four daemons (four "hosts") with eight client loops each, for
+/// `FLEET_SECONDS` (default 30 s) of 2 s tokens: one token request per
+/// expiry fleet-wide, none reused, every call served.
+#[test]
+fn four_daemons_refresh_once_per_expiry() {
+    let cluster = Cluster::start(3);
+    let lifetime = Duration::from_secs(2);
+    let fx = Fixture::new(strict(lifetime));
+    let seconds: u64 = std::env::var("FLEET_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let profile = etcd_profile(&fx, &cluster, "/tb/fleet", "refresh_ahead = \"1s\"\n");
+    let hosts: Vec<Host> = (0..4)
+        .map(|i| Host::new(fx.dir.path(), &format!("host{i}"), &profile))
+        .collect();
+    let seeded = fx.sim.sign_in(2.0);
+    let out = import(&fx, &hosts[0], &seeded, false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let daemons: Vec<Daemon> = hosts.iter().map(Host::start).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let mut loops = Vec::new();
+    for host in &hosts {
+        for _ in 0..8 {
+            let (socket, stop, served, failed) = (host.socket.clone(), stop.clone(), served.clone(), failed.clone());
+            loops.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, body) = socket_get(&socket, "/v1/profiles/codex/token");
+                    if status == 200 {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.lock().push(format!("{status} {body}"));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.join().unwrap();
+    }
+    let counts = fx.sim.counts();
+    let logs: String = daemons.iter().map(Daemon::logs).collect();
+    no_secret_in(&fx, &logs);
+    assert_eq!(counts.reused, 0, "a refresh token was spent twice:\n{logs}");
+    assert_eq!(counts.invalid, 0, "{counts:?}");
+    assert!(
+        failed.lock().is_empty(),
+        "failed calls: {:?}",
+        &failed.lock()[..failed.lock().len().min(5)]
+    );
+    assert!(
+        served.load(Ordering::Relaxed) > 1000,
+        "{}",
+        served.load(Ordering::Relaxed)
+    );
+    // Each token is refreshed 1 s before its 2 s expiry: one token request
+    // per second of run, fleet-wide, whatever the number of daemons.
+    let expiries = seconds;
+    assert!(
+        counts.token_requests >= expiries / 2 && counts.token_requests <= expiries + 2,
+        "{} token requests in {seconds} s of 2 s tokens (about {expiries} expected): {counts:?}",
+        counts.token_requests
+    );
+    assert_eq!(counts.token_requests, counts.refreshed, "{counts:?}");
+    // Daemons that did not refresh adopted the others' tokens through the
+    // watch: every daemon served many generations.
+    for (i, d) in daemons.iter().enumerate() {
+        let (status, body) = socket_get(&d.socket, "/v1/profiles/codex/status");
+        assert_eq!(status, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let counters = &json["counters"];
+        let generations = counters["refreshes"].as_u64().unwrap() + counters["adoptions"].as_u64().unwrap();
+        assert!(
+            generations >= expiries / 4,
+            "daemon {i} saw only {generations} generations: {body}"
+        );
+    }
+}
+
+/// With every etcd member frozen: the valid token is still served, nothing
+/// is spent, status and metrics say `coordination_unavailable`; once etcd
+/// returns, the broker recovers by itself.
+#[test]
+fn etcd_away_serves_valid_tokens_and_spends_nothing() {
+    let cluster = Cluster::start(3);
+    let fx = Fixture::new(strict(Duration::from_secs(3600)));
+    let host = Host::new(
+        fx.dir.path(),
+        "a",
+        &etcd_profile(&fx, &cluster, "/tb/away", "refresh_ahead = \"9s\"\n"),
+    );
+    // Valid for 12 s; due (refreshed ahead) after 3 s.
+    let issued = fx.sim.sign_in(12.0);
+    assert!(import(&fx, &host, &issued, false).status.success());
+    let d = host.start();
+    let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
+    assert_eq!((status, token_of(&body)), (200, issued.access_token.clone()));
+
+    for i in 0..3 {
+        cluster.signal(i, libc::SIGSTOP);
+    }
+    // The refresh ahead fails on etcd, not on the provider.
+    wait_until(
+        Duration::from_secs(20),
+        "status reports coordination_unavailable",
+        || {
+            let (_, body) = socket_get(&host.socket, "/v1/profiles/codex/status");
+            body.contains("\"coordination_unavailable\":true")
+        },
+    );
+    let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(token_of(&body), issued.access_token, "the valid token is served");
+    let (_, metrics) = socket_get(&host.socket, "/metrics");
+    assert!(
+        metrics.contains("coordination_unavailable{profile=\"codex\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("coordination"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(fx.sim.token_requests(), 0, "nothing is spent without coordination");
+
+    for i in 0..3 {
+        cluster.signal(i, libc::SIGCONT);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
+        if status == 200 && token_of(&body) != issued.access_token {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refresh after etcd returned: {status} {body}\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_until(Duration::from_secs(10), "coordination available again", || {
+        let (_, body) = socket_get(&host.socket, "/v1/profiles/codex/status");
+        body.contains("\"coordination_unavailable\":false")
+    });
+    let counts = fx.sim.counts();
+    assert_eq!(
+        (counts.token_requests, counts.reused),
+        (1, 0),
+        "{counts:?}\n{}",
+        d.logs()
+    );
+}
+
+/// The holder is killed (SIGKILL) after the provider rotated the token and
+/// before anything reached etcd: the survivor never spends the old token
+/// while the access token is valid (takeover = "wait"), and reports the
+/// interrupted refresh.
+#[test]
+fn a_holder_killed_mid_request_is_never_spent_again() {
+    let cluster = Cluster::start(3);
+    let config = SimConfig {
+        latency: Duration::from_secs(2),
+        ..strict(Duration::from_secs(3600))
+    };
+    let fx = Fixture::new(config);
+    let profile = etcd_profile(&fx, &cluster, "/tb/killed", "refresh_ahead = \"55s\"\n");
+    let hosts: Vec<Host> = (0..2)
+        .map(|i| Host::new(fx.dir.path(), &format!("h{i}"), &profile))
+        .collect();
+    // Valid for a minute, due at once.
+    let issued = fx.sim.sign_in(60.0);
+    assert!(import(&fx, &hosts[0], &issued, false).status.success());
+    let mut daemons: Vec<Daemon> = hosts.iter().map(Host::start).collect();
+
+    // The refresh ahead is under way at the provider; past the spend (half
+    // the latency), kill its holder.
+    wait_until(Duration::from_secs(20), "a token request", || {
+        fx.sim.token_requests() == 1
+    });
+    std::thread::sleep(Duration::from_millis(1300));
+    let status = fleet_status(&hosts[0]);
+    let holder = daemons
+        .iter()
+        .position(|d| status.contains(&format!("pid {} ", d.pid())))
+        .unwrap_or_else(|| panic!("no daemon holds the lock:\n{status}"));
+    assert!(status.contains("refreshing:     by"), "{status}");
+    daemons[holder].signal(libc::SIGKILL);
+    daemons[holder].wait();
+    let survivor = &daemons[1 - holder];
+
+    // Lease (10 s) and quarantine pass; the survivor sees the interrupted
+    // refresh and, the access token being valid, spends nothing.
+    wait_until(
+        Duration::from_secs(90),
+        "the survivor reports the interrupted refresh",
+        || survivor.logs().contains("was interrupted"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, body) = socket_get(&hosts[1 - holder].socket, "/v1/profiles/codex/token");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(token_of(&body), issued.access_token);
+    let counts = fx.sim.counts();
+    assert_eq!(
+        counts.token_requests,
+        1,
+        "the old refresh token was sent again: {counts:?}\n{}",
+        survivor.logs()
+    );
+    assert_eq!(counts.reused, 0, "{counts:?}");
+    let (_, body) = socket_get(&hosts[1 - holder].socket, "/v1/profiles/codex/status");
+    assert!(body.contains("interrupted"), "the status reports it: {body}");
+    no_secret_in(&fx, &survivor.logs());
+}
+
+/// Rotated tokens that reached a host but not etcd are spooled (0600) and
+/// written when etcd returns, over exactly the revision they replace.
+#[test]
+fn the_spool_lands_a_rotation_that_did_not_reach_etcd() {
+    use token_broker::store::{EtcdSettings, EtcdStore, Store};
+    let cluster = Cluster::start(3);
+    let fx = Fixture::new(strict(Duration::from_secs(3600)));
+    let spool = fx.path("spool");
+    let settings = EtcdSettings::new(cluster.endpoints(), "/tb/spool")
+        .unwrap()
+        .spool_dir(&spool)
+        .request_timeout(Duration::from_secs(2));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = EtcdStore::new(settings.clone());
+        let first = token_broker::credentials::TokenSet::new("access-0", Some("refresh-0")).unwrap();
+        store.import(&first, false).await.unwrap();
+        let loaded = store.load().await.unwrap();
+        let rotated = token_broker::credentials::TokenSet::new("access-1", Some("refresh-1")).unwrap();
+
+        // etcd freezes after the provider answered: the write fails...
+        for i in 0..3 {
+            cluster.signal(i, libc::SIGSTOP);
+        }
+        let err = store.save(&rotated, &loaded.version).await.unwrap_err();
+        assert!(err.to_string().contains("coordination_unavailable"), "{err}");
+        assert!(!err.to_string().contains("access-1"), "{err}");
+        let files: Vec<_> = std::fs::read_dir(&spool).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!(mode(&files[0]), 0o600);
+        assert_eq!(mode(&spool), 0o700);
+
+        // ...and a new process on this host (a restart) lands it once etcd
+        // is back.
+        for i in 0..3 {
+            cluster.signal(i, libc::SIGCONT);
+        }
+        cluster.wait_healthy(Duration::from_secs(20));
+        let restarted = EtcdStore::new(settings.clone());
+        let now = restarted.load().await.unwrap();
+        assert_eq!(now.tokens.access_token.expose(), "access-1");
+        assert!(std::fs::read_dir(&spool).unwrap().next().is_none(), "the spool is gone");
+
+        // A spooled write whose revision was overtaken by someone else's
+        // never lands over theirs.
+        let stale = now.version.clone();
+        for i in 0..3 {
+            cluster.signal(i, libc::SIGSTOP);
+        }
+        let lost = token_broker::credentials::TokenSet::new("access-2", Some("refresh-2")).unwrap();
+        assert!(restarted.save(&lost, &stale).await.is_err());
+        for i in 0..3 {
+            cluster.signal(i, libc::SIGCONT);
+        }
+        cluster.wait_healthy(Duration::from_secs(20));
+        let theirs = token_broker::credentials::TokenSet::new("access-3", Some("refresh-3")).unwrap();
+        EtcdStore::new(EtcdSettings::new(cluster.endpoints(), "/tb/spool").unwrap())
+            .import(&theirs, true)
+            .await
+            .unwrap();
+        let after = EtcdStore::new(settings).load().await.unwrap();
+        assert_eq!(after.tokens.access_token.expose(), "access-3");
+        assert!(std::fs::read_dir(&spool).unwrap().next().is_none());
+    });
+}
+
+/// Killing the etcd leader mid-run: the fleet goes on (a new leader is
+/// elected), nothing is spent twice.
+#[test]
+fn losing_the_etcd_leader_mid_refresh_spends_nothing_twice() {
+    let mut cluster = Cluster::start(3);
+    let config = SimConfig {
+        latency: Duration::from_millis(800),
+        ..strict(Duration::from_secs(3))
+    };
+    let fx = Fixture::new(config);
+    let profile = etcd_profile(&fx, &cluster, "/tb/leader", "refresh_ahead = \"1500ms\"\n");
+    let hosts: Vec<Host> = (0..2)
+        .map(|i| Host::new(fx.dir.path(), &format!("h{i}"), &profile))
+        .collect();
+    let issued = fx.sim.sign_in(3.0);
+    assert!(import(&fx, &hosts[0], &issued, false).status.success());
+    let daemons: Vec<Daemon> = hosts.iter().map(Host::start).collect();
+    wait_until(Duration::from_secs(20), "a token request", || {
+        fx.sim.token_requests() >= 1
+    });
+    let leader = cluster.leader();
+    cluster.kill(leader);
+    std::thread::sleep(Duration::from_secs(6));
+    cluster.restart(leader);
+    cluster.wait_healthy(Duration::from_secs(30));
+    // The fleet keeps refreshing after the election.
+    let before = fx.sim.counts().refreshed;
+    wait_until(Duration::from_secs(20), "refreshes after the election", || {
+        fx.sim.counts().refreshed >= before + 2
+    });
+    let counts = fx.sim.counts();
+    let logs: String = daemons.iter().map(Daemon::logs).collect();
+    assert_eq!(counts.reused, 0, "{counts:?}\n{logs}");
+    for host in &hosts {
+        let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
+        assert_eq!(status, 200, "{body}");
+        assert!(fx.sim.is_live(&token_of(&body)));
+    }
+}

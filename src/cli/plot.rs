@@ -9,10 +9,11 @@
 
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use token_broker::sim::scheduler::{Mode, Summary, Timeline, BUCKET};
+use token_broker::sim::scheduler::{Mode, Percentiles, Summary, Timeline, BUCKET};
 
 /// The naive design's colour (red) and the broker's (blue).
 const NAIVE: RGBColor = RGBColor(214, 39, 40);
@@ -79,70 +80,178 @@ fn draw(root: &Area<'_>, runs: &[(Summary, Timeline)]) -> Result<(), Failure> {
     let end = runs.iter().map(|(_, t)| t.elapsed_s).fold(1.0, f64::max);
     let panels = body.split_evenly((3, 1));
     let requests: Vec<Vec<u64>> = runs.iter().map(|(_, t)| t.token_requests_per_bucket()).collect();
-    counts_panel(
+    let keys = |count: &dyn Fn(&Summary) -> String, expiries: bool| -> Vec<Vec<Key>> {
+        runs.iter()
+            .map(|(summary, _)| {
+                let mut column = vec![Key::new(Swatch::Bar, summary.mode, count(summary))];
+                if expiries {
+                    let label = format!("{}: an access token expires", name(summary.mode));
+                    column.push(Key::new(Swatch::Dashes, summary.mode, label));
+                }
+                column
+            })
+            .collect()
+    };
+    let plot = head_of_panel(
         &panels[0],
         "Requests for a new access token sent to the provider, per 100 ms",
-        "requests",
-        end,
-        runs,
-        &requests,
-        |summary| {
-            format!(
-                "{}: {} token requests",
-                name(summary.mode),
-                thousands(summary.token_requests)
-            )
-        },
-        true,
+        &keys(
+            &|s| format!("{}: {} token requests", name(s.mode), thousands(s.token_requests)),
+            true,
+        ),
     )?;
+    counts_panel(&plot, "requests", end, runs, &requests)?;
     let failed: Vec<Vec<u64>> = runs.iter().map(|(_, t)| t.failed_calls.clone()).collect();
-    counts_panel(
+    let plot = head_of_panel(
         &panels[1],
         "Job calls that failed (the job held a dead token), per 100 ms",
-        "failed calls",
-        end,
-        runs,
-        &failed,
-        |summary| format!("{}: {} failed calls", name(summary.mode), thousands(summary.failed)),
-        false,
+        &keys(
+            &|s| format!("{}: {} failed calls", name(s.mode), thousands(s.failed)),
+            false,
+        ),
     )?;
-    latency_panel(&panels[2], end, runs)
+    counts_panel(&plot, "failed calls", end, runs, &failed)?;
+    let keys: Vec<Vec<Key>> = runs
+        .iter()
+        .map(|(summary, _)| {
+            vec![
+                Key::new(
+                    Swatch::Line,
+                    summary.mode,
+                    format!("{}: 99th percentile", name(summary.mode)),
+                ),
+                Key::new(Swatch::Dashes, summary.mode, format!("{}: median", name(summary.mode))),
+            ]
+        })
+        .collect();
+    let plot = head_of_panel(
+        &panels[2],
+        "How long a job waited for its token, per second (median and 99th percentile)",
+        &keys,
+    )?;
+    latency_panel(&plot, end, runs)
 }
 
-/// A panel of per-bucket counts, as bars side by side (one colour per
-/// run) on a log scale, with the expiries as dashed lines.
-#[allow(clippy::too_many_arguments)]
-fn counts_panel(
-    area: &Area<'_>,
-    caption: &str,
-    unit: &str,
+/// How a legend entry shows its series.
+#[derive(Clone, Copy)]
+enum Swatch {
+    /// A filled box, for bars.
+    Bar,
+    /// A solid line.
+    Line,
+    /// A dashed line.
+    Dashes,
+}
+
+/// One legend entry.
+struct Key {
+    swatch: Swatch,
+    colour: RGBColor,
+    label: String,
+}
+
+impl Key {
+    fn new(swatch: Swatch, mode: Mode, label: String) -> Self {
+        Key {
+            swatch,
+            colour: colour(mode),
+            label,
+        }
+    }
+}
+
+/// The left edge of the plots (room for the y labels and description).
+const PLOT_LEFT: i32 = 122;
+const KEY_ROW: i32 = 28;
+
+/// Draws a panel's caption and, under it, its legend (one column per
+/// design, so that no legend ever hides data); returns the area left for
+/// the plot.
+fn head_of_panel<'a>(area: &Area<'a>, caption: &str, columns: &[Vec<Key>]) -> Result<Area<'a>, Failure> {
+    let rows = columns.iter().map(Vec::len).max().unwrap_or(0) as i32;
+    let (head, plot) = area.split_vertically(48 + rows * KEY_ROW);
+    let (width, _) = head.dim_in_pixel();
+    let caption_style = TextStyle::from((FONT, 26).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+    head.draw_text(
+        caption,
+        &caption_style,
+        (PLOT_LEFT + (width as i32 - PLOT_LEFT) / 2, 10),
+    )?;
+    let label_style = TextStyle::from((FONT, 21).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    let column_width = (width as i32 - PLOT_LEFT) / columns.len().max(1) as i32;
+    for (c, column) in columns.iter().enumerate() {
+        for (r, key) in column.iter().enumerate() {
+            let x = PLOT_LEFT + 10 + c as i32 * column_width;
+            let y = 56 + r as i32 * KEY_ROW;
+            match key.swatch {
+                Swatch::Bar => head.draw(&Rectangle::new([(x, y - 8), (x + 24, y + 8)], key.colour.filled()))?,
+                Swatch::Line => head.draw(&PathElement::new([(x, y), (x + 24, y)], key.colour.stroke_width(3)))?,
+                Swatch::Dashes => {
+                    for dash in [x, x + 10, x + 20] {
+                        head.draw(&PathElement::new(
+                            [(dash, y), (dash + 5, y)],
+                            key.colour.stroke_width(2),
+                        ))?;
+                    }
+                }
+            }
+            head.draw_text(&key.label, &label_style, (x + 34, y))?;
+        }
+    }
+    Ok(plot)
+}
+
+/// A chart over the whole run on a log-scale y axis, its mesh drawn.
+fn chart_on<'a, 'b>(
+    area: &'b Area<'a>,
     end: f64,
-    runs: &[(Summary, Timeline)],
-    counts: &[Vec<u64>],
-    label: impl Fn(&Summary) -> String,
-    expiry_legend: bool,
-) -> Result<(), Failure> {
-    let most = counts.iter().flatten().copied().max().unwrap_or(0).max(1) as f64;
-    // Room above the tallest bar for the legend.
-    let (low, high) = (0.5, (most * 40.0).max(100.0));
+    (low, high): (f64, f64),
+    y_desc: &str,
+    x_desc: Option<&str>,
+    y_label: &'b dyn Fn(&f64) -> String,
+) -> Result<ChartContext<'b, SVGBackend<'a>, Cartesian2d<RangedCoordf64, LogCoord<f64>>>, Failure> {
     let mut chart = ChartBuilder::on(area)
-        .caption(caption, (FONT, 26))
-        .margin(12)
+        .margin(8)
         .margin_right(30)
-        .x_label_area_size(40)
-        .y_label_area_size(110)
+        .x_label_area_size(if x_desc.is_some() { 80 } else { 40 })
+        .y_label_area_size(PLOT_LEFT as u32 - 8)
         .build_cartesian_2d(0.0..end, (low..high).log_scale())?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
+    let mut mesh = chart.configure_mesh();
+    mesh.disable_x_mesh()
         .bold_line_style(BLACK.mix(0.1))
         .light_line_style(TRANSPARENT)
         .label_style((FONT, 20))
         .axis_desc_style((FONT, 22))
-        .y_desc(format!("{unit} per 100 ms (log scale)"))
-        .y_label_formatter(&|v| count_label(*v))
-        .x_label_formatter(&|v| seconds(*v))
-        .draw()?;
+        .y_desc(y_desc)
+        .y_label_formatter(y_label)
+        .x_label_formatter(&|v| seconds(*v));
+    if let Some(x_desc) = x_desc {
+        mesh.x_desc(x_desc);
+    }
+    mesh.draw()?;
+    Ok(chart)
+}
+
+/// Per-bucket counts as bars side by side (one colour per run) on a log
+/// scale, with the expiries as dashed lines.
+fn counts_panel(
+    area: &Area<'_>,
+    unit: &str,
+    end: f64,
+    runs: &[(Summary, Timeline)],
+    counts: &[Vec<u64>],
+) -> Result<(), Failure> {
+    let most = counts.iter().flatten().copied().max().unwrap_or(0).max(1) as f64;
+    let (low, high) = (0.5, (most * 2.0).max(10.0));
+    let y_label = |v: &f64| count_label(*v);
+    let mut chart = chart_on(
+        area,
+        end,
+        (low, high),
+        &format!("{unit} per 100 ms (log scale)"),
+        None,
+        &y_label,
+    )?;
     let width = BUCKET.as_secs_f64();
     let share = width / runs.len().max(1) as f64;
     for (i, ((summary, timeline), counts)) in runs.iter().zip(counts).enumerate() {
@@ -151,21 +260,13 @@ fn counts_panel(
             let left = b as f64 * width + i as f64 * share;
             Rectangle::new([(left, low), (left + share, n as f64)], fill)
         });
-        chart
-            .draw_series(bars)?
-            .label(label(summary))
-            .legend(move |(x, y)| Rectangle::new([(x, y - 8), (x + 20, y + 8)], fill));
+        chart.draw_series(bars)?;
         let line = colour(summary.mode).mix(0.7).stroke_width(2);
-        for (j, &at) in timeline.expiries_s.iter().enumerate() {
-            let drawn = chart.draw_series(DashedLineSeries::new([(at, low), (at, high)], 8, 6, line))?;
-            if expiry_legend && j == 0 {
-                drawn
-                    .label(format!("{}: an access token expires", name(summary.mode)))
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], line));
-            }
+        for &at in &timeline.expiries_s {
+            chart.draw_series(DashedLineSeries::new([(at, low), (at, high)], 8, 6, line))?;
         }
     }
-    legend(&mut chart)
+    Ok(())
 }
 
 /// The callers' wait for a token in each second: median and 99th
@@ -180,34 +281,21 @@ fn latency_panel(area: &Area<'_>, end: f64, runs: &[(Summary, Timeline)]) -> Res
     let least = waits().fold(f64::INFINITY, f64::min);
     let most = waits().fold(0.0, f64::max);
     let (low, high) = if least.is_finite() {
-        (least / 3.0, (most * 300.0).max(least * 1000.0))
+        (least / 3.0, (most * 3.0).max(least * 100.0))
     } else {
         (0.01, 1000.0)
     };
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            "How long a job waited for its token, per second (median and 99th percentile)",
-            (FONT, 26),
-        )
-        .margin(12)
-        .margin_right(30)
-        .x_label_area_size(70)
-        .y_label_area_size(110)
-        .build_cartesian_2d(0.0..end, (low..high).log_scale())?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .bold_line_style(BLACK.mix(0.1))
-        .light_line_style(TRANSPARENT)
-        .label_style((FONT, 20))
-        .axis_desc_style((FONT, 22))
-        .y_desc("wait for a token (log scale)")
-        .x_desc("seconds since the design's run started")
-        .y_label_formatter(&|v| duration_label(*v))
-        .x_label_formatter(&|v| seconds(*v))
-        .draw()?;
+    let y_label = |v: &f64| duration_label(*v);
+    let mut chart = chart_on(
+        area,
+        end,
+        (low, high),
+        "wait for a token (log scale)",
+        Some("seconds since the design's run started"),
+        &y_label,
+    )?;
     for (summary, timeline) in runs {
-        let points = |pick: fn(&token_broker::sim::scheduler::Percentiles) -> f64| {
+        let points = |pick: fn(&Percentiles) -> f64| {
             timeline
                 .latency
                 .iter()
@@ -216,32 +304,11 @@ fn latency_panel(area: &Area<'_>, end: f64, runs: &[(Summary, Timeline)]) -> Res
                 .collect::<Vec<_>>()
         };
         let solid = colour(summary.mode).stroke_width(3);
-        chart
-            .draw_series(LineSeries::new(points(|p| p.p99_us), solid).point_size(4))?
-            .label(format!("{}: 99th percentile", name(summary.mode)))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], solid));
+        chart.draw_series(LineSeries::new(points(|p| p.p99_us), solid).point_size(4))?;
         let dashed = colour(summary.mode).mix(0.8).stroke_width(2);
-        chart
-            .draw_series(DashedLineSeries::new(points(|p| p.p50_us), 8, 5, dashed))?
-            .label(format!("{}: median", name(summary.mode)))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 8, y)], dashed));
+        chart.draw_series(DashedLineSeries::new(points(|p| p.p50_us), 8, 5, dashed))?;
     }
-    legend(&mut chart)
-}
-
-fn legend<'a, X, Y>(chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>) -> Result<(), Failure>
-where
-    X: Ranged,
-    Y: Ranged,
-{
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT, 20))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.3))
-        .margin(10)
-        .draw()
+    Ok(())
 }
 
 /// `1`, `10`, `100`, `1,000`... for the log-scale count axes (other tick

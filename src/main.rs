@@ -111,8 +111,17 @@ struct ProxyArgs {
 #[derive(Debug, Args)]
 struct SimulateArgs {
     /// Use the design the broker replaces: every job refreshes on its own.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "compare")]
     naive: bool,
+    /// Run the same load twice, one after the other: first with the naive
+    /// design, then with the broker; print both summaries.
+    #[arg(long)]
+    compare: bool,
+    /// Draw the run (with --compare, both runs on one time axis) as an SVG
+    /// in this file: token requests and failed calls per 100 ms, token
+    /// expiries, and the callers' wait for a token per second.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
     /// Cron-job actors (each fires every 100 to 500 ms; at most 10000).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=MAX_JOBS))]
     jobs: u32,
@@ -302,6 +311,8 @@ enum CliError {
     Broker(BrokerError),
     Output(std::io::Error),
     Simulation(std::io::Error),
+    /// `simulate --plot` could not write its SVG to this file.
+    Plot(PathBuf, String),
     /// Stopped by this signal (after any refresh in flight was written).
     Interrupted(i32),
     /// A refresh in flight did not end within this bound.
@@ -1065,32 +1076,73 @@ fn same_failure(e: &BrokerError) -> BrokerError {
     }
 }
 
-/// `simulate`: runs the load and prints the summary, with a live progress
-/// line on a terminal.
+/// `simulate`: runs the load (twice with `--compare`) and prints the
+/// summaries, with a live progress line on a terminal; with `--plot`, draws
+/// the runs' timelines into an SVG.
 async fn simulate(args: &SimulateArgs, json: bool) -> Result<(), CliError> {
-    use std::io::IsTerminal;
-    use std::sync::atomic::Ordering;
-    use token_broker::sim::scheduler::{self, Mode, Progress, SimulationConfig};
+    use token_broker::sim::scheduler::{Mode, SimulationConfig};
 
     // Many concurrent connections on loopback: lift the soft descriptor limit.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let config = SimulationConfig {
-        mode: if args.naive { Mode::Naive } else { Mode::Broker },
-        jobs: args.jobs as usize,
-        concurrency: args.concurrency as usize,
-        token_lifetime: args.token_lifetime,
-        duration: args.duration,
-        latency: args.latency,
-        fault_rate: args.fault_rate,
-        fault_seed: args.fault_seed,
-        revoke_family_on_reuse: args.revoke_on_reuse,
-        ..SimulationConfig::default()
+    let modes: &[Mode] = match (args.compare, args.naive) {
+        (true, _) => &[Mode::Naive, Mode::Broker],
+        (false, true) => &[Mode::Naive],
+        (false, false) => &[Mode::Broker],
     };
+    let mut runs = Vec::new();
+    for &mode in modes {
+        let config = SimulationConfig {
+            mode,
+            jobs: args.jobs as usize,
+            concurrency: args.concurrency as usize,
+            token_lifetime: args.token_lifetime,
+            duration: args.duration,
+            latency: args.latency,
+            fault_rate: args.fault_rate,
+            fault_seed: args.fault_seed,
+            revoke_family_on_reuse: args.revoke_on_reuse,
+            ..SimulationConfig::default()
+        };
+        runs.push(simulate_once(config, !json && std::io::stderr().is_terminal()).await?);
+    }
+    if let Some(path) = &args.plot {
+        cli::plot::write(path, &runs).map_err(|e| CliError::Plot(path.clone(), e))?;
+    }
+    let text = if json {
+        // One summary as before; with --compare, an array of both.
+        let value = match runs.as_slice() {
+            [(summary, _)] => serde_json::to_value(summary),
+            runs => serde_json::to_value(runs.iter().map(|(summary, _)| summary).collect::<Vec<_>>()),
+        };
+        format!("{}\n", value.map(|v| v.to_string()).unwrap_or_default())
+    } else {
+        let summaries: Vec<String> = runs.iter().map(|(summary, _)| summary.to_string()).collect();
+        summaries.join("\n")
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(CliError::Output)
+}
+
+/// One run of `simulate`, with a live progress line on stderr when `live`.
+async fn simulate_once(
+    config: token_broker::sim::scheduler::SimulationConfig,
+    live: bool,
+) -> Result<
+    (
+        token_broker::sim::scheduler::Summary,
+        token_broker::sim::scheduler::Timeline,
+    ),
+    CliError,
+> {
+    use std::sync::atomic::Ordering;
+    use token_broker::sim::scheduler::{self, Progress};
+
     let progress = std::sync::Arc::new(Progress::default());
-    let live = !json && std::io::stderr().is_terminal();
     let ticker = live.then(|| {
         let progress = progress.clone();
-        let total = args.duration;
+        let total = config.duration;
         actix_rt::spawn(async move {
             let started = tokio::time::Instant::now();
             loop {
@@ -1106,20 +1158,14 @@ async fn simulate(args: &SimulateArgs, json: bool) -> Result<(), CliError> {
             }
         })
     });
-    let summary = scheduler::run(config, progress).await.map_err(CliError::Simulation)?;
+    let run = scheduler::run_recorded(config, progress)
+        .await
+        .map_err(CliError::Simulation);
     if let Some(ticker) = ticker {
         ticker.abort();
         let _ = write!(std::io::stderr(), "\r{:60}\r", "");
     }
-    let text = if json {
-        format!("{}\n", serde_json::to_string(&summary).unwrap_or_default())
-    } else {
-        summary.to_string()
-    };
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .map_err(CliError::Output)
+    run
 }
 
 fn fail(json: bool, e: &CliError) -> ExitCode {
@@ -1134,6 +1180,7 @@ fn exit_code(e: &CliError) -> i32 {
         CliError::Broker(e) | CliError::Reported(e) => cli::exit_code(e),
         CliError::Output(_)
         | CliError::Simulation(_)
+        | CliError::Plot(..)
         | CliError::Unfinished(_)
         | CliError::Serve(_)
         | CliError::Proxy(_) => 1,
@@ -1150,6 +1197,13 @@ fn error_line(json: bool, e: &CliError) -> String {
         CliError::Broker(e) | CliError::Reported(e) => (cli::kind(e), e.to_string()),
         CliError::Output(e) => ("io", format!("could not write the output: {e}")),
         CliError::Simulation(e) => ("simulation", format!("the simulation failed: {e}")),
+        CliError::Plot(path, e) => (
+            "plot",
+            format!(
+                "could not write the plot to {}: {e}",
+                token_broker::store::display_path(path)
+            ),
+        ),
         CliError::Interrupted(signal) => (
             "interrupted",
             format!("interrupted by {}; no refresh was cut short", signal_name(*signal)),

@@ -108,3 +108,54 @@ fn a_faulty_provider_never_causes_a_reused_token() {
         "every request either refreshed once or was refused before spending: {s}"
     );
 }
+
+#[test]
+fn compare_plots_both_designs_into_one_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("race.svg");
+    let out = cli_command()
+        .args(["simulate", "--json", "--compare", "--plot"])
+        .arg(&path)
+        .args(["--duration", "2s", "--token-lifetime", "1s"])
+        .args(["--concurrency", "50", "--jobs", "4", "--latency", "10ms"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Both summaries, the naive design's first.
+    let runs: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(runs[0]["mode"], "naive", "{runs}");
+    assert_eq!(runs[1]["mode"], "broker", "{runs}");
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let svg = roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(svg.root_element().tag_name().name(), "svg");
+    let texts: Vec<String> = svg
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .map(|n| n.text().unwrap_or_default().trim().to_owned())
+        .collect();
+    let has = |prefix: &str| texts.iter().any(|t| t.starts_with(prefix));
+    for label in [
+        "naive design: ",
+        "token-broker: ",
+        "naive design: an access token expires",
+        "token-broker: 0 failed calls",
+        "naive design: 99th percentile",
+        "token-broker: median",
+        "Requests for a new access token",
+        "Job calls that failed",
+        "How long a job waited for its token",
+    ] {
+        assert!(has(label), "no {label:?} among {texts:?}");
+    }
+    // Each design's series is drawn, not only its legend: its colour fills
+    // the legend's swatch and at least one bar (the broker's one token
+    // request per expiry, the naive design's stampede).
+    for colour in ["#D62728", "#1F77B4"] {
+        let filled = svg
+            .descendants()
+            .filter(|n| n.has_tag_name("rect") && n.attribute("fill").is_some_and(|f| f.eq_ignore_ascii_case(colour)))
+            .count();
+        assert!(filled >= 3, "{colour}: {filled} rects");
+    }
+}

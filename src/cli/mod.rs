@@ -2,6 +2,8 @@
 //! `kind` of its JSON error line. These belong to the binary, not to the
 //! library's error type.
 
+pub(crate) mod plot;
+
 use token_broker::server::client::ClientError;
 use token_broker::store::StoreError;
 use token_broker::BrokerError;

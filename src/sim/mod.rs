@@ -24,6 +24,27 @@ pub fn unsigned_jwt(payload: &str) -> String {
     crate::credentials::unsigned_jwt(payload)
 }
 
+/// The serial number the simulated provider gave `access_token`: 1 for the
+/// first token it issued, then one more for each token issued after it (by
+/// a sign-in or a refresh). With one sign-in, it is the token's generation:
+/// 1 for the signed-in token, 2 after the first refresh... `None` for a
+/// token not issued by the simulated provider.
+///
+/// Read from the token's `jti` claim; it tells nothing secret.
+///
+/// ```
+/// use token_broker::sim::{token_serial, ProviderServer, SimConfig};
+/// let sim = ProviderServer::start(SimConfig::default()).unwrap();
+/// assert_eq!(token_serial(&sim.sign_in(60.0).access_token), Some(1));
+/// assert_eq!(token_serial(&sim.sign_in(60.0).access_token), Some(2));
+/// assert_eq!(token_serial("not a token"), None);
+/// ```
+pub fn token_serial(access_token: &str) -> Option<u64> {
+    let claims = crate::credentials::decode_claims(access_token).ok()?;
+    let jti = claims.get("jti")?.as_str()?;
+    jti.split_once('-')?.0.parse().ok()
+}
+
 /// The text of a Codex `auth.json` holding `issued`, as the Codex CLI
 /// writes it (with `OPENAI_API_KEY: null` and `auth_mode`).
 pub fn codex_auth_json(issued: &Issued) -> String {

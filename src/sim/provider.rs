@@ -163,6 +163,8 @@ struct Shared {
     fault_draw: Mutex<fastrand::Rng>,
     /// Who asked (the `User-Agent`) and how each spend ended.
     spends: Mutex<Vec<SpendRecord>>,
+    /// When each token request arrived, in order.
+    arrivals: Mutex<Vec<std::time::Instant>>,
 }
 
 /// One token request that reached the ledger: who sent it and what became
@@ -216,6 +218,7 @@ impl ProviderServer {
             faults: Mutex::new(Default::default()),
             fault_draw: Mutex::new(fault_draw),
             spends: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(Vec::new()),
         });
         let (tx, rx) = oneshot::channel::<()>();
         let app = Router::new()
@@ -376,6 +379,21 @@ impl ProviderServer {
     /// Requests made to the token endpoint so far.
     pub fn token_requests(&self) -> u64 {
         self.shared.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// When each token request so far arrived, in order (for timelines such
+    /// as `simulate --plot`'s).
+    pub fn token_request_times(&self) -> Vec<std::time::Instant> {
+        self.shared.arrivals.lock().clone()
+    }
+
+    /// When each access token issued so far expires (or expired), earliest
+    /// first; a token made dead by [`revoke_access`](Self::revoke_access)
+    /// counts as expiring at the Unix epoch.
+    pub fn access_expiries(&self) -> Vec<SystemTime> {
+        let mut expiries: Vec<SystemTime> = self.shared.ledger.lock().access.values().copied().collect();
+        expiries.sort_unstable();
+        expiries
     }
 
     /// Makes the next token requests misbehave, one fault each, in order.
@@ -590,6 +608,7 @@ impl Drop for InFlight {
 async fn token_endpoint(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let _in_flight = InFlight::new(&shared);
     shared.token_requests.fetch_add(1, Ordering::SeqCst);
+    shared.arrivals.lock().push(std::time::Instant::now());
     let config = shared.config.lock().clone();
     let fault = shared.faults.lock().pop_front();
     if fault.is_some() {

@@ -5,7 +5,8 @@
 //! Every job is an actix actor running one loop: ask for a token, check it
 //! against the provider (as the upstream API would), then wait (a cron job
 //! sleeps 100 to 500 ms; a request actor spends 5 to 25 ms on its "API
-//! call"). The run ends after a fixed duration with a [`Summary`].
+//! call"). The run ends after a fixed duration with a [`Summary`] and, from
+//! [`run_recorded`], a [`Timeline`] of what happened when.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,9 +138,62 @@ pub struct Summary {
     pub latency_max_us: f64,
 }
 
+/// The width of a [`Timeline`]'s count buckets: 100 ms.
+pub const BUCKET: Duration = Duration::from_millis(100);
+
+/// What happened during a run, over time, counted from its start: the
+/// token requests the provider saw, the expiries of the access tokens it
+/// issued, the jobs' failed calls per [`BUCKET`] and their wait for a token
+/// per second.
+///
+/// Recorded by the jobs and the simulated provider, never by the broker.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Timeline {
+    /// How long the run lasted, seconds.
+    pub elapsed_s: f64,
+    /// When each token request reached the provider, seconds.
+    pub token_requests_s: Vec<f64>,
+    /// When an access token the provider issued expired during the run,
+    /// seconds.
+    pub expiries_s: Vec<f64>,
+    /// Failed calls in each [`BUCKET`], from the start.
+    pub failed_calls: Vec<u64>,
+    /// The jobs' wait for a token in each second of the run, from the
+    /// start (a second with no call has none).
+    pub latency: Vec<Option<Percentiles>>,
+}
+
+/// The spread of the jobs' wait for a token in one second of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Percentiles {
+    /// The median wait, microseconds.
+    pub p50_us: f64,
+    /// The 99th percentile, microseconds.
+    pub p99_us: f64,
+}
+
+impl Timeline {
+    /// Token requests in each [`BUCKET`], from the start to the end of the
+    /// run.
+    pub fn token_requests_per_bucket(&self) -> Vec<u64> {
+        let buckets = (self.elapsed_s / BUCKET.as_secs_f64()).ceil().max(1.0) as usize;
+        let mut counts = vec![0; buckets];
+        for &at in &self.token_requests_s {
+            let i = ((at / BUCKET.as_secs_f64()) as usize).min(buckets - 1);
+            counts[i] += 1;
+        }
+        counts
+    }
+}
+
 /// Runs a simulation. Call from inside an actix System (the job actors run
 /// on the current one). `progress` is updated live.
 pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::Result<Summary> {
+    run_recorded(config, progress).await.map(|(summary, _)| summary)
+}
+
+/// Like [`run`], and returns the run's [`Timeline`] too.
+pub async fn run_recorded(config: SimulationConfig, progress: Arc<Progress>) -> std::io::Result<(Summary, Timeline)> {
     let sim = Arc::new(ProviderServer::start(SimConfig {
         access_lifetime: config.token_lifetime,
         latency: config.latency,
@@ -167,6 +221,7 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
     };
     let provider = Arc::new(Provider::new(sim.token_url(), CODEX_CLIENT_ID, Dialect::Codex));
     let started = Instant::now();
+    let started_wall = SystemTime::now();
     let deadline = crate::policy::instant_after(config.duration);
 
     let mut done = Vec::new();
@@ -192,6 +247,7 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
             source: Some(source),
             sim: sim.clone(),
             progress: progress.clone(),
+            started,
             deadline,
             done: Some(tx),
         }
@@ -199,9 +255,18 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
         done.push(rx);
     }
     let mut latencies = Vec::new();
+    let mut per_second: Vec<Vec<u64>> = Vec::new();
+    let mut failed_calls: Vec<u64> = Vec::new();
     let mut served = 0;
     for rx in done {
         if let Ok(stats) = rx.await {
+            add_up(&mut failed_calls, &stats.failed_per_bucket);
+            if per_second.len() < stats.second_starts.len() {
+                per_second.resize_with(stats.second_starts.len(), Vec::new);
+            }
+            for (second, waits) in per_second.iter_mut().zip(stats.by_second()) {
+                second.extend_from_slice(waits);
+            }
             latencies.extend(stats.latencies_ns);
             served += stats.served;
         }
@@ -212,14 +277,34 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
     }
     let counts = sim.counts();
     latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies[i] as f64 / 1000.0
+    let pct = |p: f64| percentile_us(&latencies, p);
+    let timeline = Timeline {
+        elapsed_s: elapsed.as_secs_f64(),
+        token_requests_s: sim
+            .token_request_times()
+            .into_iter()
+            .map(|at| at.saturating_duration_since(started).as_secs_f64())
+            .collect(),
+        expiries_s: sim
+            .access_expiries()
+            .into_iter()
+            .filter_map(|exp| exp.duration_since(started_wall).ok())
+            .map(|after| after.as_secs_f64())
+            .filter(|&at| at > 0.0 && at <= elapsed.as_secs_f64())
+            .collect(),
+        failed_calls,
+        latency: per_second
+            .into_iter()
+            .map(|mut waits| {
+                waits.sort_unstable();
+                (!waits.is_empty()).then(|| Percentiles {
+                    p50_us: percentile_us(&waits, 0.50),
+                    p99_us: percentile_us(&waits, 0.99),
+                })
+            })
+            .collect(),
     };
-    Ok(Summary {
+    let summary = Summary {
         mode: config.mode,
         jobs: config.jobs,
         concurrency: config.concurrency,
@@ -240,7 +325,27 @@ pub async fn run(config: SimulationConfig, progress: Arc<Progress>) -> std::io::
         latency_p50_us: pct(0.50),
         latency_p99_us: pct(0.99),
         latency_max_us: latencies.last().map_or(0.0, |&ns| ns as f64 / 1000.0),
-    })
+    };
+    Ok((summary, timeline))
+}
+
+/// The `p` quantile of `sorted` (nanoseconds), in microseconds.
+fn percentile_us(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// Adds `counts` into `total`, bucket by bucket.
+fn add_up(total: &mut Vec<u64>, counts: &[u64]) {
+    if total.len() < counts.len() {
+        total.resize(counts.len(), 0);
+    }
+    for (sum, count) in total.iter_mut().zip(counts) {
+        *sum += count;
+    }
 }
 
 impl fmt::Display for Summary {
@@ -362,10 +467,49 @@ impl NaiveClient {
     }
 }
 
+/// What one job saw, kept by time for the [`Timeline`].
 #[derive(Default)]
 struct JobStats {
     served: u64,
+    /// Waits for a token, nanoseconds, in the order asked.
     latencies_ns: Vec<u64>,
+    /// Where each second of the run begins in `latencies_ns`.
+    second_starts: Vec<usize>,
+    /// Failed calls by the [`BUCKET`] of the run they began in.
+    failed_per_bucket: Vec<u64>,
+}
+
+impl JobStats {
+    /// A wait for a token that began `since_start` into the run.
+    fn wait(&mut self, since_start: Duration, waited: Duration) {
+        let second = since_start.as_secs() as usize;
+        while self.second_starts.len() <= second {
+            self.second_starts.push(self.latencies_ns.len());
+        }
+        self.latencies_ns
+            .push(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// A call that began `since_start` into the run failed.
+    fn failed(&mut self, since_start: Duration) {
+        let bucket = (since_start.as_millis() / BUCKET.as_millis()) as usize;
+        if self.failed_per_bucket.len() <= bucket {
+            self.failed_per_bucket.resize(bucket + 1, 0);
+        }
+        self.failed_per_bucket[bucket] += 1;
+    }
+
+    /// The waits of each second of the run, from the start.
+    fn by_second(&self) -> impl Iterator<Item = &[u64]> {
+        self.second_starts.iter().enumerate().map(|(second, &start)| {
+            let end = self
+                .second_starts
+                .get(second + 1)
+                .copied()
+                .unwrap_or(self.latencies_ns.len());
+            &self.latencies_ns[start..end]
+        })
+    }
 }
 
 /// One cron job or request actor.
@@ -374,6 +518,8 @@ struct Job {
     source: Option<Source>,
     sim: Arc<ProviderServer>,
     progress: Arc<Progress>,
+    /// When the run started (the timeline's zero).
+    started: Instant,
     deadline: Instant,
     done: Option<oneshot::Sender<JobStats>>,
 }
@@ -383,7 +529,13 @@ impl Actor for Job {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let Some(mut source) = self.source.take() else { return };
-        let (kind, sim, progress, deadline) = (self.kind, self.sim.clone(), self.progress.clone(), self.deadline);
+        let (kind, sim, progress, started, deadline) = (
+            self.kind,
+            self.sim.clone(),
+            self.progress.clone(),
+            self.started,
+            self.deadline,
+        );
         let work = async move {
             let mut stats = JobStats::default();
             // Spread the first firings like a real schedule would.
@@ -395,18 +547,19 @@ impl Actor for Job {
                 let asked = Instant::now();
                 let result = source.token().await;
                 let waited = asked.elapsed();
-                stats
-                    .latencies_ns
-                    .push(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX));
+                let since_start = asked.saturating_duration_since(started);
+                stats.wait(since_start, waited);
                 progress.calls.fetch_add(1, Ordering::Relaxed);
                 match result {
                     Ok(token) if sim.is_live(token.expose()) => stats.served += 1,
                     Ok(token) => {
                         progress.failed.fetch_add(1, Ordering::Relaxed);
+                        stats.failed(since_start);
                         source.rejected(&token).await;
                     }
                     Err(_) => {
                         progress.failed.fetch_add(1, Ordering::Relaxed);
+                        stats.failed(since_start);
                     }
                 }
                 tokio::time::sleep(random_between(lo, hi)).await;

@@ -65,6 +65,7 @@ pub mod clock;
 pub mod credentials;
 pub mod defaults;
 mod error;
+mod failpoint;
 mod handle;
 pub mod policy;
 pub mod provider;

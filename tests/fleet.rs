@@ -366,12 +366,12 @@ fn a_holder_killed_mid_request_is_never_spent_again() {
         ..strict(Duration::from_secs(3600))
     };
     let fx = Fixture::new(config);
-    let profile = etcd_profile(&fx, &cluster, "/tb/killed", "refresh_ahead = \"55s\"\n");
+    let profile = etcd_profile(&fx, &cluster, "/tb/killed", "refresh_ahead = \"10m\"\n");
     let hosts: Vec<Host> = (0..2)
         .map(|i| Host::new(fx.dir.path(), &format!("h{i}"), &profile))
         .collect();
-    // Valid for a minute, due at once.
-    let issued = fx.sim.sign_in(60.0);
+    // Valid for two minutes of an hour's lifetime: due at once.
+    let issued = fx.sim.sign_in(120.0);
     assert!(import(&fx, &hosts[0], &issued, false).status.success());
     let mut daemons: Vec<Daemon> = hosts.iter().map(Host::start).collect();
 
@@ -522,4 +522,196 @@ fn losing_the_etcd_leader_mid_refresh_spends_nothing_twice() {
         assert_eq!(status, 200, "{body}");
         assert!(fx.sim.is_live(&token_of(&body)));
     }
+}
+
+/// Two hosts on one credential that is valid for two minutes and due at once;
+/// the first daemon freezes itself (SIGSTOP) at the failpoint `point` of
+/// its refresh, before the second starts.
+#[cfg(feature = "failpoints")]
+struct Frozen {
+    cluster: Cluster,
+    fx: Fixture,
+    hosts: Vec<Host>,
+    a: Daemon,
+    issued: Issued,
+}
+
+#[cfg(feature = "failpoints")]
+fn frozen_at(point: &str, prefix: &str) -> Frozen {
+    let cluster = Cluster::start(3);
+    let fx = Fixture::new(strict(Duration::from_secs(3600)));
+    let profile = etcd_profile(&fx, &cluster, prefix, "refresh_ahead = \"10m\"\n");
+    let hosts: Vec<Host> = (0..2)
+        .map(|i| Host::new(fx.dir.path(), &format!("h{i}"), &profile))
+        .collect();
+    // Valid for two minutes of an hour's lifetime: due at once.
+    let issued = fx.sim.sign_in(120.0);
+    assert!(import(&fx, &hosts[0], &issued, false).status.success());
+    let a = Daemon::start_env(
+        &hosts[0].config,
+        &hosts[0].socket,
+        "info",
+        &[("TOKEN_BROKER_FAILPOINTS", point)],
+    );
+    a.wait_for_log("stopping at a failpoint");
+    std::thread::sleep(Duration::from_millis(200));
+    Frozen {
+        cluster,
+        fx,
+        hosts,
+        a,
+        issued,
+    }
+}
+
+#[cfg(feature = "failpoints")]
+impl Frozen {
+    fn kill_a(&mut self) {
+        self.a.signal(libc::SIGKILL);
+        self.a.wait();
+    }
+
+    fn start_b(&self) -> Daemon {
+        self.hosts[1].start()
+    }
+
+    fn token_at(&self, host: usize) -> String {
+        let (status, body) = socket_get(&self.hosts[host].socket, "/v1/profiles/codex/token");
+        assert_eq!(status, 200, "{body}");
+        token_of(&body)
+    }
+
+    /// Waits until host `host` serves a token other than the first.
+    fn wait_new_token(&self, host: usize, logs: &dyn Fn() -> String) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = socket_get(&self.hosts[host].socket, "/v1/profiles/codex/token");
+            if status == 200 && token_of(&body) != self.issued.access_token {
+                return token_of(&body);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no new token: {status} {body}\n{}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_interrupted(&self, b: &Daemon) {
+        wait_until(
+            Duration::from_secs(90),
+            "the survivor reports the interrupted refresh",
+            || b.logs().contains("was interrupted"),
+        );
+    }
+}
+
+/// Killed holding the lock, before anything was recorded: its lease
+/// lapses, the survivor refreshes normally.
+#[cfg(feature = "failpoints")]
+#[test]
+fn killed_before_the_record() {
+    let mut f = frozen_at("refresh-before-record", "/tb/k1");
+    f.kill_a();
+    let b = f.start_b();
+    let new = f.wait_new_token(1, &|| b.logs());
+    let counts = f.fx.sim.counts();
+    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+    assert!(f.fx.sim.is_live(&new));
+}
+
+/// Killed after the record, before sending: the survivor cannot know the
+/// token was not sent; it reports the interrupted refresh and, the access
+/// token being valid, spends nothing (takeover = "wait").
+#[cfg(feature = "failpoints")]
+#[test]
+fn killed_after_the_record() {
+    let mut f = frozen_at("refresh-after-record", "/tb/k2");
+    f.kill_a();
+    let b = f.start_b();
+    f.wait_interrupted(&b);
+    assert_eq!(f.token_at(1), f.issued.access_token);
+    assert_eq!(f.fx.sim.counts().token_requests, 0);
+    let (_, status) = socket_get(&f.hosts[1].socket, "/v1/profiles/codex/status");
+    assert!(status.contains("interrupted"), "{status}");
+}
+
+/// Killed after the provider rotated the token, before any write: the
+/// rotation is lost, and reported; the old token is never sent again while
+/// the access token works.
+#[cfg(feature = "failpoints")]
+#[test]
+fn killed_after_the_response() {
+    let mut f = frozen_at("refresh-after-response", "/tb/k3");
+    f.kill_a();
+    let b = f.start_b();
+    f.wait_interrupted(&b);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(f.token_at(1), f.issued.access_token);
+    let counts = f.fx.sim.counts();
+    assert_eq!(
+        (counts.token_requests, counts.reused),
+        (1, 0),
+        "{counts:?}\n{}",
+        b.logs()
+    );
+    no_secret_in(&f.fx, &b.logs());
+}
+
+/// Killed after the new tokens reached the local spool, before etcd: the
+/// restarted daemon lands them, and the fleet adopts them; nothing is
+/// spent twice.
+#[cfg(feature = "failpoints")]
+#[test]
+fn killed_after_the_spool_and_restarted() {
+    let mut f = frozen_at("etcd-after-spool", "/tb/k4");
+    f.kill_a();
+    f.a = f.hosts[0].start();
+    let new = f.wait_new_token(0, &|| f.a.logs());
+    assert!(f.a.logs().contains("spooled by an earlier attempt"), "{}", f.a.logs());
+    let b = f.start_b();
+    assert_eq!(f.token_at(1), new);
+    let counts = f.fx.sim.counts();
+    assert_eq!(
+        (counts.token_requests, counts.reused),
+        (1, 0),
+        "{counts:?}\n{}",
+        b.logs()
+    );
+    assert!(f.fx.sim.is_live(&new));
+}
+
+/// Killed after the write, before releasing: the survivor adopts the new
+/// tokens and clears the stale record; nothing is spent again.
+#[cfg(feature = "failpoints")]
+#[test]
+fn killed_after_the_write() {
+    let mut f = frozen_at("refresh-after-write", "/tb/k5");
+    f.kill_a();
+    let b = f.start_b();
+    let new = f.wait_new_token(1, &|| b.logs());
+    std::thread::sleep(Duration::from_secs(1));
+    let counts = f.fx.sim.counts();
+    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+    assert!(f.fx.sim.is_live(&new));
+    assert!(!f.cluster.get("/tb/k5/tokens").is_empty());
+}
+
+/// Frozen (SIGSTOP) after the provider answered, for longer than its lease
+/// and the quarantine: the survivor spends nothing; thawed (SIGCONT), the
+/// holder's write still lands over the revision it read, and the fleet
+/// adopts it.
+#[cfg(feature = "failpoints")]
+#[test]
+fn frozen_past_the_lease_then_thawed() {
+    let f = frozen_at("refresh-after-response", "/tb/k6");
+    let b = f.start_b();
+    f.wait_interrupted(&b);
+    assert_eq!(f.fx.sim.counts().token_requests, 1);
+    f.a.signal(libc::SIGCONT);
+    let new = f.wait_new_token(1, &|| format!("{}\n---\n{}", f.a.logs(), b.logs()));
+    assert_eq!(f.token_at(0), new);
+    let counts = f.fx.sim.counts();
+    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
 }

@@ -137,6 +137,14 @@ async fn locked(
     // now (this also clears its record) over exactly what they replace,
     // unless someone has written the store since.
     if let Some(unsaved) = input.unsaved {
+        // Already written (a store that keeps a spool of them landed it).
+        if !on_disk.differs_from(&unsaved.tokens) {
+            if let Err(e) = cfg.store.clear_refreshing().await {
+                warn!(error = %e, "could not remove the refresh-in-progress record");
+            }
+            info!(access = %on_disk.access_token.fingerprint(), "the new tokens from an earlier refresh are stored now");
+            return Ok(CycleOutcome::Refreshed(on_disk, Some(version)));
+        }
         if !on_disk.differs_from(&unsaved.replaces) {
             return save(cfg, unsaved.tokens, on_disk, version, slot).await;
         }
@@ -276,9 +284,11 @@ async fn locked(
     // anything is recorded or sent; a shutdown ends the wait.
     let mut permit = Some(permit(cfg).await?);
 
+    crate::failpoint::hit("refresh-before-record");
     // Record the attempt before the token leaves the process: if we are
     // killed before saving the result, the next holder of the lock knows.
     cfg.store.mark_refreshing(&refresh_token).await?;
+    crate::failpoint::hit("refresh-after-record");
     // Why an earlier attempt may have spent this refresh token unheard.
     let mut interrupted_by: Option<String> =
         interrupted.then(|| "an earlier attempt ended before its result was saved".to_owned());
@@ -331,6 +341,7 @@ async fn locked(
         drop(permit.take());
         let error = match answer {
             Ok(refreshed) => {
+                crate::failpoint::hit("refresh-after-response");
                 return save(
                     cfg,
                     refreshed.into_token_set(&on_disk, SystemTime::now()),
@@ -338,7 +349,7 @@ async fn locked(
                     version,
                     slot,
                 )
-                .await
+                .await;
             }
             Err(e) => e,
         };
@@ -595,6 +606,7 @@ async fn save(
     };
     match written {
         Ok(version) => {
+            crate::failpoint::hit("refresh-after-write");
             if let Err(e) = cfg.store.clear_refreshing().await {
                 warn!(error = %e, "could not remove the refresh-in-progress record");
             }

@@ -968,6 +968,7 @@ impl Inner {
         };
         let value = self.encode(tokens)?;
         self.write_spool(revision, &value)?;
+        crate::failpoint::hit("etcd-after-spool");
         let mut client = self.client().await?;
         // Deliberately not requiring the lock: while the tokens are still at
         // the revision our refresh started from, our rotation is the only

@@ -36,9 +36,15 @@ impl Daemon {
 
     /// Like [`start`](Self::start), logging at `level` (`RUST_LOG`).
     pub fn start_logging(config: &Path, socket: &Path, level: &str) -> Daemon {
+        Daemon::start_env(config, socket, level, &[])
+    }
+
+    /// Like [`start_logging`](Self::start_logging), with more variables.
+    pub fn start_env(config: &Path, socket: &Path, level: &str, env: &[(&str, &str)]) -> Daemon {
         let mut child = cli_command()
             .args(["serve", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", level)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -21,9 +21,13 @@ pub struct Member {
     pub child: Option<Child>,
 }
 
+/// Serialises the tests that start clusters within one test binary.
+static ONE_AT_A_TIME: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
 /// A cluster of members on 127.0.0.1.
 pub struct Cluster {
     pub members: Vec<Member>,
+    _turn: parking_lot::MutexGuard<'static, ()>,
     initial: String,
     token: String,
     _dir: tempfile::TempDir,
@@ -44,8 +48,12 @@ fn etcd_binary() -> &'static str {
 }
 
 impl Cluster {
-    /// Starts `n` members and waits until the cluster has a leader.
+    /// Starts `n` members and waits until the cluster has a leader. Tests
+    /// that start clusters run one at a time (a cluster, its daemons and
+    /// their timing are a machine's worth on two cores): hold the guard.
     pub fn start(n: usize) -> Cluster {
+        // A test that panicked still passes the turn on.
+        let turn = ONE_AT_A_TIME.lock();
         let dir = tempfile::tempdir().unwrap();
         let mut members = Vec::new();
         for i in 0..n {
@@ -64,6 +72,7 @@ impl Cluster {
             .join(",");
         let mut cluster = Cluster {
             members,
+            _turn: turn,
             initial,
             token: format!("tb-{}-{}", std::process::id(), fastrand::u64(..)),
             _dir: dir,
@@ -92,7 +101,7 @@ impl Cluster {
             .arg(format!("--initial-cluster={}", self.initial))
             .arg(format!("--initial-cluster-token={}", self.token))
             .arg("--initial-cluster-state=new")
-            .args(["--heartbeat-interval=50", "--election-timeout=500"])
+            .args(["--heartbeat-interval=100", "--election-timeout=1000"])
             .args(["--logger=zap", "--log-outputs=stderr", "--log-level=error"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

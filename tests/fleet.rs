@@ -58,10 +58,14 @@ impl Host {
 
 /// The profile lines of an etcd profile against `fx`'s provider.
 fn etcd_profile(fx: &Fixture, cluster: &Cluster, prefix: &str, extra: &str) -> String {
+    etcd_profile_at(fx, &cluster.toml_endpoints(), prefix, extra)
+}
+
+/// Like [`etcd_profile`], reaching etcd at `endpoints` (a TOML array).
+fn etcd_profile_at(fx: &Fixture, endpoints: &str, prefix: &str, extra: &str) -> String {
     format!(
-        "provider = \"codex\"\nstore = \"etcd\"\netcd_endpoints = {}\netcd_prefix = {prefix:?}\n\
+        "provider = \"codex\"\nstore = \"etcd\"\netcd_endpoints = {endpoints}\netcd_prefix = {prefix:?}\n\
          token_url = {:?}\nwinner_wait = \"2s\"\ntimeout = \"3s\"\nlease_ttl = \"10s\"\n{extra}",
-        cluster.toml_endpoints(),
         fx.sim.token_url()
     )
 }
@@ -713,5 +717,188 @@ fn frozen_past_the_lease_then_thawed() {
     let new = f.wait_new_token(1, &|| format!("{}\n---\n{}", f.a.logs(), b.logs()));
     assert_eq!(f.token_at(0), new);
     let counts = f.fx.sim.counts();
+    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+}
+
+/// A TCP forwarder in front of an etcd member that can black-hole the
+/// traffic (stop moving bytes both ways, connections left open, as a
+/// partition does) and heal.
+struct Forwarder {
+    port: u16,
+    blackhole: Arc<AtomicBool>,
+}
+
+impl Forwarder {
+    fn start(target: u16) -> Forwarder {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let blackhole = Arc::new(AtomicBool::new(false));
+        let hole = blackhole.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let hole = hole.clone();
+                std::thread::spawn(move || {
+                    while hole.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                        return;
+                    };
+                    let pump = |from: std::net::TcpStream, to: std::net::TcpStream, hole: Arc<AtomicBool>| {
+                        move || {
+                            use std::io::{Read, Write};
+                            let (mut from, mut to) = (from, to);
+                            let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+                            let mut buf = [0u8; 16 * 1024];
+                            loop {
+                                if hole.load(Ordering::SeqCst) {
+                                    std::thread::sleep(Duration::from_millis(10));
+                                    continue;
+                                }
+                                match from.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        if to.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => break,
+                                }
+                            }
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        }
+                    };
+                    let up = std::thread::spawn(pump(
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        hole.clone(),
+                    ));
+                    pump(server, client, hole)();
+                    let _ = up.join();
+                });
+            }
+        });
+        Forwarder { port, blackhole }
+    }
+}
+
+/// "Reached the provider, not etcd": the path from one daemon to etcd
+/// black-holes while its token request is under way. The rotated tokens
+/// wait in its spool, the other host spends nothing, and when the path
+/// heals the write lands and the fleet adopts it.
+#[test]
+fn a_rotation_that_reached_the_provider_but_not_etcd_lands_when_the_path_heals() {
+    let cluster = Cluster::start(3);
+    let config = SimConfig {
+        latency: Duration::from_secs(2),
+        ..strict(Duration::from_secs(3600))
+    };
+    let fx = Fixture::new(config);
+    let forwarders: Vec<Forwarder> = cluster
+        .members
+        .iter()
+        .map(|m| Forwarder::start(m.client_port))
+        .collect();
+    let through = format!(
+        "[{}]",
+        forwarders
+            .iter()
+            .map(|f| format!("\"http://127.0.0.1:{}\"", f.port))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let extra = "refresh_ahead = \"10m\"\n";
+    let a = Host::new(fx.dir.path(), "hA", &etcd_profile_at(&fx, &through, "/tb/hole", extra));
+    let b = Host::new(fx.dir.path(), "hB", &etcd_profile(&fx, &cluster, "/tb/hole", extra));
+    // Valid for two minutes of an hour's lifetime: due at once.
+    let issued = fx.sim.sign_in(120.0);
+    assert!(import(&fx, &b, &issued, false).status.success());
+    let da = a.start();
+    wait_until(Duration::from_secs(20), "the token request", || {
+        fx.sim.token_requests() == 1
+    });
+    for f in &forwarders {
+        f.blackhole.store(true, Ordering::SeqCst);
+    }
+    // The provider answers; the tokens reach A's spool, not etcd.
+    let spool = fx.dir.path().join("hA").join("spool");
+    wait_until(Duration::from_secs(20), "the spooled write", || {
+        std::fs::read_dir(&spool).is_ok_and(|mut d| d.next().is_some())
+    });
+    let db = b.start();
+    std::thread::sleep(Duration::from_secs(12));
+    // Meanwhile the other host serves the valid token and spends nothing.
+    let (status, body) = socket_get(&b.socket, "/v1/profiles/codex/token");
+    assert_eq!((status, token_of(&body)), (200, issued.access_token.clone()));
+    assert_eq!(fx.sim.token_requests(), 1);
+    for f in &forwarders {
+        f.blackhole.store(false, Ordering::SeqCst);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let new = loop {
+        let (status, body) = socket_get(&b.socket, "/v1/profiles/codex/token");
+        if status == 200 && token_of(&body) != issued.access_token {
+            break token_of(&body);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spooled rotation never landed: {status} {body}\n{}\n---\n{}",
+            da.logs(),
+            db.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(fx.sim.is_live(&new));
+    let (_, body) = socket_get(&a.socket, "/v1/profiles/codex/token");
+    assert_eq!(token_of(&body), new);
+    let counts = fx.sim.counts();
+    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+    wait_until(Duration::from_secs(10), "the spool is gone", || {
+        std::fs::read_dir(&spool).is_ok_and(|mut d| d.next().is_none())
+    });
+}
+
+/// Losing quorum (two of three members killed), then regaining it: valid
+/// tokens are served throughout, nothing is spent without quorum.
+#[test]
+fn losing_quorum_then_regaining_it() {
+    let mut cluster = Cluster::start(3);
+    let fx = Fixture::new(strict(Duration::from_secs(3600)));
+    let host = Host::new(
+        fx.dir.path(),
+        "a",
+        &etcd_profile(&fx, &cluster, "/tb/quorum", "refresh_ahead = \"9s\"\n"),
+    );
+    let issued = fx.sim.sign_in(12.0);
+    assert!(import(&fx, &host, &issued, false).status.success());
+    let d = host.start();
+    cluster.kill(1);
+    cluster.kill(2);
+    wait_until(Duration::from_secs(30), "coordination_unavailable", || {
+        let (_, body) = socket_get(&host.socket, "/v1/profiles/codex/status");
+        body.contains("\"coordination_unavailable\":true")
+    });
+    let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
+    assert_eq!((status, token_of(&body)), (200, issued.access_token.clone()));
+    assert_eq!(fx.sim.token_requests(), 0);
+    cluster.restart(1);
+    cluster.restart(2);
+    cluster.wait_healthy(Duration::from_secs(30));
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
+        if status == 200 && token_of(&body) != issued.access_token {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status} {body}\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let counts = fx.sim.counts();
     assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
 }

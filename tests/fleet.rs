@@ -488,8 +488,8 @@ fn the_spool_lands_a_rotation_that_did_not_reach_etcd() {
     });
 }
 
-/// Killing the etcd leader mid-run: the fleet goes on (a new leader is
-/// elected), nothing is spent twice.
+/// Killing the etcd leader mid-run, then freezing the next one: the fleet
+/// goes on (a new leader is elected each time), nothing is spent twice.
 #[test]
 fn losing_the_etcd_leader_mid_refresh_spends_nothing_twice() {
     let mut cluster = Cluster::start(3);
@@ -512,6 +512,16 @@ fn losing_the_etcd_leader_mid_refresh_spends_nothing_twice() {
     cluster.kill(leader);
     std::thread::sleep(Duration::from_secs(6));
     cluster.restart(leader);
+    cluster.wait_healthy(Duration::from_secs(30));
+    // Then the new leader freezes (SIGSTOP) mid-run, and thaws.
+    let before = fx.sim.counts().refreshed;
+    wait_until(Duration::from_secs(20), "a refresh under the new leader", || {
+        fx.sim.counts().refreshed > before
+    });
+    let leader = cluster.leader();
+    cluster.signal(leader, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(6));
+    cluster.signal(leader, libc::SIGCONT);
     cluster.wait_healthy(Duration::from_secs(30));
     // The fleet keeps refreshing after the election.
     let before = fx.sim.counts().refreshed;
@@ -901,4 +911,93 @@ fn losing_quorum_then_regaining_it() {
     }
     let counts = fx.sim.counts();
     assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+}
+
+/// etcd with authentication on: a user whose role reaches only the
+/// profile's prefix is all a daemon needs, its password comes from a
+/// variable, and a wrong password is a clear error that never quotes it.
+#[test]
+fn a_user_limited_to_the_prefix_is_enough() {
+    let cluster = Cluster::start(3);
+    let fx = Fixture::new(strict(Duration::from_secs(3600)));
+    let root = "root-pw-Zq81";
+    let secret = "tb-pw-Xu27";
+    for args in [
+        &["user", "add", &format!("root:{root}")][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "tb-auth"],
+        &[
+            "role",
+            "grant-permission",
+            "tb-auth",
+            "--prefix=true",
+            "readwrite",
+            "/tb/auth/",
+        ],
+        &["user", "add", &format!("tb:{secret}")],
+        &["user", "grant-role", "tb", "tb-auth"],
+        &["auth", "enable"],
+    ] {
+        let out = cluster.etcdctl(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let profile = |user: &str, prefix: &str| {
+        etcd_profile(
+            &fx,
+            &cluster,
+            prefix,
+            &format!("etcd_user = {user:?}\netcd_password_env = \"TB_ETCD_PW\"\n"),
+        )
+    };
+    let host = Host::new(fx.dir.path(), "a", &profile("tb", "/tb/auth"));
+    let issued = fx.sim.sign_in(3600.0);
+    let file = fx.path("auth.json");
+    std::fs::write(&file, codex_auth_json(&issued)).unwrap();
+    let run = |host: &Host, password: &str, args: &[&str]| {
+        cli_command()
+            .args(args)
+            .arg("--config")
+            .arg(&host.config)
+            .env("TB_ETCD_PW", password)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let import_args = [
+        "fleet",
+        "import",
+        "--profile",
+        "codex",
+        "--from",
+        file.to_str().unwrap(),
+    ];
+    let out = run(&host, secret, &import_args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&host, secret, &["token", "--profile", "codex", "--daemon", "never"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), issued.access_token);
+
+    // A wrong password: refused, and never shown.
+    let out = run(
+        &host,
+        "wrong-pw-Ab12",
+        &["token", "--profile", "codex", "--daemon", "never"],
+    );
+    assert!(!out.status.success());
+    assert!(!stderr(&out).contains("wrong-pw-Ab12"), "{}", stderr(&out));
+    // Outside the role's prefix: refused by etcd, nothing written.
+    let outside = Host::new(fx.dir.path(), "b", &profile("tb", "/tb/elsewhere"));
+    let out = run(&outside, secret, &import_args);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(!stderr(&out).contains(secret), "{}", stderr(&out));
+    // The password is in no output.
+    for text in [stdout(&out), stderr(&out)] {
+        assert!(!text.contains(secret));
+    }
+    let out = cluster.etcdctl(&["--user", &format!("root:{root}"), "auth", "disable"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -37,13 +37,7 @@ fn try_http(socket: &Path, request: &[u8]) -> std::io::Result<(u16, String)> {
     let _ = stream.write_all(request);
     let mut raw = Vec::new();
     let _ = stream.read_to_end(&mut raw);
-    let answer = String::from_utf8_lossy(&raw);
-    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    Ok(daemon::status_and_body(&raw))
 }
 
 fn get(socket: &Path, path: &str) -> (u16, String) {

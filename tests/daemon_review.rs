@@ -21,14 +21,9 @@ fn http(socket: &Path, request: &str) -> (u16, String) {
     let mut stream = UnixStream::connect(socket).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    daemon::status_and_body(&answer)
 }
 
 fn get(socket: &Path, path: &str) -> (u16, String) {

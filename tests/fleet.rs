@@ -113,6 +113,24 @@ fn token_of(body: &str) -> String {
         .to_owned()
 }
 
+/// Waits (at most `within`) until the daemon on `socket` serves a token
+/// other than `old`, and returns it; on time out, fails with `logs()`.
+fn wait_new_token(socket: &Path, old: &str, within: Duration, logs: &dyn Fn() -> String) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (status, body) = socket_get(socket, "/v1/profiles/codex/token");
+        if status == 200 && token_of(&body) != old {
+            return token_of(&body);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new token: {status} {body}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn no_secret_in(fx: &Fixture, text: &str) {
     for secret in fx.sim.issued_secrets() {
         assert!(!text.contains(&secret), "a secret leaked:\n{text}");
@@ -332,19 +350,9 @@ fn etcd_away_serves_valid_tokens_and_spends_nothing() {
     for i in 0..3 {
         cluster.signal(i, libc::SIGCONT);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
-        if status == 200 && token_of(&body) != issued.access_token {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no refresh after etcd returned: {status} {body}\n{}",
-            d.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_new_token(&host.socket, &issued.access_token, Duration::from_secs(30), &|| {
+        d.logs()
+    });
     wait_until(Duration::from_secs(10), "coordination available again", || {
         let (_, body) = socket_get(&host.socket, "/v1/profiles/codex/status");
         body.contains("\"coordination_unavailable\":false")
@@ -597,19 +605,12 @@ impl Frozen {
 
     /// Waits until host `host` serves a token other than the first.
     fn wait_new_token(&self, host: usize, logs: &dyn Fn() -> String) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let (status, body) = socket_get(&self.hosts[host].socket, "/v1/profiles/codex/token");
-            if status == 200 && token_of(&body) != self.issued.access_token {
-                return token_of(&body);
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no new token: {status} {body}\n{}",
-                logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_new_token(
+            &self.hosts[host].socket,
+            &self.issued.access_token,
+            Duration::from_secs(60),
+            logs,
+        )
     }
 
     fn wait_interrupted(&self, b: &Daemon) {
@@ -850,20 +851,9 @@ fn a_rotation_that_reached_the_provider_but_not_etcd_lands_when_the_path_heals()
     for f in &forwarders {
         f.blackhole.store(false, Ordering::SeqCst);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let new = loop {
-        let (status, body) = socket_get(&b.socket, "/v1/profiles/codex/token");
-        if status == 200 && token_of(&body) != issued.access_token {
-            break token_of(&body);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the spooled rotation never landed: {status} {body}\n{}\n---\n{}",
-            da.logs(),
-            db.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let new = wait_new_token(&b.socket, &issued.access_token, Duration::from_secs(60), &|| {
+        format!("the spooled rotation never landed\n{}\n---\n{}", da.logs(), db.logs())
+    });
     assert!(fx.sim.is_live(&new));
     let (_, body) = socket_get(&a.socket, "/v1/profiles/codex/token");
     assert_eq!(token_of(&body), new);
@@ -900,15 +890,9 @@ fn losing_quorum_then_regaining_it() {
     cluster.restart(1);
     cluster.restart(2);
     cluster.wait_healthy(Duration::from_secs(30));
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    loop {
-        let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
-        if status == 200 && token_of(&body) != issued.access_token {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{status} {body}\n{}", d.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_new_token(&host.socket, &issued.access_token, Duration::from_secs(40), &|| {
+        d.logs()
+    });
     let counts = fx.sim.counts();
     assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
 }

@@ -169,7 +169,12 @@ pub fn socket_get(socket: &Path, path: &str) -> (u16, String) {
     let _ = stream.write_all(request.as_bytes());
     let mut raw = Vec::new();
     let _ = stream.read_to_end(&mut raw);
-    let answer = String::from_utf8_lossy(&raw);
+    status_and_body(&raw)
+}
+
+/// The status and the body of a raw HTTP/1.1 answer (status 0: none).
+pub fn status_and_body(raw: &[u8]) -> (u16, String) {
+    let answer = String::from_utf8_lossy(raw);
     let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = answer
         .split_once("\r\n\r\n")

@@ -142,7 +142,8 @@ impl fmt::Debug for EtcdSettings {
 }
 
 /// TLS to etcd: a CA to trust, and optionally a client certificate.
-#[derive(Clone, Debug)]
+/// Its `Debug` never shows the PEM files (the client key is a secret).
+#[derive(Clone)]
 pub struct EtcdTls {
     /// PEM of the CA that signed the members' certificates.
     pub ca_pem: Vec<u8>,
@@ -152,6 +153,16 @@ pub struct EtcdTls {
     /// The name the members' certificates carry, when it is not the
     /// endpoints' host.
     pub domain: Option<String>,
+}
+
+impl fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("client_certificate", &self.identity_pem.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
 }
 
 /// The 32-byte key that seals tokens at rest. Never printed.

@@ -348,6 +348,10 @@ struct Inner {
     gone_since: Mutex<HashMap<i64, Instant>>,
     /// Whether the last etcd request failed.
     unavailable: AtomicBool,
+    /// Whether etcd refused our auth token (expired after its TTL, or lost
+    /// when the cluster restarted): authenticate again before the next
+    /// request.
+    reauthenticate: AtomicBool,
 }
 
 impl fmt::Debug for Inner {
@@ -532,6 +536,7 @@ impl EtcdStore {
                 held: Mutex::new(None),
                 gone_since: Mutex::new(HashMap::new()),
                 unavailable: AtomicBool::new(false),
+                reauthenticate: AtomicBool::new(false),
             }),
         }
     }
@@ -666,6 +671,9 @@ impl Inner {
 
     fn backend(&self, e: etcd_client::Error) -> StoreError {
         self.unavailable.store(true, Ordering::Relaxed);
+        if is_auth_token_error(&e) {
+            self.reauthenticate.store(true, Ordering::SeqCst);
+        }
         StoreError::backend(self.loc(), EtcdFailure(redact(&e)))
     }
 
@@ -706,7 +714,19 @@ impl Inner {
                 Client::connect(s.endpoints.clone(), Some(options)).await
             })
             .await;
-        self.track(client.cloned())
+        let client = self.track(client.cloned())?;
+        // etcd's auth tokens expire (`--auth-token-ttl`, 5 min by default)
+        // and vanish when the cluster restarts; the client authenticates
+        // only when it connects. Every clone (the lock's keep-alive, the
+        // watch) shares the token, so one new token serves them all.
+        if s.user.is_some() && self.reauthenticate.swap(false, Ordering::SeqCst) {
+            if let Err(e) = client.refresh_token().await {
+                self.reauthenticate.store(true, Ordering::SeqCst);
+                return Err(self.backend(e));
+            }
+            info!(prefix = %s.prefix, "authenticated to etcd again");
+        }
+        Ok(client)
     }
 
     /// The value to store for `tokens`.
@@ -1267,6 +1287,22 @@ impl Inner {
     }
 }
 
+/// Whether etcd refused a request for our auth token (expired, unknown
+/// after a restart, or issued before an auth change), which a new token
+/// cures.
+fn is_auth_token_error(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let message = status.message();
+            format!("{:?}", status.code()) == "Unauthenticated"
+                || message.contains("invalid auth token")
+                || message.contains("revision of auth store is old")
+                || message.contains("user name is empty")
+        }
+        _ => false,
+    }
+}
+
 /// Waits until `key` is deleted (from `revision` on), at most `wait`.
 async fn wait_for_delete(client: &mut Client, key: &str, revision: i64, wait: Duration) {
     let watched = async {
@@ -1298,9 +1334,27 @@ async fn keep_alive(mut client: Client, lease: i64, valid_until: Arc<AtomicU64>,
         tokio::time::sleep(period).await;
         let sent = Instant::now();
         let renewed = async {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await.ok()?;
+            let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // An expired auth token: a new one for the next try
+                    // (the lease runs on its last grant meanwhile).
+                    if is_auth_token_error(&e) {
+                        let _ = client.refresh_token().await;
+                    }
+                    return None;
+                }
+            };
             keeper.keep_alive().await.ok()?;
-            let response = stream.message().await.ok()??;
+            let response = match stream.message().await {
+                Ok(response) => response?,
+                Err(e) => {
+                    if is_auth_token_error(&e) {
+                        let _ = client.refresh_token().await;
+                    }
+                    return None;
+                }
+            };
             Some(response.ttl())
         };
         match tokio::time::timeout(period, renewed).await {

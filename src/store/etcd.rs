@@ -1065,6 +1065,32 @@ impl Inner {
             if done.succeeded() {
                 break at;
             }
+            // Every lock of ours lives under a lease. A lock key without one
+            // (an operator's `etcdctl put`, a restored backup, another tool)
+            // is nobody's lock and would never go away by itself: remove it,
+            // only while it is still that very key, and try again at once.
+            let leaseless = done.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => get
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.lease() == 0)
+                    .map(|kv| kv.mod_revision()),
+                _ => None,
+            });
+            if let Some(stale) = leaseless {
+                warn!(key = %self.keys.lock, "the lock key has no lease, so it is no broker's lock; removing it");
+                let txn = Txn::new()
+                    .when([
+                        Compare::mod_revision(self.keys.lock.as_str(), CompareOp::Equal, stale),
+                        Compare::lease(self.keys.lock.as_str(), CompareOp::Equal, 0),
+                    ])
+                    .and_then([TxnOp::delete(self.keys.lock.as_str(), None)]);
+                if let Err(e) = client.txn(txn).await {
+                    revoke_later(client.clone(), lease);
+                    return Err(self.backend(e));
+                }
+                continue;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 revoke_later(client.clone(), lease);

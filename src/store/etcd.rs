@@ -485,6 +485,9 @@ pub struct FleetStatus {
     pub lock_holder: Option<String>,
     /// A refresh in progress (or interrupted): holder, start, deadline.
     pub refreshing: Option<String>,
+    /// Why the stored tokens cannot be read (damaged, sealed with another
+    /// key), when they cannot; the rest of the status stands.
+    pub unreadable: Option<String>,
 }
 
 /// What an [`EtcdStore::import`] did.
@@ -509,6 +512,13 @@ pub enum ImportError {
     Newer {
         /// When the stored access token expires.
         theirs: String,
+    },
+    /// etcd holds a value this profile cannot read (damaged, or sealed
+    /// with another key).
+    #[error("etcd holds tokens this profile cannot read ({reason}); pass --force to replace them with the file's")]
+    Unreadable {
+        /// What is wrong with the stored value (never its content).
+        reason: String,
     },
     /// The store failed.
     #[error(transparent)]
@@ -575,21 +585,34 @@ impl EtcdStore {
                 Err(StoreError::Conflict { location: inner.loc() }.into())
             };
         };
-        let stored = inner.decode(kv.value())?;
-        if !stored.differs_from(tokens) {
-            return Ok(Imported::Unchanged);
-        }
-        let theirs = stored.expiry.map(|e| e.at);
-        let ours = tokens.expiry.map(|e| e.at);
-        let newer = match (theirs, ours) {
-            (Some(t), Some(o)) => o > t,
-            (None, Some(_)) => true,
-            _ => false,
-        };
-        if !newer && !force {
-            return Err(ImportError::Newer {
-                theirs: theirs.map_or_else(|| "at an unknown time".into(), format_rfc3339),
-            });
+        match inner.decode(kv.value()) {
+            Ok(stored) => {
+                if !stored.differs_from(tokens) {
+                    return Ok(Imported::Unchanged);
+                }
+                let theirs = stored.expiry.map(|e| e.at);
+                let ours = tokens.expiry.map(|e| e.at);
+                let newer = match (theirs, ours) {
+                    (Some(t), Some(o)) => o > t,
+                    (None, Some(_)) => true,
+                    _ => false,
+                };
+                if !newer && !force {
+                    return Err(ImportError::Newer {
+                        theirs: theirs.map_or_else(|| "at an unknown time".into(), format_rfc3339),
+                    });
+                }
+            }
+            // A damaged value, or tokens sealed with another key (a key
+            // rotation): `--force` is the way to replace them.
+            Err(StoreError::Invalid { reason, .. }) if !force => return Err(ImportError::Unreadable { reason }),
+            Err(e @ StoreError::TooLarge { .. }) if !force => {
+                return Err(ImportError::Unreadable { reason: e.to_string() })
+            }
+            Err(StoreError::Invalid { .. } | StoreError::TooLarge { .. }) => {
+                warn!(key = %inner.keys.tokens, "replacing a stored value this profile cannot read (--force)");
+            }
+            Err(e) => return Err(e.into()),
         }
         let txn = Txn::new()
             .when([Compare::mod_revision(
@@ -625,20 +648,36 @@ impl EtcdStore {
             access_fingerprint: None,
             lock_holder: None,
             refreshing: None,
+            unreadable: None,
         };
         if let Some(kv) = tokens.kvs().first() {
             status.present = true;
             status.generation = kv.version();
             status.revision = kv.mod_revision();
             status.sealed = serde_json::from_slice::<Envelope>(kv.value()).is_ok_and(|e| e.sealed.is_some());
-            let set = inner.decode(kv.value())?;
-            status.expires_at = set.expiry.map(|e| e.at);
-            status.last_refresh = set.last_refresh;
-            status.access_fingerprint = Some(set.access_token.fingerprint());
+            // Unreadable tokens are what an operator runs this to find
+            // out about: the lock and the record are still shown.
+            match inner.decode(kv.value()) {
+                Ok(set) => {
+                    status.expires_at = set.expiry.map(|e| e.at);
+                    status.last_refresh = set.last_refresh;
+                    status.access_fingerprint = Some(set.access_token.fingerprint());
+                }
+                Err(StoreError::Invalid { reason, .. }) => status.unreadable = Some(reason),
+                Err(e @ StoreError::TooLarge { .. }) => status.unreadable = Some(e.to_string()),
+                Err(e) => return Err(e),
+            }
         }
+        // Values from etcd reach a terminal: one word each, no control
+        // characters (no escape sequence, no forged line).
         if let Some(kv) = lock.kvs().first() {
             status.lock_holder = Some(match serde_json::from_slice::<LockValue>(kv.value()) {
-                Ok(v) => format!("{} pid {} since {}", one_word(&v.holder.host), v.holder.pid, v.since),
+                Ok(v) => format!(
+                    "{} pid {} since {}",
+                    one_word(&v.holder.host),
+                    v.holder.pid,
+                    one_word(&v.since)
+                ),
                 Err(_) => "an unknown holder".into(),
             });
         }
@@ -648,9 +687,9 @@ impl EtcdStore {
                     "by {} pid {} since {} (from revision {}, its request ends by {})",
                     one_word(&v.holder.host),
                     v.holder.pid,
-                    v.started,
+                    one_word(&v.started),
                     v.revision,
-                    v.deadline
+                    one_word(&v.deadline)
                 ),
                 Err(_) => "a record that cannot be read".into(),
             });

@@ -361,3 +361,46 @@ fn tls_settings_never_print_the_private_key() {
     );
     assert!(shown.contains("etcd.internal"), "{shown}");
 }
+
+/// The library's own defaults (the module documentation's example): an
+/// `EtcdStore` with a 30 s lease under a broker with its default 30 s
+/// request timeout. The cycle spends only while the lease outlives the
+/// request plus a second (31 s), which a 30 s lease never does: such a
+/// broker never refreshed at all ("the lock is no longer held").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_defaults_can_refresh() {
+    use std::sync::Arc;
+    use token_broker::store::{CodexAuthFile, EtcdSettings, EtcdStore};
+    let cluster = Cluster::start(1);
+    let fx = Fixture::new(strict(Duration::from_secs(3600)));
+    // Valid for two minutes: due at once (the default refresh ahead is 10 min).
+    let issued = fx.sim.sign_in(120.0);
+    let file = fx.write_codex(&issued);
+    let settings = EtcdSettings::new(cluster.endpoints(), "/tb/lib")
+        .unwrap()
+        .spool_dir(fx.path("spool"));
+    let store = EtcdStore::new(settings);
+    let loaded = CodexAuthFile::new(&file).load_blocking().unwrap();
+    store.import(&loaded.tokens, false).await.unwrap();
+    let broker = token_broker::TokenBroker::codex()
+        .store(Arc::new(store))
+        .token_url(fx.sim.token_url())
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let token = broker.token().await.unwrap();
+        if token.expose() != issued.access_token {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refresh within 20 s: {:?}",
+            broker.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let counts = fx.sim.counts();
+    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+    broker.shutdown().await;
+}

@@ -63,7 +63,8 @@
 //! leaving its socket could still spend a refresh token that another host
 //! spends after the quarantine. The defaults make that window small: the
 //! check requires the lease to outlive the request's timeout plus a grace,
-//! the lease lasts 30 s, and the quarantine adds the request timeout plus a
+//! the lease lasts at least 30 s (and twice the request timeout plus a
+//! second), and the quarantine adds the request timeout plus a
 //! margin after the lease is seen gone.
 
 use std::collections::HashMap;
@@ -247,7 +248,7 @@ impl EtcdSettings {
             tls: None,
             encryption_key: None,
             spool_dir: None,
-            lease_ttl: Duration::from_secs(30),
+            lease_ttl: default_lease_ttl(crate::defaults::DEFAULT_HTTP_TIMEOUT),
             quarantine: crate::defaults::DEFAULT_HTTP_TIMEOUT + Duration::from_secs(5),
             takeover: Takeover::Wait,
             request_timeout: Duration::from_secs(5),
@@ -290,7 +291,12 @@ impl EtcdSettings {
         self
     }
 
-    /// The lock's lease TTL (default 30 s, at least 5 s).
+    /// The lock's lease TTL (at least 5 s). A refresh token is spent only
+    /// while the lease outlives the broker's request timeout plus a
+    /// second, and keep-alives renew it every third of its TTL: make it
+    /// more than one and a half times (request timeout + 1 s). The
+    /// default, twice (the default 30 s request timeout + 1 s) = 62 s, fits
+    /// any request timeout up to 40 s.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl.max(Duration::from_secs(5));
         self
@@ -315,6 +321,12 @@ impl EtcdSettings {
         self.request_timeout = timeout;
         self
     }
+}
+
+/// The default lease for a broker whose request timeout is `timeout`:
+/// at least 30 s, and twice the timeout plus its grace.
+fn default_lease_ttl(timeout: Duration) -> Duration {
+    Duration::from_secs(30).max(timeout.saturating_add(crate::defaults::TIMEOUT_GRACE) * 2)
 }
 
 /// A [`Store`] on an etcd v3 cluster. See the [module documentation](self).

@@ -611,7 +611,9 @@ async fn fleet(creds: &CredentialArgs, explicit: &[&'static str], command: &Flee
             .map_err(|e| CliError::Broker(e.into()))?;
             let done = store.import(&loaded.tokens, *force).await.map_err(|e| match e {
                 ImportError::Store(e) => CliError::Broker(e.into()),
-                refused @ ImportError::Newer { .. } => CliError::Broker(BrokerError::Config(refused.to_string())),
+                refused @ (ImportError::Newer { .. } | ImportError::Unreadable { .. }) => {
+                    CliError::Broker(BrokerError::Config(refused.to_string()))
+                }
             })?;
             let what = match done {
                 Imported::Created => "imported",
@@ -639,6 +641,7 @@ async fn fleet(creds: &CredentialArgs, explicit: &[&'static str], command: &Flee
                     "access_token_fingerprint": s.access_fingerprint,
                     "lock_holder": s.lock_holder,
                     "refreshing": s.refreshing,
+                    "unreadable": s.unreadable,
                 });
                 return write_out(&format!("{value}\n"));
             }
@@ -654,6 +657,10 @@ async fn fleet(creds: &CredentialArgs, explicit: &[&'static str], command: &Flee
                 if s.sealed { ", sealed" } else { "" }
             ));
             match s.expires_at {
+                _ if s.unreadable.is_some() => out.push_str(&format!(
+                    "access token:   unreadable: {}\n",
+                    s.unreadable.as_deref().unwrap_or_default()
+                )),
                 Some(at) => out.push_str(&format!(
                     "access token:   {} expires {} ({})\n",
                     s.access_fingerprint.as_deref().unwrap_or("?"),

@@ -63,7 +63,8 @@
 //! leaving its socket could still spend a refresh token that another host
 //! spends after the quarantine. The defaults make that window small: the
 //! check requires the lease to outlive the request's timeout plus a grace,
-//! the lease lasts 30 s, and the quarantine adds the request timeout plus a
+//! the lease lasts at least 30 s (and twice the request timeout plus a
+//! second), and the quarantine adds the request timeout plus a
 //! margin after the lease is seen gone.
 
 use std::collections::HashMap;
@@ -142,7 +143,8 @@ impl fmt::Debug for EtcdSettings {
 }
 
 /// TLS to etcd: a CA to trust, and optionally a client certificate.
-#[derive(Clone, Debug)]
+/// Its `Debug` never shows the PEM files (the client key is a secret).
+#[derive(Clone)]
 pub struct EtcdTls {
     /// PEM of the CA that signed the members' certificates.
     pub ca_pem: Vec<u8>,
@@ -152,6 +154,16 @@ pub struct EtcdTls {
     /// The name the members' certificates carry, when it is not the
     /// endpoints' host.
     pub domain: Option<String>,
+}
+
+impl fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("client_certificate", &self.identity_pem.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
 }
 
 /// The 32-byte key that seals tokens at rest. Never printed.
@@ -236,7 +248,7 @@ impl EtcdSettings {
             tls: None,
             encryption_key: None,
             spool_dir: None,
-            lease_ttl: Duration::from_secs(30),
+            lease_ttl: default_lease_ttl(crate::defaults::DEFAULT_HTTP_TIMEOUT),
             quarantine: crate::defaults::DEFAULT_HTTP_TIMEOUT + Duration::from_secs(5),
             takeover: Takeover::Wait,
             request_timeout: Duration::from_secs(5),
@@ -279,7 +291,12 @@ impl EtcdSettings {
         self
     }
 
-    /// The lock's lease TTL (default 30 s, at least 5 s).
+    /// The lock's lease TTL (at least 5 s). A refresh token is spent only
+    /// while the lease outlives the broker's request timeout plus a
+    /// second, and keep-alives renew it every third of its TTL: make it
+    /// more than one and a half times (request timeout + 1 s). The
+    /// default, twice (the default 30 s request timeout + 1 s) = 62 s, fits
+    /// any request timeout up to 40 s.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl.max(Duration::from_secs(5));
         self
@@ -304,6 +321,12 @@ impl EtcdSettings {
         self.request_timeout = timeout;
         self
     }
+}
+
+/// The default lease for a broker whose request timeout is `timeout`:
+/// at least 30 s, and twice the timeout plus its grace.
+fn default_lease_ttl(timeout: Duration) -> Duration {
+    Duration::from_secs(30).max(timeout.saturating_add(crate::defaults::TIMEOUT_GRACE) * 2)
 }
 
 /// A [`Store`] on an etcd v3 cluster. See the [module documentation](self).
@@ -337,6 +360,10 @@ struct Inner {
     gone_since: Mutex<HashMap<i64, Instant>>,
     /// Whether the last etcd request failed.
     unavailable: AtomicBool,
+    /// Whether etcd refused our auth token (expired after its TTL, or lost
+    /// when the cluster restarted): authenticate again before the next
+    /// request.
+    reauthenticate: AtomicBool,
 }
 
 impl fmt::Debug for Inner {
@@ -470,6 +497,9 @@ pub struct FleetStatus {
     pub lock_holder: Option<String>,
     /// A refresh in progress (or interrupted): holder, start, deadline.
     pub refreshing: Option<String>,
+    /// Why the stored tokens cannot be read (damaged, sealed with another
+    /// key), when they cannot; the rest of the status stands.
+    pub unreadable: Option<String>,
 }
 
 /// What an [`EtcdStore::import`] did.
@@ -494,6 +524,13 @@ pub enum ImportError {
     Newer {
         /// When the stored access token expires.
         theirs: String,
+    },
+    /// etcd holds a value this profile cannot read (damaged, or sealed
+    /// with another key).
+    #[error("etcd holds tokens this profile cannot read ({reason}); pass --force to replace them with the file's")]
+    Unreadable {
+        /// What is wrong with the stored value (never its content).
+        reason: String,
     },
     /// The store failed.
     #[error(transparent)]
@@ -521,6 +558,7 @@ impl EtcdStore {
                 held: Mutex::new(None),
                 gone_since: Mutex::new(HashMap::new()),
                 unavailable: AtomicBool::new(false),
+                reauthenticate: AtomicBool::new(false),
             }),
         }
     }
@@ -559,21 +597,34 @@ impl EtcdStore {
                 Err(StoreError::Conflict { location: inner.loc() }.into())
             };
         };
-        let stored = inner.decode(kv.value())?;
-        if !stored.differs_from(tokens) {
-            return Ok(Imported::Unchanged);
-        }
-        let theirs = stored.expiry.map(|e| e.at);
-        let ours = tokens.expiry.map(|e| e.at);
-        let newer = match (theirs, ours) {
-            (Some(t), Some(o)) => o > t,
-            (None, Some(_)) => true,
-            _ => false,
-        };
-        if !newer && !force {
-            return Err(ImportError::Newer {
-                theirs: theirs.map_or_else(|| "at an unknown time".into(), format_rfc3339),
-            });
+        match inner.decode(kv.value()) {
+            Ok(stored) => {
+                if !stored.differs_from(tokens) {
+                    return Ok(Imported::Unchanged);
+                }
+                let theirs = stored.expiry.map(|e| e.at);
+                let ours = tokens.expiry.map(|e| e.at);
+                let newer = match (theirs, ours) {
+                    (Some(t), Some(o)) => o > t,
+                    (None, Some(_)) => true,
+                    _ => false,
+                };
+                if !newer && !force {
+                    return Err(ImportError::Newer {
+                        theirs: theirs.map_or_else(|| "at an unknown time".into(), format_rfc3339),
+                    });
+                }
+            }
+            // A damaged value, or tokens sealed with another key (a key
+            // rotation): `--force` is the way to replace them.
+            Err(StoreError::Invalid { reason, .. }) if !force => return Err(ImportError::Unreadable { reason }),
+            Err(e @ StoreError::TooLarge { .. }) if !force => {
+                return Err(ImportError::Unreadable { reason: e.to_string() })
+            }
+            Err(StoreError::Invalid { .. } | StoreError::TooLarge { .. }) => {
+                warn!(key = %inner.keys.tokens, "replacing a stored value this profile cannot read (--force)");
+            }
+            Err(e) => return Err(e.into()),
         }
         let txn = Txn::new()
             .when([Compare::mod_revision(
@@ -609,20 +660,36 @@ impl EtcdStore {
             access_fingerprint: None,
             lock_holder: None,
             refreshing: None,
+            unreadable: None,
         };
         if let Some(kv) = tokens.kvs().first() {
             status.present = true;
             status.generation = kv.version();
             status.revision = kv.mod_revision();
             status.sealed = serde_json::from_slice::<Envelope>(kv.value()).is_ok_and(|e| e.sealed.is_some());
-            let set = inner.decode(kv.value())?;
-            status.expires_at = set.expiry.map(|e| e.at);
-            status.last_refresh = set.last_refresh;
-            status.access_fingerprint = Some(set.access_token.fingerprint());
+            // Unreadable tokens are what an operator runs this to find
+            // out about: the lock and the record are still shown.
+            match inner.decode(kv.value()) {
+                Ok(set) => {
+                    status.expires_at = set.expiry.map(|e| e.at);
+                    status.last_refresh = set.last_refresh;
+                    status.access_fingerprint = Some(set.access_token.fingerprint());
+                }
+                Err(StoreError::Invalid { reason, .. }) => status.unreadable = Some(reason),
+                Err(e @ StoreError::TooLarge { .. }) => status.unreadable = Some(e.to_string()),
+                Err(e) => return Err(e),
+            }
         }
+        // Values from etcd reach a terminal: one word each, no control
+        // characters (no escape sequence, no forged line).
         if let Some(kv) = lock.kvs().first() {
             status.lock_holder = Some(match serde_json::from_slice::<LockValue>(kv.value()) {
-                Ok(v) => format!("{} pid {} since {}", one_word(&v.holder.host), v.holder.pid, v.since),
+                Ok(v) => format!(
+                    "{} pid {} since {}",
+                    one_word(&v.holder.host),
+                    v.holder.pid,
+                    one_word(&v.since)
+                ),
                 Err(_) => "an unknown holder".into(),
             });
         }
@@ -632,9 +699,9 @@ impl EtcdStore {
                     "by {} pid {} since {} (from revision {}, its request ends by {})",
                     one_word(&v.holder.host),
                     v.holder.pid,
-                    v.started,
+                    one_word(&v.started),
                     v.revision,
-                    v.deadline
+                    one_word(&v.deadline)
                 ),
                 Err(_) => "a record that cannot be read".into(),
             });
@@ -655,6 +722,9 @@ impl Inner {
 
     fn backend(&self, e: etcd_client::Error) -> StoreError {
         self.unavailable.store(true, Ordering::Relaxed);
+        if is_auth_token_error(&e) {
+            self.reauthenticate.store(true, Ordering::SeqCst);
+        }
         StoreError::backend(self.loc(), EtcdFailure(redact(&e)))
     }
 
@@ -695,7 +765,19 @@ impl Inner {
                 Client::connect(s.endpoints.clone(), Some(options)).await
             })
             .await;
-        self.track(client.cloned())
+        let client = self.track(client.cloned())?;
+        // etcd's auth tokens expire (`--auth-token-ttl`, 5 min by default)
+        // and vanish when the cluster restarts; the client authenticates
+        // only when it connects. Every clone (the lock's keep-alive, the
+        // watch) shares the token, so one new token serves them all.
+        if s.user.is_some() && self.reauthenticate.swap(false, Ordering::SeqCst) {
+            if let Err(e) = client.refresh_token().await {
+                self.reauthenticate.store(true, Ordering::SeqCst);
+                return Err(self.backend(e));
+            }
+            info!(prefix = %s.prefix, "authenticated to etcd again");
+        }
+        Ok(client)
     }
 
     /// The value to store for `tokens`.
@@ -1034,6 +1116,32 @@ impl Inner {
             if done.succeeded() {
                 break at;
             }
+            // Every lock of ours lives under a lease. A lock key without one
+            // (an operator's `etcdctl put`, a restored backup, another tool)
+            // is nobody's lock and would never go away by itself: remove it,
+            // only while it is still that very key, and try again at once.
+            let leaseless = done.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => get
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.lease() == 0)
+                    .map(|kv| kv.mod_revision()),
+                _ => None,
+            });
+            if let Some(stale) = leaseless {
+                warn!(key = %self.keys.lock, "the lock key has no lease, so it is no broker's lock; removing it");
+                let txn = Txn::new()
+                    .when([
+                        Compare::mod_revision(self.keys.lock.as_str(), CompareOp::Equal, stale),
+                        Compare::lease(self.keys.lock.as_str(), CompareOp::Equal, 0),
+                    ])
+                    .and_then([TxnOp::delete(self.keys.lock.as_str(), None)]);
+                if let Err(e) = client.txn(txn).await {
+                    revoke_later(client.clone(), lease);
+                    return Err(self.backend(e));
+                }
+                continue;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 revoke_later(client.clone(), lease);
@@ -1256,6 +1364,22 @@ impl Inner {
     }
 }
 
+/// Whether etcd refused a request for our auth token (expired, unknown
+/// after a restart, or issued before an auth change), which a new token
+/// cures.
+fn is_auth_token_error(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let message = status.message();
+            format!("{:?}", status.code()) == "Unauthenticated"
+                || message.contains("invalid auth token")
+                || message.contains("revision of auth store is old")
+                || message.contains("user name is empty")
+        }
+        _ => false,
+    }
+}
+
 /// Waits until `key` is deleted (from `revision` on), at most `wait`.
 async fn wait_for_delete(client: &mut Client, key: &str, revision: i64, wait: Duration) {
     let watched = async {
@@ -1287,9 +1411,27 @@ async fn keep_alive(mut client: Client, lease: i64, valid_until: Arc<AtomicU64>,
         tokio::time::sleep(period).await;
         let sent = Instant::now();
         let renewed = async {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await.ok()?;
+            let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // An expired auth token: a new one for the next try
+                    // (the lease runs on its last grant meanwhile).
+                    if is_auth_token_error(&e) {
+                        let _ = client.refresh_token().await;
+                    }
+                    return None;
+                }
+            };
             keeper.keep_alive().await.ok()?;
-            let response = stream.message().await.ok()??;
+            let response = match stream.message().await {
+                Ok(response) => response?,
+                Err(e) => {
+                    if is_auth_token_error(&e) {
+                        let _ = client.refresh_token().await;
+                    }
+                    return None;
+                }
+            };
             Some(response.ttl())
         };
         match tokio::time::timeout(period, renewed).await {

@@ -221,6 +221,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 /// password) and key prefix (absolute, no `..`, no control character or
 /// space); the message never quotes them. Compiled without the `etcd`
 /// feature too, so that a configuration is checked the same way.
+#[cfg(feature = "server")]
 pub(crate) fn check_etcd_location(endpoints: &[String], prefix: &str) -> Result<(), String> {
     if endpoints.is_empty() {
         return Err("etcd_endpoints is empty".into());

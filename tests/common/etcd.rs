@@ -30,6 +30,8 @@ pub struct Cluster {
     _turn: parking_lot::MutexGuard<'static, ()>,
     initial: String,
     token: String,
+    /// More flags for every member (`--auth-token-ttl=3`).
+    extra: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -52,6 +54,11 @@ impl Cluster {
     /// that start clusters run one at a time (a cluster, its daemons and
     /// their timing are a machine's worth on two cores): hold the guard.
     pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    /// Like [`start`](Self::start), with more flags for every member.
+    pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
         // A test that panicked still passes the turn on.
         let turn = ONE_AT_A_TIME.lock();
         let dir = tempfile::tempdir().unwrap();
@@ -75,6 +82,7 @@ impl Cluster {
             _turn: turn,
             initial,
             token: format!("tb-{}-{}", std::process::id(), fastrand::u64(..)),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             _dir: dir,
         };
         for i in 0..n {
@@ -103,6 +111,7 @@ impl Cluster {
             .arg("--initial-cluster-state=new")
             .args(["--heartbeat-interval=100", "--election-timeout=1000"])
             .args(["--logger=zap", "--log-outputs=stderr", "--log-level=error"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -85,6 +85,10 @@ enum FleetCommand {
     /// Show the lock holder, the generation, the expiry and any refresh in
     /// progress, without secrets.
     Status,
+    /// Seal tokens stored unsealed with the profile's encryption_key_file
+    /// (once, after adding a key to a credential already in etcd: with a
+    /// key, unsealed tokens are not trusted).
+    Seal,
 }
 
 #[derive(Debug, Args)]
@@ -624,6 +628,17 @@ async fn fleet(creds: &CredentialArgs, explicit: &[&'static str], command: &Flee
                 "{prefix}: {what} the tokens of {} (access token {})\n",
                 token_broker::store::display_path(from),
                 loaded.tokens.access_token.fingerprint()
+            ))
+        }
+        FleetCommand::Seal => {
+            let sealed = store.seal().await.map_err(|e| CliError::Broker(e.into()))?;
+            write_out(&format!(
+                "{prefix}: {}\n",
+                if sealed {
+                    "sealed the stored tokens"
+                } else {
+                    "the stored tokens were sealed already"
+                }
             ))
         }
         FleetCommand::Status => {

@@ -648,8 +648,15 @@ fn killed_after_the_record() {
     f.wait_interrupted(&b);
     assert_eq!(f.token_at(1), f.issued.access_token);
     assert_eq!(f.fx.sim.counts().token_requests, 0);
-    let (_, status) = socket_get(&f.hosts[1].socket, "/v1/profiles/codex/status");
-    assert!(status.contains("interrupted"), "{status}");
+    // The status says so once the cycle that logged it has ended.
+    wait_until(
+        Duration::from_secs(20),
+        "the status reports the interrupted refresh",
+        || {
+            let (_, status) = socket_get(&f.hosts[1].socket, "/v1/profiles/codex/status");
+            status.contains("was interrupted")
+        },
+    );
 }
 
 /// Killed after the provider rotated the token, before any write: the
@@ -855,8 +862,10 @@ fn a_rotation_that_reached_the_provider_but_not_etcd_lands_when_the_path_heals()
         format!("the spooled rotation never landed\n{}\n---\n{}", da.logs(), db.logs())
     });
     assert!(fx.sim.is_live(&new));
-    let (_, body) = socket_get(&a.socket, "/v1/profiles/codex/token");
-    assert_eq!(token_of(&body), new);
+    // A, which wrote them, serves them too (it may be a moment behind B's
+    // watch: it finishes its own cycle after the write).
+    let on_a = wait_new_token(&a.socket, &issued.access_token, Duration::from_secs(20), &|| da.logs());
+    assert_eq!(on_a, new);
     let counts = fx.sim.counts();
     assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
     wait_until(Duration::from_secs(10), "the spool is gone", || {
@@ -984,4 +993,59 @@ fn a_user_limited_to_the_prefix_is_enough() {
     }
     let out = cluster.etcdctl(&["--user", &format!("root:{root}"), "auth", "disable"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// With an encryption key, unsealed tokens are not trusted (anyone who can
+/// write etcd could plant them); `fleet seal` seals a credential imported
+/// before the key, once.
+#[test]
+fn with_a_key_unsealed_tokens_are_refused_until_sealed() {
+    let cluster = Cluster::start(3);
+    let fx = Fixture::new(strict(Duration::from_secs(3600)));
+    let key = fx.path("etcd.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let plain = Host::new(fx.dir.path(), "plain", &etcd_profile(&fx, &cluster, "/tb/seal", ""));
+    let sealed = Host::new(
+        fx.dir.path(),
+        "sealed",
+        &etcd_profile(&fx, &cluster, "/tb/seal", &format!("encryption_key_file = {key:?}\n")),
+    );
+    let issued = fx.sim.sign_in(3600.0);
+    assert!(import(&fx, &plain, &issued, false).status.success());
+    let token = |host: &Host| {
+        cli_command()
+            .args(["token", "--profile", "codex", "--daemon", "never", "--config"])
+            .arg(&host.config)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = token(&sealed);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("fleet seal"), "{}", stderr(&out));
+    no_secret_in(&fx, &stderr(&out));
+
+    let seal = |host: &Host| {
+        cli_command()
+            .args(["fleet", "seal", "--profile", "codex", "--config"])
+            .arg(&host.config)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = seal(&sealed);
+    assert!(out.status.success() && stdout(&out).contains("sealed the stored tokens"), "{}", stderr(&out));
+    let raw = cluster.get("/tb/seal/tokens");
+    no_secret_in(&fx, &raw);
+    let out = token(&sealed);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), issued.access_token);
+    let out = seal(&sealed);
+    assert!(stdout(&out).contains("sealed already"), "{}", stdout(&out));
+    // Without the key, the sealed tokens are a typed error.
+    assert_eq!(token(&plain).status.code(), Some(3));
 }

@@ -490,6 +490,14 @@ impl Profile {
                     }
                 },
                 (None, Some(path)) => {
+                    use std::os::unix::fs::MetadataExt;
+                    let private = std::fs::metadata(path).is_ok_and(|m| m.mode() & 0o077 == 0);
+                    if !private && path.exists() {
+                        return Err(config(format!(
+                            "the etcd_password_file {} is readable by others; chmod 600 it",
+                            display_path(path)
+                        )));
+                    }
                     let bytes = read("etcd_password_file", path)?;
                     String::from_utf8_lossy(&bytes)
                         .trim_end_matches(['\r', '\n'])

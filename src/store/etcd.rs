@@ -641,6 +641,42 @@ impl EtcdStore {
         }
     }
 
+    /// Seals tokens stored unsealed with the configured key (once, when a
+    /// key is added to a credential already in etcd), by a compare-and-swap
+    /// on what was read. Returns whether anything was written.
+    pub async fn seal(&self) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        if inner.settings.encryption_key.is_none() {
+            return Err(StoreError::Invalid {
+                location: inner.loc(),
+                reason: "this profile has no encryption_key_file to seal with".into(),
+            });
+        }
+        let mut client = inner.client().await?;
+        let current = inner.track(client.get(inner.keys.tokens.as_str(), None).await)?;
+        let Some(kv) = current.kvs().first() else {
+            return Err(StoreError::NotFound { location: inner.loc() });
+        };
+        if serde_json::from_slice::<Envelope>(kv.value()).is_ok_and(|e| e.sealed.is_some()) {
+            // Already sealed: it must open with our key.
+            inner.decode(kv.value())?;
+            return Ok(false);
+        }
+        let tokens = inner.decode_with(kv.value(), true)?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                inner.keys.tokens.as_str(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::put(inner.keys.tokens.as_str(), inner.encode(&tokens)?, None)]);
+        if inner.track(client.txn(txn).await)?.succeeded() {
+            Ok(true)
+        } else {
+            Err(StoreError::Conflict { location: inner.loc() })
+        }
+    }
+
     /// The lock holder, the generation, the expiry and any refresh in
     /// progress, without secrets.
     pub async fn fleet_status(&self) -> Result<FleetStatus, StoreError> {
@@ -842,6 +878,12 @@ impl Inner {
     /// The tokens in a stored value. Errors name what is wrong, never the
     /// value's text.
     fn decode(&self, value: &[u8]) -> Result<TokenSet, StoreError> {
+        self.decode_with(value, false)
+    }
+
+    /// Like [`decode`](Self::decode); `allow_unsealed` also reads unsealed
+    /// tokens when a key is configured (for `fleet seal` alone).
+    fn decode_with(&self, value: &[u8], allow_unsealed: bool) -> Result<TokenSet, StoreError> {
         if value.len() > MAX_VALUE_BYTES {
             return Err(StoreError::TooLarge {
                 location: self.loc(),
@@ -856,8 +898,15 @@ impl Inner {
         }
         let plain: StoredTokens = match (envelope.tokens, envelope.sealed) {
             (Some(plain), None) => {
-                if self.settings.encryption_key.is_some() {
-                    warn!(key = %self.keys.tokens, "the stored tokens are not sealed although an encryption key is configured; they will be sealed at the next write");
+                // With a key, only sealed tokens are trusted: the seal also
+                // proves who wrote them. Anyone who can write etcd but holds
+                // no key could otherwise plant tokens of an account of their
+                // own, and read every caller's requests.
+                if self.settings.encryption_key.is_some() && !allow_unsealed {
+                    return Err(self.invalid(
+                        "the stored tokens are not sealed, and this profile has an encryption_key_file: \
+                         unsealed tokens are not trusted (seal them once with `token-broker fleet seal`)",
+                    ));
                 }
                 plain
             }
@@ -1016,15 +1065,32 @@ impl Inner {
                 CompareOp::Equal,
                 spooled.replaces_revision,
             )])
-            .and_then([TxnOp::put(self.keys.tokens.as_str(), spooled.value.into_bytes(), None)]);
+            .and_then([TxnOp::put(
+                self.keys.tokens.as_str(),
+                spooled.value.clone().into_bytes(),
+                None,
+            )])
+            .or_else([TxnOp::get(self.keys.tokens.as_str(), None)]);
         let done = self.track(client.txn(txn).await)?;
         if done.succeeded() {
             info!(key = %self.keys.tokens, "wrote the rotated tokens spooled by an earlier attempt");
         } else {
-            error!(
-                key = %self.keys.tokens,
-                "spooled rotated tokens were never written, and someone else has since written the tokens key; keeping theirs"
-            );
+            // Written after all (a save whose answer was lost), or replaced.
+            let current = done.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            });
+            let ours = self.decode(spooled.value.as_bytes()).ok();
+            let stored = current.and_then(|v| self.decode(&v).ok());
+            match (ours, stored) {
+                (Some(ours), Some(stored)) if !ours.differs_from(&stored) => {
+                    info!(key = %self.keys.tokens, "the spooled rotated tokens had been written already");
+                }
+                _ => error!(
+                    key = %self.keys.tokens,
+                    "spooled rotated tokens were never written, and someone else has since written the tokens key; keeping theirs"
+                ),
+            }
         }
         self.remove_spool();
         Ok(())
@@ -1075,6 +1141,24 @@ impl Inner {
     async fn lock(self: &Arc<Self>, timeout: Duration) -> Result<StoreLock, StoreError> {
         let deadline = Instant::now() + timeout;
         let mut client = self.client().await?;
+        // While another broker holds the lock, wait for its key to go
+        // before asking for a lease of our own (a waiter asks for none).
+        loop {
+            let current = self.track(client.get(self.keys.lock.as_str(), None).await)?;
+            let at = current.header().map_or(0, |h| h.revision());
+            let Some(kv) = current.kvs().first().filter(|kv| kv.lease() != 0) else {
+                break;
+            };
+            let from = at.max(kv.mod_revision()) + 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::LockTimeout {
+                    location: self.loc(),
+                    waited: timeout,
+                });
+            }
+            wait_for_delete(&mut client, &self.keys.lock, from, left.min(Duration::from_secs(1))).await;
+        }
         let ttl = self.settings.lease_ttl.as_secs().max(5) as i64;
         let asked = Instant::now();
         let grant = self.track(client.lease_grant(ttl, None).await)?;
@@ -1315,9 +1399,13 @@ impl Inner {
             }
             let watched = async {
                 let mut client = self.client().await.ok()?;
-                let now = client
-                    .get(self.keys.tokens.as_str(), Some(GetOptions::new().with_count_only()))
-                    .await
+                // A watch that (re)connects also tells that etcd is back.
+                let now = self
+                    .track(
+                        client
+                            .get(self.keys.tokens.as_str(), Some(GetOptions::new().with_count_only()))
+                            .await,
+                    )
                     .ok()?;
                 let from = now.header().map_or(0, |h| h.revision()) + 1;
                 let stream = client

@@ -47,6 +47,13 @@
 //!
 //! `cargo bench --bench proxy`. The figures that are not criterion's are
 //! printed to stderr and written to `target/bench-extra/proxy.json`.
+//!
+//! Knobs: `PROXY_BENCH_CLI` (another `token-broker` as ours),
+//! `PROXY_BENCH_ALSO` (another one beside it), `PROXY_BENCH_NGINX_WORKERS`,
+//! `PROXY_BENCH_ONLY=json|sse`, `PROXY_BENCH_ROUND_MS`, and
+//! `PROXY_BENCH_COUNT=N` (only N requests through ours, then stop: with
+//! `PROXY_BENCH_CLI` a script that runs `valgrind --tool=callgrind` on the
+//! build, two counts give the instructions a request; see BENCHMARKS.md).
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};

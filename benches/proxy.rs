@@ -47,6 +47,13 @@
 //!
 //! `cargo bench --bench proxy`. The figures that are not criterion's are
 //! printed to stderr and written to `target/bench-extra/proxy.json`.
+//!
+//! Knobs: `PROXY_BENCH_CLI` (another `token-broker` as ours),
+//! `PROXY_BENCH_ALSO` (another one beside it), `PROXY_BENCH_NGINX_WORKERS`,
+//! `PROXY_BENCH_ONLY=json|sse`, `PROXY_BENCH_ROUND_MS`, and
+//! `PROXY_BENCH_COUNT=N` (only N requests through ours, then stop: with
+//! `PROXY_BENCH_CLI` a script that runs `valgrind --tool=callgrind` on the
+//! build, two counts give the instructions a request; see BENCHMARKS.md).
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -713,6 +720,44 @@ fn load(
     })
 }
 
+/// `count` requests of `body` (spread over `CONNECTIONS` kept-alive
+/// connections) through `route`; the CPU its process spent meanwhile.
+fn counted(route: &Route, body: &str, count: usize) -> Duration {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let request: Arc<[u8]> = route.request(body).into();
+        let mut streams = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let stream = tokio::net::TcpStream::connect(route.addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            streams.push(stream);
+        }
+        let before = route.cpu();
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, stream)| {
+                let request = request.clone();
+                // The first `count % CONNECTIONS` connections send one more.
+                let n = count / CONNECTIONS + usize::from(i < count % CONNECTIONS);
+                tokio::spawn(async move {
+                    let mut buf = Vec::with_capacity(4096);
+                    for _ in 0..n {
+                        exchange_async(&stream, &request, &mut buf).await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        route.cpu() - before
+    })
+}
+
 /// `ROUND`, or `PROXY_BENCH_ROUND_MS` (longer rounds for profiling).
 fn round_length() -> Duration {
     std::env::var("PROXY_BENCH_ROUND_MS")
@@ -926,6 +971,24 @@ fn main() {
             stream.read_exact(&mut head).unwrap();
             assert_eq!(&head, b"HTTP/1.1 401", "{} let a wrong key through", route.name);
         }
+    }
+
+    // `PROXY_BENCH_COUNT=N`: only N requests through ours (JSON, or SSE
+    // with `PROXY_BENCH_ONLY=sse`) on the 64 connections, then stop: for
+    // instruction counts with `PROXY_BENCH_CLI` a wrapper that runs
+    // `valgrind --tool=callgrind` (two counts, their difference over the
+    // difference of N is the cost of a request without the start).
+    if let Some(count) = std::env::var("PROXY_BENCH_COUNT").ok().and_then(|n| n.parse().ok()) {
+        let body = match std::env::var("PROXY_BENCH_ONLY").as_deref() {
+            Ok("sse") => SSE_BODY,
+            _ => JSON_BODY,
+        };
+        let cpu = counted(&routes[1], body, count);
+        eprintln!(
+            "proxy count: {count} requests through ours, its CPU {:.1} µs a request",
+            cpu.as_secs_f64() * 1e6 / count.max(1) as f64
+        );
+        return;
     }
 
     // 1. One request at a time on a kept-alive connection.

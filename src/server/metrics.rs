@@ -92,9 +92,17 @@ impl ProxyMetrics {
         self.up.inc_by(n as u64);
     }
 
-    /// Response body bytes streamed to the client.
-    pub(crate) fn bytes_down(&self, n: usize) {
-        self.down.inc_by(n as u64);
+    /// The counter of request body bytes streamed to the upstream, for a
+    /// body that counts its own (one reference, not the whole set).
+    pub(crate) fn up(&self) -> Counter {
+        self.up.clone()
+    }
+
+    /// The counter of response body bytes streamed to the client, for an
+    /// answer's body (one reference, not the whole set: a clone of these
+    /// metrics is a `String` and nine reference counts a request).
+    pub(crate) fn down(&self) -> Counter {
+        self.down.clone()
     }
 }
 

@@ -63,6 +63,7 @@ use super::metrics::{Metrics, ProxyMetrics};
 use super::TokenReply;
 use crate::credentials::{AccessToken, Secret};
 use crate::{BrokerError, Dialect, TokenBroker};
+use prometheus_client::metrics::counter::Counter;
 
 /// The header a codex upstream reads the account from.
 const ACCOUNT_HEADER: HeaderName = HeaderName::from_static("chatgpt-account-id");
@@ -330,14 +331,35 @@ struct Upstream {
     authority: Authority,
     /// Its path without a trailing `/`.
     base: String,
+    /// The `Host` header of a plain `http://` upstream (always HTTP/1.1),
+    /// made once: the client would format it for every request when the
+    /// port is not the default. None for `https://`, where the connection
+    /// may be HTTP/2 (no `Host`, the authority goes in `:authority`): the
+    /// client then sets it on HTTP/1.1 connections.
+    host: Option<HeaderValue>,
 }
 
 impl Upstream {
     fn new(url: &reqwest::Url) -> Option<Upstream> {
+        let scheme = Scheme::try_from(url.scheme()).ok()?;
+        let authority = Authority::try_from(url.authority()).ok()?;
+        // As the client makes it: the host, and the port unless it is the
+        // scheme's default (the URL parser dropped a default port already).
+        let host = (scheme == Scheme::HTTP)
+            .then(|| {
+                let host = authority.host();
+                let value = match authority.port_u16() {
+                    Some(port) if port != 80 => format!("{host}:{port}"),
+                    _ => host.to_owned(),
+                };
+                HeaderValue::from_str(&value).ok()
+            })
+            .flatten();
         Some(Upstream {
-            scheme: Scheme::try_from(url.scheme()).ok()?,
-            authority: Authority::try_from(url.authority()).ok()?,
+            scheme,
+            authority,
             base: url.path().trim_end_matches('/').to_owned(),
+            host,
         })
     }
 
@@ -776,8 +798,12 @@ fn plain_path(path: &str) -> bool {
     })
 }
 
-/// The most header fields an upstream's answer may have.
-const MAX_UPSTREAM_HEADERS: usize = 1000;
+/// The most header fields an upstream's answer may have (hyper's default
+/// is 100; real answers carry a few dozen at most). hyper's client makes
+/// room for this many at every answer it parses, whatever it holds: 1,000
+/// cost about 10,000 instructions an answer (two 1,000-slot vectors filled
+/// and freed), a seventh of the proxy's work a request.
+const MAX_UPSTREAM_HEADERS: usize = 256;
 
 /// The hop-by-hop headers (RFC 9110 section 7.6.1).
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -795,35 +821,63 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes the hop-by-hop headers from `headers`, and those its
 /// `Connection` header names.
 fn drop_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    // Mostly there is none: one pass over the names instead of a lookup
+    // of each of the nine.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
+    let named = connection_named(headers);
     for name in HOP_BY_HOP.iter().chain(&named) {
         headers.remove(name);
     }
 }
 
-/// The client's headers as the upstream gets them (before the token).
-/// The client's own credentials and account go: the profile's are set.
-fn forwarded(client: &HeaderMap) -> HeaderMap {
-    let mut headers = client.clone();
-    drop_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::EXPECT);
-    headers.remove(ACCOUNT_HEADER);
-    // What the upstream's client set when the client's request had none.
+/// The header names `headers`' `Connection` header lists (hop-by-hop
+/// too); none, and nothing allocated, without a `Connection` header.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    if !headers.keys().any(|name| name == header::CONNECTION) {
+        return Vec::new();
+    }
     headers
-        .entry(header::USER_AGENT)
-        .or_insert(HeaderValue::from_static(concat!(
-            "token-broker/",
-            env!("CARGO_PKG_VERSION")
-        )));
-    headers.entry(header::ACCEPT).or_insert(HeaderValue::from_static("*/*"));
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The client's headers the upstream never gets (besides the hop-by-hop
+/// ones): its `Host` (the upstream's is set), its credentials and account
+/// (the profile's are set), and `Expect` (the proxy reads the body itself).
+const NOT_FORWARDED: [HeaderName; 4] = [header::HOST, header::AUTHORIZATION, header::EXPECT, ACCOUNT_HEADER];
+
+/// The client's headers as the upstream gets them (before the token).
+/// Made by copying the others (each a reference count) into a new map: a
+/// clone of the whole and a lookup of each name to remove cost twice as
+/// much.
+fn forwarded(client: &HeaderMap) -> HeaderMap {
+    let named = connection_named(client);
+    let mut headers = HeaderMap::with_capacity(client.keys_len() + 2);
+    let (mut agent, mut accept) = (false, false);
+    for (name, value) in client {
+        if HOP_BY_HOP.contains(name) || NOT_FORWARDED.contains(name) || named.contains(name) {
+            continue;
+        }
+        agent |= name == header::USER_AGENT;
+        accept |= name == header::ACCEPT;
+        headers.append(name.clone(), value.clone());
+    }
+    // What the upstream's client set when the client's request had none.
+    if !agent {
+        headers.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static(concat!("token-broker/", env!("CARGO_PKG_VERSION"))),
+        );
+    }
+    if !accept {
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+    }
     headers
 }
 
@@ -890,18 +944,25 @@ impl Kept {
 enum Up {
     /// Kept whole (taken when sent).
     Whole(Option<Bytes>),
-    /// Streamed from the client: what was read already, then the rest.
-    Streamed {
-        head: Option<Bytes>,
-        rest: Incoming,
-        metrics: ProxyMetrics,
-        /// Ends the upload when the client sends nothing this long (made
-        /// at the first wait: the token fetch and the connection come
-        /// before).
-        idle: Option<Pin<Box<tokio::time::Sleep>>>,
-        /// Told when the body has been sent whole (or dropped).
-        sent: Option<tokio::sync::oneshot::Sender<()>>,
-    },
+    /// Streamed from the client (boxed: a request and its body are moved
+    /// a dozen times on their way through the client, and most bodies are
+    /// kept ones).
+    Streamed(Box<Upload>),
+}
+
+/// A request body streamed from the client: what was read already, then
+/// the rest.
+struct Upload {
+    head: Option<Bytes>,
+    rest: Incoming,
+    /// The bytes sent up.
+    up: Counter,
+    /// Ends the upload when the client sends nothing this long (made
+    /// at the first wait: the token fetch and the connection come
+    /// before).
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Told when the body has been sent whole (or dropped).
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// How long a client may send nothing in the middle of a request body.
@@ -927,31 +988,33 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Up {
     fn streamed(head: Option<Bytes>, rest: Incoming, metrics: &ProxyMetrics) -> Up {
-        Up::Streamed {
+        Up::Streamed(Box::new(Upload {
             head,
             rest,
-            metrics: metrics.clone(),
+            up: metrics.up(),
             idle: None,
             sent: None,
-        }
+        }))
     }
 
-    /// A receiver told once the body has been sent whole: at once for a
-    /// kept body (it goes in one write).
-    fn when_sent(&mut self) -> tokio::sync::oneshot::Receiver<()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    /// A receiver told once the body has been sent whole; none for a kept
+    /// body (it goes in one write, with the head).
+    fn when_sent(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         match self {
-            Up::Whole(_) => drop(tx),
-            Up::Streamed { sent, .. } => *sent = Some(tx),
+            Up::Whole(_) => None,
+            Up::Streamed(upload) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                upload.sent = Some(tx);
+                Some(rx)
+            }
         }
-        rx
     }
 }
 
 impl Drop for Up {
     fn drop(&mut self) {
-        if let Up::Streamed { sent, .. } = self {
-            if let Some(sent) = sent.take() {
+        if let Up::Streamed(upload) = self {
+            if let Some(sent) = upload.sent.take() {
                 let _ = sent.send(());
             }
         }
@@ -965,20 +1028,21 @@ impl Body for Up {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Up::Whole(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
-            Up::Streamed {
-                head,
-                rest,
-                metrics,
-                idle,
-                sent,
-            } => {
+            Up::Streamed(upload) => {
+                let Upload {
+                    head,
+                    rest,
+                    up,
+                    idle,
+                    sent,
+                } = &mut **upload;
                 if let Some(head) = head.take() {
                     return Poll::Ready(Some(Ok(Frame::data(head))));
                 }
                 match Pin::new(rest).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
-                            metrics.bytes_up(data.len());
+                            up.inc_by(data.len() as u64);
                         }
                         if let Some(idle) = idle {
                             idle.as_mut().reset(tokio::time::Instant::now() + BODY_IDLE);
@@ -1008,14 +1072,15 @@ impl Body for Up {
     fn is_end_stream(&self) -> bool {
         match self {
             Up::Whole(bytes) => bytes.as_ref().is_none_or(|b| b.is_empty()),
-            Up::Streamed { head, rest, .. } => head.is_none() && rest.is_end_stream(),
+            Up::Streamed(upload) => upload.head.is_none() && upload.rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Up::Whole(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Up::Streamed { head, rest, .. } => {
+            Up::Streamed(upload) => {
+                let Upload { head, rest, .. } = &**upload;
                 let before = head.as_ref().map_or(0, |b| b.len() as u64);
                 let rest = rest.size_hint();
                 match rest.exact() {
@@ -1124,11 +1189,11 @@ enum Rest {
     /// The proxy's own answer.
     Full(Option<Bytes>),
     /// The upstream's, of a known length: as it comes.
-    Sized { body: Incoming, metrics: ProxyMetrics },
+    Sized { body: Incoming, down: Counter },
     /// The upstream's, streamed (SSE): coalesced.
     Streamed {
         body: Coalesce<http_body_util::BodyDataStream<Incoming>>,
-        metrics: ProxyMetrics,
+        down: Counter,
     },
 }
 
@@ -1139,12 +1204,12 @@ impl Body for Rest {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             Rest::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Rest::Sized { body, metrics } => loop {
+            Rest::Sized { body, down } => loop {
                 // The upstream's trailers are not passed on.
                 match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) => {
-                            metrics.bytes_down(data.len());
+                            down.inc_by(data.len() as u64);
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                         Err(_) => continue,
@@ -1152,11 +1217,11 @@ impl Body for Rest {
                     other => return Poll::Ready(other),
                 }
             },
-            Rest::Streamed { body, metrics } => {
+            Rest::Streamed { body, down } => {
                 let polled = std::task::ready!(body.poll_next_unpin(cx));
                 Poll::Ready(polled.map(|chunk| {
                     chunk.map(|data| {
-                        metrics.bytes_down(data.len());
+                        down.inc_by(data.len() as u64);
                         Frame::data(data)
                     })
                 }))
@@ -1190,6 +1255,9 @@ async fn send(
     sending: &Sending,
 ) -> Result<Response<Incoming>, Refusal> {
     let (bearer, account) = inner.token_headers(sending)?;
+    if let Some(host) = &inner.upstream.host {
+        headers.insert(header::HOST, host.clone());
+    }
     headers.insert(header::AUTHORIZATION, bearer);
     if let Some(account) = account {
         headers.insert(ACCOUNT_HEADER, account);
@@ -1206,7 +1274,9 @@ async fn send(
     // The wait for the answer's head starts once the body is sent: a slow
     // upload in flight is never cut.
     let deadline = async {
-        let _ = uploaded.await;
+        if let Some(uploaded) = uploaded {
+            let _ = uploaded.await;
+        }
         tokio::time::sleep(timeout).await;
     };
     let answered = tokio::select! {
@@ -1299,16 +1369,16 @@ async fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Ou
         headers.remove(header::CONTENT_LENGTH);
     }
     drop_hop_by_hop(&mut headers);
-    let metrics = inner.metrics.clone();
+    let down = inner.metrics.down();
     // A body of a known length leaves as the upstream sends it (the
     // server ends it by its length, without waiting); a streamed one
     // (SSE) is coalesced.
     let body = if headers.contains_key(header::CONTENT_LENGTH) {
-        Rest::Sized { body, metrics }
+        Rest::Sized { body, down }
     } else {
         Rest::Streamed {
             body: Coalesce::new(body.into_data_stream()),
-            metrics,
+            down,
         }
     };
     let mut response = Response::new(Out::ahead(body).await);

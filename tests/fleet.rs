@@ -1053,3 +1053,35 @@ fn with_a_key_unsealed_tokens_are_refused_until_sealed() {
     // Without the key, the sealed tokens are a typed error.
     assert_eq!(token(&plain).status.code(), Some(3));
 }
+
+/// etcd over TLS with client certificates: the profile's CA, certificate,
+/// key and server name are all it needs; without the client certificate,
+/// etcd refuses and nothing is written.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let certs_dir = tempfile::tempdir().unwrap();
+    let certs = etcd::Certs::make(certs_dir.path());
+    let cluster = Cluster::start_tls(3, &certs);
+    let fx = Fixture::new(strict(Duration::from_secs(3600)));
+    let tls = format!(
+        "etcd_ca_file = {:?}\netcd_cert_file = {:?}\netcd_key_file = {:?}\netcd_tls_domain = \"localhost\"\n",
+        certs.ca, certs.client, certs.client_key
+    );
+    let host = Host::new(fx.dir.path(), "a", &etcd_profile(&fx, &cluster, "/tb/tls", &tls));
+    let issued = fx.sim.sign_in(3600.0);
+    let out = import(&fx, &host, &issued, false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(cluster.get("/tb/tls/tokens").contains("token-broker-etcd/1"));
+    let d = host.start();
+    let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
+    assert_eq!(status, 200, "{body}\n{}", d.logs());
+    assert_eq!(token_of(&body), issued.access_token);
+
+    // Only the CA: etcd wants a client certificate.
+    let ca_only = format!("etcd_ca_file = {:?}\netcd_tls_domain = \"localhost\"\n", certs.ca);
+    let other = Host::new(fx.dir.path(), "b", &etcd_profile(&fx, &cluster, "/tb/tls-b", &ca_only));
+    let out = import(&fx, &other, &issued, false);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(cluster.get("/tb/tls-b/tokens").is_empty());
+    no_secret_in(&fx, &stderr(&out));
+}

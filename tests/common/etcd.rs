@@ -32,7 +32,99 @@ pub struct Cluster {
     token: String,
     /// More flags for every member (`--auth-token-ttl=3`).
     extra: Vec<String>,
+    /// `http`, or `https` when the members serve clients with TLS.
+    scheme: &'static str,
+    /// etcdctl's TLS flags (`--cacert`, `--cert`, `--key`).
+    ctl_tls: Vec<String>,
     _dir: tempfile::TempDir,
+}
+
+/// A CA, a server certificate for `localhost` and 127.0.0.1, and a client
+/// certificate, made with openssl in `dir`: the paths of `ca.pem`,
+/// `server.pem`, `server.key`, `client.pem`, `client.key`.
+pub struct Certs {
+    pub ca: std::path::PathBuf,
+    pub server: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+}
+
+impl Certs {
+    pub fn make(dir: &std::path::Path) -> Certs {
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(dir)
+                .args(args)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        run(&[
+            &["req", "-x509"][..],
+            &key,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=token-broker test CA",
+            ],
+        ]
+        .concat());
+        for (name, usage) in [("server", "serverAuth,clientAuth"), ("client", "clientAuth")] {
+            run(&[
+                &["req"][..],
+                &key,
+                &[
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            ]
+            .concat());
+            std::fs::write(
+                dir.join(format!("{name}.ext")),
+                format!("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+            )
+            .unwrap();
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
+        Certs {
+            ca: dir.join("ca.pem"),
+            server: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -59,6 +151,16 @@ impl Cluster {
 
     /// Like [`start`](Self::start), with more flags for every member.
     pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_inner(n, extra, None)
+    }
+
+    /// Like [`start`](Self::start), the members serving clients over TLS
+    /// with `certs` and requiring a client certificate.
+    pub fn start_tls(n: usize, certs: &Certs) -> Cluster {
+        Cluster::start_inner(n, &[], Some(certs))
+    }
+
+    fn start_inner(n: usize, extra: &[&str], tls: Option<&Certs>) -> Cluster {
         // A test that panicked still passes the turn on.
         let turn = ONE_AT_A_TIME.lock();
         let dir = tempfile::tempdir().unwrap();
@@ -83,8 +185,24 @@ impl Cluster {
             initial,
             token: format!("tb-{}-{}", std::process::id(), fastrand::u64(..)),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            scheme: if tls.is_some() { "https" } else { "http" },
+            ctl_tls: Vec::new(),
             _dir: dir,
         };
+        if let Some(certs) = tls {
+            let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+            cluster.extra.extend([
+                format!("--cert-file={}", path(&certs.server)),
+                format!("--key-file={}", path(&certs.server_key)),
+                format!("--trusted-ca-file={}", path(&certs.ca)),
+                "--client-cert-auth=true".to_owned(),
+            ]);
+            cluster.ctl_tls = vec![
+                format!("--cacert={}", path(&certs.ca)),
+                format!("--cert={}", path(&certs.client)),
+                format!("--key={}", path(&certs.client_key)),
+            ];
+        }
         for i in 0..n {
             cluster.spawn(i);
         }
@@ -99,8 +217,14 @@ impl Cluster {
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&m.data)
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", m.client_port))
-            .arg(format!("--advertise-client-urls=http://127.0.0.1:{}", m.client_port))
+            .arg(format!(
+                "--listen-client-urls={}://127.0.0.1:{}",
+                self.scheme, m.client_port
+            ))
+            .arg(format!(
+                "--advertise-client-urls={}://127.0.0.1:{}",
+                self.scheme, m.client_port
+            ))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", m.peer_port))
             .arg(format!(
                 "--initial-advertise-peer-urls=http://127.0.0.1:{}",
@@ -119,11 +243,11 @@ impl Cluster {
         self.members[i].child = Some(child);
     }
 
-    /// `http://127.0.0.1:PORT` of every member.
+    /// `http(s)://127.0.0.1:PORT` of every member.
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme, m.client_port))
             .collect()
     }
 
@@ -145,11 +269,12 @@ impl Cluster {
             .members
             .iter()
             .filter(|m| m.child.is_some())
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme, m.client_port))
             .collect();
         Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", running.join(",")))
+            .args(&self.ctl_tls)
             .args(["--command-timeout=3s", "--dial-timeout=2s"])
             .args(args)
             .output()
@@ -187,7 +312,8 @@ impl Cluster {
             }
             let out = Command::new("etcdctl")
                 .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints=http://127.0.0.1:{}", m.client_port))
+                .arg(format!("--endpoints={}://127.0.0.1:{}", self.scheme, m.client_port))
+                .args(&self.ctl_tls)
                 .args(["endpoint", "status", "--write-out=json"])
                 .output()
                 .unwrap();

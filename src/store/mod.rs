@@ -66,7 +66,7 @@
 
 mod codex;
 #[cfg(feature = "etcd")]
-mod etcd;
+pub mod etcd;
 mod file;
 mod json_file;
 mod json_text;

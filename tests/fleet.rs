@@ -10,8 +10,9 @@ mod common;
 mod daemon;
 #[path = "common/etcd.rs"]
 mod etcd;
+#[path = "common/fleet.rs"]
+mod fleet;
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,123 +20,8 @@ use std::time::Duration;
 use common::*;
 use daemon::{socket_get, Daemon};
 use etcd::Cluster;
+use fleet::*;
 use token_broker::sim::{codex_auth_json, Issued, SimConfig};
-
-/// A provider like the real one: single-use refresh tokens, and a reuse
-/// revokes the whole family.
-fn strict(lifetime: Duration) -> SimConfig {
-    SimConfig {
-        access_lifetime: lifetime,
-        revoke_family_on_reuse: true,
-        ..SimConfig::default()
-    }
-}
-
-/// One "host": a folder with its configuration, socket and spool.
-struct Host {
-    config: PathBuf,
-    socket: PathBuf,
-}
-
-impl Host {
-    fn new(root: &Path, name: &str, profile: &str) -> Host {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("run").join("tb.sock");
-        let config = dir.join("config.toml");
-        let text = format!(
-            "[daemon]\nsocket = {socket:?}\n\n[profiles.codex]\n{profile}spool_dir = {:?}\n",
-            dir.join("spool")
-        );
-        std::fs::write(&config, text).unwrap();
-        Host { config, socket }
-    }
-
-    fn start(&self) -> Daemon {
-        Daemon::start_logging(&self.config, &self.socket, "info,token_broker=info")
-    }
-}
-
-/// The profile lines of an etcd profile against `fx`'s provider.
-fn etcd_profile(fx: &Fixture, cluster: &Cluster, prefix: &str, extra: &str) -> String {
-    etcd_profile_at(fx, &cluster.toml_endpoints(), prefix, extra)
-}
-
-/// Like [`etcd_profile`], reaching etcd at `endpoints` (a TOML array).
-fn etcd_profile_at(fx: &Fixture, endpoints: &str, prefix: &str, extra: &str) -> String {
-    format!(
-        "provider = \"codex\"\nstore = \"etcd\"\netcd_endpoints = {endpoints}\netcd_prefix = {prefix:?}\n\
-         token_url = {:?}\nwinner_wait = \"2s\"\ntimeout = \"3s\"\nlease_ttl = \"10s\"\n{extra}",
-        fx.sim.token_url()
-    )
-}
-
-/// Seeds etcd with `issued` through `fleet import`.
-fn import(fx: &Fixture, host: &Host, issued: &Issued, force: bool) -> std::process::Output {
-    let file = fx.path(&format!("import-{}.json", fastrand::u32(..)));
-    std::fs::write(&file, codex_auth_json(issued)).unwrap();
-    let mut args = vec![
-        "fleet",
-        "import",
-        "--profile",
-        "codex",
-        "--from",
-        file.to_str().unwrap(),
-    ];
-    if force {
-        args.push("--force");
-    }
-    cli_command()
-        .args(&args)
-        .arg("--config")
-        .arg(&host.config)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-fn fleet_status(host: &Host) -> String {
-    let out = cli_command()
-        .args(["fleet", "status", "--profile", "codex", "--config"])
-        .arg(&host.config)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out)
-}
-
-fn token_of(body: &str) -> String {
-    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
-    json["access_token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no token: {body}"))
-        .to_owned()
-}
-
-/// Waits (at most `within`) until the daemon on `socket` serves a token
-/// other than `old`, and returns it; on time out, fails with `logs()`.
-fn wait_new_token(socket: &Path, old: &str, within: Duration, logs: &dyn Fn() -> String) -> String {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        let (status, body) = socket_get(socket, "/v1/profiles/codex/token");
-        if status == 200 && token_of(&body) != old {
-            return token_of(&body);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no new token: {status} {body}\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn no_secret_in(fx: &Fixture, text: &str) {
-    for secret in fx.sim.issued_secrets() {
-        assert!(!text.contains(&secret), "a secret leaked:\n{text}");
-    }
-}
 
 #[test]
 fn import_status_and_sealed_tokens_at_rest() {

@@ -9,119 +9,16 @@ mod common;
 mod daemon;
 #[path = "common/etcd.rs"]
 mod etcd;
+#[path = "common/fleet.rs"]
+mod fleet;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-use daemon::{socket_get, Daemon};
+use daemon::socket_get;
 use etcd::Cluster;
-use token_broker::sim::{codex_auth_json, Issued, SimConfig};
-
-fn strict(lifetime: Duration) -> SimConfig {
-    SimConfig {
-        access_lifetime: lifetime,
-        revoke_family_on_reuse: true,
-        ..SimConfig::default()
-    }
-}
-
-/// One "host": its configuration, socket and spool.
-struct Host {
-    config: PathBuf,
-    socket: PathBuf,
-}
-
-impl Host {
-    fn new(root: &Path, name: &str, profile: &str) -> Host {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("run").join("tb.sock");
-        let config = dir.join("config.toml");
-        let text = format!(
-            "[daemon]\nsocket = {socket:?}\n\n[profiles.codex]\n{profile}spool_dir = {:?}\n",
-            dir.join("spool")
-        );
-        std::fs::write(&config, text).unwrap();
-        Host { config, socket }
-    }
-
-    fn start_env(&self, env: &[(&str, &str)]) -> Daemon {
-        Daemon::start_env(&self.config, &self.socket, "info,token_broker=info", env)
-    }
-
-    fn start(&self) -> Daemon {
-        self.start_env(&[])
-    }
-
-    /// `token-broker <args> --config <config>` with `env`.
-    fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-        cli_command()
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .envs(env.iter().copied())
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
-    }
-}
-
-fn etcd_profile(fx: &Fixture, cluster: &Cluster, prefix: &str, extra: &str) -> String {
-    format!(
-        "provider = \"codex\"\nstore = \"etcd\"\netcd_endpoints = {}\netcd_prefix = {prefix:?}\n\
-         token_url = {:?}\nwinner_wait = \"2s\"\ntimeout = \"3s\"\nlease_ttl = \"10s\"\n{extra}",
-        cluster.toml_endpoints(),
-        fx.sim.token_url()
-    )
-}
-
-fn import_env(fx: &Fixture, host: &Host, issued: &Issued, force: bool, env: &[(&str, &str)]) -> std::process::Output {
-    let file = fx.path(&format!("import-{}.json", fastrand::u32(..)));
-    std::fs::write(&file, codex_auth_json(issued)).unwrap();
-    let mut args = vec![
-        "fleet",
-        "import",
-        "--profile",
-        "codex",
-        "--from",
-        file.to_str().unwrap(),
-    ];
-    if force {
-        args.push("--force");
-    }
-    host.cli(&args, env)
-}
-
-fn import(fx: &Fixture, host: &Host, issued: &Issued, force: bool) -> std::process::Output {
-    import_env(fx, host, issued, force, &[])
-}
-
-fn token_of(body: &str) -> String {
-    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
-    json["access_token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no token: {body}"))
-        .to_owned()
-}
-
-/// Waits (at most `within`) until the daemon serves another token than
-/// `old`, and returns it.
-fn wait_for_new_token(d: &Daemon, socket: &Path, old: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let (status, body) = socket_get(socket, "/v1/profiles/codex/token");
-        if status == 200 && token_of(&body) != old {
-            return token_of(&body);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new token within {within:?}: {status} {body}\n{}",
-            d.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+use fleet::*;
 
 fn key_file(fx: &Fixture, name: &str, byte: u8) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
@@ -186,7 +83,9 @@ fn an_expired_etcd_auth_token_is_renewed() {
     let (status, body) = socket_get(&host.socket, "/v1/profiles/codex/token");
     assert_eq!((status, token_of(&body)), (200, issued.access_token.clone()));
 
-    wait_for_new_token(&d, &host.socket, &issued.access_token, Duration::from_secs(40));
+    wait_new_token(&host.socket, &issued.access_token, Duration::from_secs(40), &|| {
+        d.logs()
+    });
     let counts = fx.sim.counts();
     assert_eq!(
         (counts.token_requests, counts.reused),
@@ -215,7 +114,9 @@ fn a_lock_key_without_a_lease_does_not_block_refreshes_forever() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     let d = host.start();
-    wait_for_new_token(&d, &host.socket, &issued.access_token, Duration::from_secs(40));
+    wait_new_token(&host.socket, &issued.access_token, Duration::from_secs(40), &|| {
+        d.logs()
+    });
     let counts = fx.sim.counts();
     assert_eq!(
         (counts.token_requests, counts.reused),

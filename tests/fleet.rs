@@ -115,9 +115,7 @@ fn four_daemons_refresh_once_per_expiry() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
     let profile = etcd_profile(&fx, &cluster, "/tb/fleet", "refresh_ahead = \"1s\"\n");
-    let hosts: Vec<Host> = (0..4)
-        .map(|i| Host::new(fx.dir.path(), &format!("host{i}"), &profile))
-        .collect();
+    let hosts = Host::many(fx.dir.path(), 4, &profile);
     let seeded = fx.sim.sign_in(2.0);
     let out = import(&fx, &hosts[0], &seeded, false);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -265,9 +263,7 @@ fn a_holder_killed_mid_request_is_never_spent_again() {
     };
     let fx = Fixture::new(config);
     let profile = etcd_profile(&fx, &cluster, "/tb/killed", "refresh_ahead = \"10m\"\n");
-    let hosts: Vec<Host> = (0..2)
-        .map(|i| Host::new(fx.dir.path(), &format!("h{i}"), &profile))
-        .collect();
+    let hosts = Host::many(fx.dir.path(), 2, &profile);
     // Valid for two minutes of an hour's lifetime: due at once.
     let issued = fx.sim.sign_in(120.0);
     assert!(import(&fx, &hosts[0], &issued, false).status.success());
@@ -393,9 +389,7 @@ fn losing_the_etcd_leader_mid_refresh_spends_nothing_twice() {
     };
     let fx = Fixture::new(config);
     let profile = etcd_profile(&fx, &cluster, "/tb/leader", "refresh_ahead = \"1500ms\"\n");
-    let hosts: Vec<Host> = (0..2)
-        .map(|i| Host::new(fx.dir.path(), &format!("h{i}"), &profile))
-        .collect();
+    let hosts = Host::many(fx.dir.path(), 2, &profile);
     let issued = fx.sim.sign_in(3.0);
     assert!(import(&fx, &hosts[0], &issued, false).status.success());
     let daemons: Vec<Daemon> = hosts.iter().map(Host::start).collect();
@@ -449,9 +443,7 @@ fn frozen_at(point: &str, prefix: &str) -> Frozen {
     let cluster = Cluster::start(3);
     let fx = Fixture::new(strict(Duration::from_secs(3600)));
     let profile = etcd_profile(&fx, &cluster, prefix, "refresh_ahead = \"10m\"\n");
-    let hosts: Vec<Host> = (0..2)
-        .map(|i| Host::new(fx.dir.path(), &format!("h{i}"), &profile))
-        .collect();
+    let hosts = Host::many(fx.dir.path(), 2, &profile);
     // Valid for two minutes of an hour's lifetime: due at once.
     let issued = fx.sim.sign_in(120.0);
     assert!(import(&fx, &hosts[0], &issued, false).status.success());

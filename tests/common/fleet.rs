@@ -46,6 +46,11 @@ impl Host {
         Host { config, socket }
     }
 
+    /// `n` hosts, `h0` to `h{n-1}`, with the same profile.
+    pub fn many(root: &Path, n: usize, profile: &str) -> Vec<Host> {
+        (0..n).map(|i| Host::new(root, &format!("h{i}"), profile)).collect()
+    }
+
     pub fn start_env(&self, env: &[(&str, &str)]) -> Daemon {
         Daemon::start_env(&self.config, &self.socket, "info,token_broker=info", env)
     }

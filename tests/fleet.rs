@@ -1038,7 +1038,11 @@ fn with_a_key_unsealed_tokens_are_refused_until_sealed() {
             .unwrap()
     };
     let out = seal(&sealed);
-    assert!(out.status.success() && stdout(&out).contains("sealed the stored tokens"), "{}", stderr(&out));
+    assert!(
+        out.status.success() && stdout(&out).contains("sealed the stored tokens"),
+        "{}",
+        stderr(&out)
+    );
     let raw = cluster.get("/tb/seal/tokens");
     no_secret_in(&fx, &raw);
     let out = token(&sealed);

@@ -59,6 +59,7 @@ use tokio::sync::watch;
 
 use super::config::ProxyConfig;
 use super::daemon::Shared;
+use super::h1pool::H1Pool;
 use super::metrics::{Metrics, ProxyMetrics};
 use super::TokenReply;
 use crate::credentials::{AccessToken, Secret};
@@ -312,7 +313,12 @@ struct Inner {
     upstream: Upstream,
     source: Source,
     key: Option<ClientKey>,
+    /// The client to an `https://` upstream (HTTP/1.1 or HTTP/2 through
+    /// ALPN).
     client: Client,
+    /// The connections to a plain `http://` upstream (always HTTP/1.1):
+    /// hyper-util's pool costs more than the rest of the client.
+    pool: Option<Arc<H1Pool<Up>>>,
     metrics: ProxyMetrics,
     /// A token fetched because of a 401 that the upstream refused at once
     /// too (on the retry), and when.
@@ -363,8 +369,11 @@ impl Upstream {
         })
     }
 
-    /// The upstream's path joined with the request's path, and its query.
-    fn target(&self, uri: &Uri) -> Option<Uri> {
+    /// The upstream's path joined with the request's path, and its query:
+    /// in origin form (the path and query alone) for a plain `http://`
+    /// upstream, whose requests go through [`H1Pool`] straight to a
+    /// connection; with the scheme and authority for the client otherwise.
+    fn target(&self, uri: &Uri, origin: bool) -> Option<Uri> {
         let path = uri.path();
         let query = uri.query();
         let mut joined = String::with_capacity(self.base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
@@ -380,8 +389,10 @@ impl Upstream {
             joined.push_str(query);
         }
         let mut parts = hyper::http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
+        if !origin {
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(self.authority.clone());
+        }
         parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(joined)).ok()?);
         Uri::from_parts(parts).ok()
     }
@@ -510,6 +521,20 @@ impl Proxy {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
+        let pool = (upstream.scheme == Scheme::HTTP)
+            .then(|| {
+                let target = Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(upstream.authority.clone())
+                    .path_and_query("/")
+                    .build()
+                    .ok()?;
+                let mut builder = hyper::client::conn::http1::Builder::new();
+                // An answer may carry many headers (hyper's default is 100).
+                builder.max_headers(MAX_UPSTREAM_HEADERS);
+                Some(H1Pool::new(http.clone(), target, builder, config.max_connections))
+            })
+            .flatten();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
@@ -540,6 +565,7 @@ impl Proxy {
                 source,
                 key,
                 client,
+                pool,
                 refused_fresh: Mutex::new(None),
                 headers: Mutex::new(None),
             }),
@@ -713,7 +739,7 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
             "the request's path must be a plain absolute path: no `.` or `..` segments (even percent-encoded), no backslash",
         ));
     }
-    let url = inner.upstream.target(&parts.uri).ok_or_else(|| {
+    let url = inner.upstream.target(&parts.uri, inner.pool.is_some()).ok_or_else(|| {
         Refusal::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -732,7 +758,7 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
         Kept::Whole(bytes) => (Up::Whole(Some(bytes.clone())), Some(bytes)),
         Kept::Streamed(body) => (body, None),
     };
-    let first = send(inner, &parts.method, &url, headers, first_body, &sent).await?;
+    let (first, back) = send(inner, &parts.method, &url, headers, first_body, &sent).await?;
     if first.status() == StatusCode::SWITCHING_PROTOCOLS {
         // The client's Upgrade is never forwarded: an upgrade nobody asked
         // for would leave the client's connection dead.
@@ -743,29 +769,30 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
         ));
     }
     if first.status() != StatusCode::UNAUTHORIZED {
-        return Ok(stream_back(inner, first).await);
+        return Ok(stream_back(inner, first, back).await);
     }
     if !inner.may_reject(&sent.reply.access_token) {
         // The token a 401 just made us fetch is refused too: the upstream's
         // doing (a wrong URL or account), which another refresh would not
         // mend. The client sees the 401.
-        return Ok(stream_back(inner, first).await);
+        return Ok(stream_back(inner, first, back).await);
     }
     let Some(bytes) = kept else {
         // Too large to send again: the client sees the 401, once the
         // token is refreshed, so that its retry goes with the new one.
         let _ = inner.source.reject(&sent.reply.access_token).await;
-        return Ok(stream_back(inner, first).await);
+        return Ok(stream_back(inner, first, back).await);
     };
-    drop(first);
+    // Its body unread: the connection is closed, not given back.
+    drop((first, back));
     let fresh = inner.source.reject(&sent.reply.access_token).await?;
     inner.metrics.retry();
     let headers = forwarded(&parts.headers);
-    let second = send(inner, &parts.method, &url, headers, Up::Whole(Some(bytes)), &fresh).await?;
+    let (second, back) = send(inner, &parts.method, &url, headers, Up::Whole(Some(bytes)), &fresh).await?;
     if second.status() == StatusCode::UNAUTHORIZED {
         inner.refused_at_once(&fresh.reply.access_token);
     }
-    Ok(stream_back(inner, second).await)
+    Ok(stream_back(inner, second, back).await)
 }
 
 /// Whether `path` stays under the upstream's base path wherever it is
@@ -1189,22 +1216,43 @@ enum Rest {
     /// The proxy's own answer.
     Full(Option<Bytes>),
     /// The upstream's, of a known length: as it comes.
-    Sized { body: Incoming, down: Counter },
+    Sized {
+        body: Incoming,
+        down: Counter,
+        back: Option<Back>,
+    },
     /// The upstream's, streamed (SSE): coalesced.
     Streamed {
         body: Coalesce<http_body_util::BodyDataStream<Incoming>>,
         down: Counter,
+        back: Option<Back>,
     },
 }
 
-impl Body for Rest {
-    type Data = Bytes;
-    type Error = hyper::Error;
+/// The pooled connection an answer came on, given back when its body has
+/// been read to the end (else dropped, and the connection closed).
+struct Back {
+    pool: Arc<H1Pool<Up>>,
+    sender: hyper::client::conn::http1::SendRequest<Up>,
+}
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
+impl Rest {
+    /// Gives the connection back once the body has ended.
+    fn give_back_at_end(&mut self) {
+        let back = match self {
+            Rest::Sized { body, back, .. } if body.is_end_stream() => back.take(),
+            Rest::Streamed { body, back, .. } if body.is_ended() => back.take(),
+            _ => None,
+        };
+        if let Some(Back { pool, sender }) = back {
+            pool.put(sender);
+        }
+    }
+
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self {
             Rest::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Rest::Sized { body, down } => loop {
+            Rest::Sized { body, down, .. } => loop {
                 // The upstream's trailers are not passed on.
                 match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
                     Some(Ok(frame)) => match frame.into_data() {
@@ -1217,7 +1265,7 @@ impl Body for Rest {
                     other => return Poll::Ready(other),
                 }
             },
-            Rest::Streamed { body, down } => {
+            Rest::Streamed { body, down, .. } => {
                 let polled = std::task::ready!(body.poll_next_unpin(cx));
                 Poll::Ready(polled.map(|chunk| {
                     chunk.map(|data| {
@@ -1227,6 +1275,23 @@ impl Body for Rest {
                 }))
             }
         }
+    }
+}
+
+impl Body for Rest {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = this.poll_body(cx);
+        // The server polls no more once the body says it has ended (after
+        // the last frame of a known length), so that is checked at each
+        // frame, not at the end only.
+        if let Poll::Ready(None | Some(Ok(_))) = &polled {
+            this.give_back_at_end();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1253,7 +1318,7 @@ async fn send(
     mut headers: HeaderMap,
     body: Up,
     sending: &Sending,
-) -> Result<Response<Incoming>, Refusal> {
+) -> Result<(Response<Incoming>, Option<Back>), Refusal> {
     let (bearer, account) = inner.token_headers(sending)?;
     if let Some(host) = &inner.upstream.host {
         headers.insert(header::HOST, host.clone());
@@ -1264,11 +1329,30 @@ async fn send(
     }
     let mut body = body;
     let uploaded = body.when_sent();
+    // A streamed upload's connection is not given back: the answer may
+    // end before the upload does, and the next request would wait for it.
+    let whole = uploaded.is_none();
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = url.clone();
     *request.headers_mut() = headers;
-    let request = inner.client.request(request);
+    let request = async {
+        match &inner.pool {
+            Some(pool) => pool.send(request).await.map(|(response, sender)| {
+                let back = whole.then(|| Back {
+                    pool: pool.clone(),
+                    sender,
+                });
+                (response, back)
+            }),
+            None => inner
+                .client
+                .request(request)
+                .await
+                .map(|response| (response, None))
+                .map_err(BoxError::from),
+        }
+    };
     let started = Instant::now();
     let timeout = inner.config.response_timeout;
     // The wait for the answer's head starts once the body is sent: a slow
@@ -1285,14 +1369,14 @@ async fn send(
     };
     let response = match answered {
         Ok(Ok(response)) => response,
-        Ok(Err(e)) if stalled(&e) => {
+        Ok(Err(e)) if stalled(&*e) => {
             return Err(Refusal::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
                 Stalled.to_string(),
             ))
         }
-        Ok(Err(e)) if timed_out(&e) => return Err(upstream_timeout(inner, "connecting")),
+        Ok(Err(e)) if timed_out(&*e) => return Err(upstream_timeout(inner, "connecting")),
         Ok(Err(e)) => {
             return Err(Refusal::new(
                 StatusCode::BAD_GATEWAY,
@@ -1300,7 +1384,7 @@ async fn send(
                 format!(
                     "the upstream {} could not be reached: {}",
                     inner.config.upstream,
-                    error_chain(&e)
+                    error_chain(&*e)
                 ),
             ))
         }
@@ -1360,7 +1444,7 @@ fn upstream_timeout(inner: &Inner, doing: &str) -> Refusal {
 }
 
 /// The upstream's answer, streamed to the client as it comes.
-async fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Out> {
+async fn stream_back(inner: &Inner, upstream: Response<Incoming>, back: Option<Back>) -> Response<Out> {
     let (parts, body) = upstream.into_parts();
     let mut headers = parts.headers;
     // Framed by its transfer coding: a Content-Length beside it is stale
@@ -1374,11 +1458,12 @@ async fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Ou
     // server ends it by its length, without waiting); a streamed one
     // (SSE) is coalesced.
     let body = if headers.contains_key(header::CONTENT_LENGTH) {
-        Rest::Sized { body, down }
+        Rest::Sized { body, down, back }
     } else {
         Rest::Streamed {
             body: Coalesce::new(body.into_data_stream()),
             down,
+            back,
         }
     };
     let mut response = Response::new(Out::ahead(body).await);

@@ -875,12 +875,32 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHENTICATE,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`]: a match on its text, for the
+/// loops over every header of every request and answer (`contains` on a
+/// `const` array makes and drops the array at each call: about 400
+/// instructions a request; on a `static` one it compares each name in
+/// full: more).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
+
 /// Removes the hop-by-hop headers from `headers`, and those its
 /// `Connection` header names.
 fn drop_hop_by_hop(headers: &mut HeaderMap) {
     // Mostly there is none: one pass over the names instead of a lookup
     // of each of the nine.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let named = connection_named(headers);
@@ -906,8 +926,14 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// The client's headers the upstream never gets (besides the hop-by-hop
 /// ones): its `Host` (the upstream's is set), its credentials and account
-/// (the profile's are set), and `Expect` (the proxy reads the body itself).
-const NOT_FORWARDED: [HeaderName; 4] = [header::HOST, header::AUTHORIZATION, header::EXPECT, ACCOUNT_HEADER];
+/// (the profile's are set), and `Expect` (the proxy reads the body itself):
+/// `host`, `authorization`, `expect` and [`ACCOUNT_HEADER`].
+fn not_forwarded(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host" | "authorization" | "expect" | "chatgpt-account-id"
+    )
+}
 
 /// The client's headers as the upstream gets them (before the token).
 /// Made by copying the others (each a reference count) into a new map: a
@@ -918,7 +944,7 @@ fn forwarded(client: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(client.keys_len() + 2);
     let (mut agent, mut accept) = (false, false);
     for (name, value) in client {
-        if HOP_BY_HOP.contains(name) || NOT_FORWARDED.contains(name) || named.contains(name) {
+        if is_hop_by_hop(name) || not_forwarded(name) || named.contains(name) {
             continue;
         }
         agent |= name == header::USER_AGENT;
@@ -956,8 +982,15 @@ impl Kept {
             return Ok(Kept::Streamed(Up::streamed(None, body, metrics)));
         }
         let mut body = body;
-        let mut kept: Vec<u8> = Vec::new();
+        // A body that came in one frame is kept as it came, not copied.
+        let mut kept = Held::Nothing;
         loop {
+            if body.is_end_stream() {
+                // Known to have ended (its length reached): no wait for
+                // the end.
+                metrics.bytes_up(kept.len());
+                return Ok(Kept::Whole(kept.take().unwrap_or_default()));
+            }
             let Ok(frame) = tokio::time::timeout(BODY_IDLE, body.frame()).await else {
                 return Err(Refusal::new(
                     StatusCode::REQUEST_TIMEOUT,
@@ -971,7 +1004,7 @@ impl Kept {
             match frame {
                 None => {
                     metrics.bytes_up(kept.len());
-                    return Ok(Kept::Whole(Bytes::from(kept)));
+                    return Ok(Kept::Whole(kept.take().unwrap_or_default()));
                 }
                 Some(Err(_)) => {
                     return Err(Refusal::new(
@@ -982,14 +1015,10 @@ impl Kept {
                 }
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else { continue };
-                    if kept.is_empty() && data.len() > limit {
-                        metrics.bytes_up(data.len());
-                        return Ok(Kept::Streamed(Up::streamed(Some(data), body, metrics)));
-                    }
-                    kept.extend_from_slice(&data);
+                    kept.push(data);
                     if kept.len() > limit {
                         metrics.bytes_up(kept.len());
-                        return Ok(Kept::Streamed(Up::streamed(Some(Bytes::from(kept)), body, metrics)));
+                        return Ok(Kept::Streamed(Up::streamed(kept.take(), body, metrics)));
                     }
                 }
             }
@@ -1536,6 +1565,8 @@ struct Coalesce<S: TryStream> {
     ended: bool,
 }
 
+/// Bytes held: none, one chunk as it came (not copied), or several copied
+/// into one.
 enum Held {
     Nothing,
     One(Bytes),
@@ -1685,6 +1716,27 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn the_header_predicates_match_their_lists() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name) && !not_forwarded(name), "{name}");
+        }
+        for name in [header::HOST, header::AUTHORIZATION, header::EXPECT, ACCOUNT_HEADER] {
+            assert!(not_forwarded(&name) && !is_hop_by_hop(&name), "{name}");
+        }
+        for name in [
+            header::CONTENT_TYPE,
+            header::USER_AGENT,
+            header::PROXY_AUTHENTICATE.clone(),
+            HeaderName::from_static("x-te"),
+            HeaderName::from_static("hosts"),
+        ] {
+            let hop = HOP_BY_HOP.contains(&name);
+            assert_eq!(is_hop_by_hop(&name), hop, "{name}");
+            assert!(!not_forwarded(&name), "{name}");
+        }
+    }
 
     fn events(range: std::ops::Range<usize>) -> Vec<Result<Bytes, reqwest::Error>> {
         range.map(|i| Ok(Bytes::from(format!("data: {i}\n\n")))).collect()

@@ -862,24 +862,11 @@ fn plain_path(path: &str) -> bool {
 /// and freed), a seventh of the proxy's work a request.
 const MAX_UPSTREAM_HEADERS: usize = 256;
 
-/// The hop-by-hop headers (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-];
-
-/// Whether `name` is one of [`HOP_BY_HOP`]: a match on its text, for the
-/// loops over every header of every request and answer (`contains` on a
-/// `const` array makes and drops the array at each call: about 400
-/// instructions a request; on a `static` one it compares each name in
-/// full: more).
+/// Whether `name` is a hop-by-hop header (RFC 9110 section 7.6.1): a
+/// match on its text, for the loops over every header of every request
+/// and answer (`contains` on a `const` array of the names makes and drops
+/// the array at each call: about 400 instructions a request; on a `static`
+/// one it compares each name in full: more).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -903,8 +890,11 @@ fn drop_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named = connection_named(headers);
-    for name in HOP_BY_HOP.iter().chain(&named) {
+    // Those there (mostly `Transfer-Encoding` alone), not a lookup of
+    // each of the nine.
+    let mut named = connection_named(headers);
+    named.extend(headers.keys().filter(|name| is_hop_by_hop(name)).cloned());
+    for name in &named {
         headers.remove(name);
     }
 }
@@ -1717,6 +1707,19 @@ mod tests {
 
     use super::*;
 
+    /// The hop-by-hop headers (RFC 9110 section 7.6.1).
+    const HOP_BY_HOP: [HeaderName; 9] = [
+        header::CONNECTION,
+        HeaderName::from_static("proxy-connection"),
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ];
+
     #[test]
     fn the_header_predicates_match_their_lists() {
         for name in &HOP_BY_HOP {
@@ -1736,6 +1739,32 @@ mod tests {
             assert_eq!(is_hop_by_hop(&name), hop, "{name}");
             assert!(!not_forwarded(&name), "{name}");
         }
+    }
+
+    #[test]
+    fn an_answers_hop_by_hop_headers_and_those_its_connection_names_are_dropped() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "text/event-stream"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-request-id", "r"),
+            ("x-request-id", "s"),
+        ] {
+            headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        drop_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
+        assert_eq!(
+            left,
+            [
+                ("content-type", "text/event-stream"),
+                ("x-request-id", "r"),
+                ("x-request-id", "s")
+            ]
+        );
     }
 
     fn events(range: std::ops::Range<usize>) -> Vec<Result<Bytes, reqwest::Error>> {

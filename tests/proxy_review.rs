@@ -927,6 +927,66 @@ fn head_204_304_and_gzip_pass_through_and_the_connection_stays_in_step() {
     assert_eq!(gzip.header("accept-encoding"), Some("gzip"));
 }
 
+/// The proxy keeps its connection to a plain `http://` upstream alive
+/// across answers of every framing (a length, chunked, none for a 204 or a
+/// HEAD): one client asking one thing after another costs the upstream one
+/// connection. (The connection goes back to the proxy's pool when the
+/// answer's body has ended, before its last bytes reach the client.)
+#[test]
+fn one_client_after_another_answer_costs_the_upstream_one_connection() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(|r, s| match r.target() {
+        "/chunked" => {
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata: \r\n3\r\n1\n\n\r\n0\r\n\r\n"
+            );
+        }
+        "/204" => {
+            let _ = write!(s, "HTTP/1.1 204 No Content\r\n\r\n");
+        }
+        "/head" => {
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n");
+        }
+        other => ok(s, &format!("at {other}")),
+    });
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
+    let key = proxy.key().to_owned();
+    let (mut stream, mut reader) = connect(proxy.addr());
+    for round in 0..3 {
+        for (method, path) in [
+            ("POST", "/json"),
+            ("GET", "/chunked"),
+            ("GET", "/204"),
+            ("HEAD", "/head"),
+        ] {
+            let body = if method == "POST" { "{}" } else { "" };
+            stream
+                .write_all(
+                    format!(
+                        "{method} {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .unwrap();
+            let a = read_answer(&mut reader, method == "HEAD" || path == "/204").unwrap();
+            match path {
+                "/json" => assert_eq!(a.text(), "at /json", "round {round}: {a:?}"),
+                "/chunked" => assert_eq!(a.text(), "data: 1\n\n", "round {round}: {a:?}"),
+                "/204" => assert_eq!(a.status, 204, "round {round}: {a:?}"),
+                _ => assert_eq!(a.status, 200, "round {round}: {a:?}"),
+            }
+        }
+    }
+    assert_eq!(upstream.seen().len(), 12);
+    assert_eq!(
+        upstream.connections.load(Ordering::SeqCst),
+        1,
+        "a connection was not reused"
+    );
+}
+
 /// Finding 4 (low): an upstream that switches protocols unasked (the
 /// proxy strips the client's Upgrade, so any 101 is unasked): the client
 /// must get a final answer (502), not a 101 without an Upgrade header that

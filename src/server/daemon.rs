@@ -518,16 +518,77 @@ pub(crate) async fn serve_http1<I, S, B>(
         .keep_alive(true);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
+    let stop = WokenOnly::new(Box::pin(async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    }));
     tokio::select! {
+        biased;
         result = connection.as_mut() => {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended");
             }
         }
-        () = async { let _ = stopping.wait_for(|s| *s).await; } => {
+        () = stop => {
             connection.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(HEADER_TIMEOUT, connection).await;
         }
+    }
+}
+
+/// A future polled only when its own waker has been woken since its last
+/// poll (and at the first), not at every wake-up of the task it shares: a
+/// connection's task wakes some 20 times for one SSE answer, and polling
+/// the stop signal's watch each time (with `select!`'s random pick) cost
+/// about 200 instructions a wake-up (callgrind).
+struct WokenOnly<F> {
+    future: F,
+    flag: Arc<WakeFlag>,
+    /// Wakes `flag`, given to `future`.
+    waker: std::task::Waker,
+}
+
+struct WakeFlag {
+    woken: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F> WokenOnly<F> {
+    fn new(future: F) -> Self {
+        let flag = Arc::new(WakeFlag {
+            woken: std::sync::atomic::AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        WokenOnly {
+            future,
+            waker: std::task::Waker::from(flag.clone()),
+            flag,
+        }
+    }
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for WokenOnly<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = &mut *self;
+        // Registered before the flag is read, so that a wake between the
+        // two is not lost.
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut this.future).poll(&mut std::task::Context::from_waker(&this.waker))
     }
 }
 

@@ -62,6 +62,7 @@ mod api;
 pub mod client;
 pub mod config;
 pub mod daemon;
+mod h1pool;
 mod metrics;
 pub mod proxy;
 mod socket;

@@ -59,6 +59,7 @@ use tokio::sync::watch;
 
 use super::config::ProxyConfig;
 use super::daemon::Shared;
+use super::h1pool::H1Pool;
 use super::metrics::{Metrics, ProxyMetrics};
 use super::TokenReply;
 use crate::credentials::{AccessToken, Secret};
@@ -312,13 +313,24 @@ struct Inner {
     upstream: Upstream,
     source: Source,
     key: Option<ClientKey>,
+    /// The client to an `https://` upstream (HTTP/1.1 or HTTP/2 through
+    /// ALPN).
     client: Client,
+    /// The connections to a plain `http://` upstream (always HTTP/1.1):
+    /// hyper-util's pool costs more than the rest of the client.
+    pool: Option<Arc<H1Pool<Up>>>,
     metrics: ProxyMetrics,
     /// A token fetched because of a 401 that the upstream refused at once
     /// too (on the retry), and when.
     refused_fresh: Mutex<Option<(AccessToken, Instant)>>,
     /// The headers made for the last token sent.
     headers: Mutex<Option<(TokenReply, HeaderValue, Option<HeaderValue>)>>,
+    /// The last request target (its path and query as the client sent
+    /// them) and the upstream URI made of it: clients mostly ask the same
+    /// path, and a clone of the URI made once is a reference count where
+    /// making it is an allocation, a parse and, at its first clone,
+    /// another allocation.
+    last_target: Mutex<Option<(Box<str>, Uri)>>,
 }
 
 /// The client to the upstream.
@@ -363,8 +375,11 @@ impl Upstream {
         })
     }
 
-    /// The upstream's path joined with the request's path, and its query.
-    fn target(&self, uri: &Uri) -> Option<Uri> {
+    /// The upstream's path joined with the request's path, and its query:
+    /// in origin form (the path and query alone) for a plain `http://`
+    /// upstream, whose requests go through [`H1Pool`] straight to a
+    /// connection; with the scheme and authority for the client otherwise.
+    fn target(&self, uri: &Uri, origin: bool) -> Option<Uri> {
         let path = uri.path();
         let query = uri.query();
         let mut joined = String::with_capacity(self.base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
@@ -380,8 +395,10 @@ impl Upstream {
             joined.push_str(query);
         }
         let mut parts = hyper::http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
+        if !origin {
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(self.authority.clone());
+        }
         parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(joined)).ok()?);
         Uri::from_parts(parts).ok()
     }
@@ -448,6 +465,24 @@ impl Inner {
         Ok((bearer, account))
     }
 
+    /// The upstream URI for the client's `uri`: the last one again when
+    /// the client asks the same path and query.
+    fn target(&self, uri: &Uri) -> Option<Uri> {
+        let Some(asked) = uri.path_and_query() else {
+            return self.upstream.target(uri, self.pool.is_some());
+        };
+        if let Some((last, url)) = &*self.last_target.lock() {
+            if **last == *asked.as_str() {
+                return Some(url.clone());
+            }
+        }
+        let url = self.upstream.target(uri, self.pool.is_some())?;
+        // Cloned once here, so that its bytes are shared from now on (and
+        // the key copied: the request's bytes are its connection's buffer).
+        *self.last_target.lock() = Some((asked.as_str().into(), url.clone()));
+        Some(url)
+    }
+
     fn refused_at_once(&self, fresh: &AccessToken) {
         *self.refused_fresh.lock() = Some((fresh.clone(), Instant::now()));
     }
@@ -510,6 +545,20 @@ impl Proxy {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
+        let pool = (upstream.scheme == Scheme::HTTP)
+            .then(|| {
+                let target = Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(upstream.authority.clone())
+                    .path_and_query("/")
+                    .build()
+                    .ok()?;
+                let mut builder = hyper::client::conn::http1::Builder::new();
+                // An answer may carry many headers (hyper's default is 100).
+                builder.max_headers(MAX_UPSTREAM_HEADERS);
+                Some(H1Pool::new(http.clone(), target, builder, config.max_connections))
+            })
+            .flatten();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
@@ -540,8 +589,10 @@ impl Proxy {
                 source,
                 key,
                 client,
+                pool,
                 refused_fresh: Mutex::new(None),
                 headers: Mutex::new(None),
+                last_target: Mutex::new(None),
             }),
         })
     }
@@ -713,7 +764,7 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
             "the request's path must be a plain absolute path: no `.` or `..` segments (even percent-encoded), no backslash",
         ));
     }
-    let url = inner.upstream.target(&parts.uri).ok_or_else(|| {
+    let url = inner.target(&parts.uri).ok_or_else(|| {
         Refusal::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -732,7 +783,7 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
         Kept::Whole(bytes) => (Up::Whole(Some(bytes.clone())), Some(bytes)),
         Kept::Streamed(body) => (body, None),
     };
-    let first = send(inner, &parts.method, &url, headers, first_body, &sent).await?;
+    let (first, back) = send(inner, &parts.method, &url, headers, first_body, &sent).await?;
     if first.status() == StatusCode::SWITCHING_PROTOCOLS {
         // The client's Upgrade is never forwarded: an upgrade nobody asked
         // for would leave the client's connection dead.
@@ -743,29 +794,30 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
         ));
     }
     if first.status() != StatusCode::UNAUTHORIZED {
-        return Ok(stream_back(inner, first).await);
+        return Ok(stream_back(inner, first, back).await);
     }
     if !inner.may_reject(&sent.reply.access_token) {
         // The token a 401 just made us fetch is refused too: the upstream's
         // doing (a wrong URL or account), which another refresh would not
         // mend. The client sees the 401.
-        return Ok(stream_back(inner, first).await);
+        return Ok(stream_back(inner, first, back).await);
     }
     let Some(bytes) = kept else {
         // Too large to send again: the client sees the 401, once the
         // token is refreshed, so that its retry goes with the new one.
         let _ = inner.source.reject(&sent.reply.access_token).await;
-        return Ok(stream_back(inner, first).await);
+        return Ok(stream_back(inner, first, back).await);
     };
-    drop(first);
+    // Its body unread: the connection is closed, not given back.
+    drop((first, back));
     let fresh = inner.source.reject(&sent.reply.access_token).await?;
     inner.metrics.retry();
     let headers = forwarded(&parts.headers);
-    let second = send(inner, &parts.method, &url, headers, Up::Whole(Some(bytes)), &fresh).await?;
+    let (second, back) = send(inner, &parts.method, &url, headers, Up::Whole(Some(bytes)), &fresh).await?;
     if second.status() == StatusCode::UNAUTHORIZED {
         inner.refused_at_once(&fresh.reply.access_token);
     }
-    Ok(stream_back(inner, second).await)
+    Ok(stream_back(inner, second, back).await)
 }
 
 /// Whether `path` stays under the upstream's base path wherever it is
@@ -775,6 +827,11 @@ fn plain_path(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
+    // Mostly there is nothing to look at: no dot, percent sign or
+    // backslash (one pass over the bytes instead of one per segment).
+    if !rest.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return true;
+    }
     rest.split('/').all(|segment| {
         let b = segment.as_bytes();
         // Dots, each written `.` or `%2e`: one or two of them alone make a
@@ -805,29 +862,39 @@ fn plain_path(path: &str) -> bool {
 /// and freed), a seventh of the proxy's work a request.
 const MAX_UPSTREAM_HEADERS: usize = 256;
 
-/// The hop-by-hop headers (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-];
+/// Whether `name` is a hop-by-hop header (RFC 9110 section 7.6.1): a
+/// match on its text, for the loops over every header of every request
+/// and answer (`contains` on a `const` array of the names makes and drops
+/// the array at each call: about 400 instructions a request; on a `static`
+/// one it compares each name in full: more).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
 
 /// Removes the hop-by-hop headers from `headers`, and those its
 /// `Connection` header names.
 fn drop_hop_by_hop(headers: &mut HeaderMap) {
     // Mostly there is none: one pass over the names instead of a lookup
     // of each of the nine.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named = connection_named(headers);
-    for name in HOP_BY_HOP.iter().chain(&named) {
+    // Those there (mostly `Transfer-Encoding` alone), not a lookup of
+    // each of the nine.
+    let mut named = connection_named(headers);
+    named.extend(headers.keys().filter(|name| is_hop_by_hop(name)).cloned());
+    for name in &named {
         headers.remove(name);
     }
 }
@@ -849,8 +916,14 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// The client's headers the upstream never gets (besides the hop-by-hop
 /// ones): its `Host` (the upstream's is set), its credentials and account
-/// (the profile's are set), and `Expect` (the proxy reads the body itself).
-const NOT_FORWARDED: [HeaderName; 4] = [header::HOST, header::AUTHORIZATION, header::EXPECT, ACCOUNT_HEADER];
+/// (the profile's are set), and `Expect` (the proxy reads the body itself):
+/// `host`, `authorization`, `expect` and [`ACCOUNT_HEADER`].
+fn not_forwarded(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host" | "authorization" | "expect" | "chatgpt-account-id"
+    )
+}
 
 /// The client's headers as the upstream gets them (before the token).
 /// Made by copying the others (each a reference count) into a new map: a
@@ -861,7 +934,7 @@ fn forwarded(client: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(client.keys_len() + 2);
     let (mut agent, mut accept) = (false, false);
     for (name, value) in client {
-        if HOP_BY_HOP.contains(name) || NOT_FORWARDED.contains(name) || named.contains(name) {
+        if is_hop_by_hop(name) || not_forwarded(name) || named.contains(name) {
             continue;
         }
         agent |= name == header::USER_AGENT;
@@ -899,8 +972,15 @@ impl Kept {
             return Ok(Kept::Streamed(Up::streamed(None, body, metrics)));
         }
         let mut body = body;
-        let mut kept: Vec<u8> = Vec::new();
+        // A body that came in one frame is kept as it came, not copied.
+        let mut kept = Held::Nothing;
         loop {
+            if body.is_end_stream() {
+                // Known to have ended (its length reached): no wait for
+                // the end.
+                metrics.bytes_up(kept.len());
+                return Ok(Kept::Whole(kept.take().unwrap_or_default()));
+            }
             let Ok(frame) = tokio::time::timeout(BODY_IDLE, body.frame()).await else {
                 return Err(Refusal::new(
                     StatusCode::REQUEST_TIMEOUT,
@@ -914,7 +994,7 @@ impl Kept {
             match frame {
                 None => {
                     metrics.bytes_up(kept.len());
-                    return Ok(Kept::Whole(Bytes::from(kept)));
+                    return Ok(Kept::Whole(kept.take().unwrap_or_default()));
                 }
                 Some(Err(_)) => {
                     return Err(Refusal::new(
@@ -925,14 +1005,10 @@ impl Kept {
                 }
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else { continue };
-                    if kept.is_empty() && data.len() > limit {
-                        metrics.bytes_up(data.len());
-                        return Ok(Kept::Streamed(Up::streamed(Some(data), body, metrics)));
-                    }
-                    kept.extend_from_slice(&data);
+                    kept.push(data);
                     if kept.len() > limit {
                         metrics.bytes_up(kept.len());
-                        return Ok(Kept::Streamed(Up::streamed(Some(Bytes::from(kept)), body, metrics)));
+                        return Ok(Kept::Streamed(Up::streamed(kept.take(), body, metrics)));
                     }
                 }
             }
@@ -1189,22 +1265,43 @@ enum Rest {
     /// The proxy's own answer.
     Full(Option<Bytes>),
     /// The upstream's, of a known length: as it comes.
-    Sized { body: Incoming, down: Counter },
+    Sized {
+        body: Incoming,
+        down: Counter,
+        back: Option<Back>,
+    },
     /// The upstream's, streamed (SSE): coalesced.
     Streamed {
         body: Coalesce<http_body_util::BodyDataStream<Incoming>>,
         down: Counter,
+        back: Option<Back>,
     },
 }
 
-impl Body for Rest {
-    type Data = Bytes;
-    type Error = hyper::Error;
+/// The pooled connection an answer came on, given back when its body has
+/// been read to the end (else dropped, and the connection closed).
+struct Back {
+    pool: Arc<H1Pool<Up>>,
+    sender: hyper::client::conn::http1::SendRequest<Up>,
+}
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
+impl Rest {
+    /// Gives the connection back once the body has ended.
+    fn give_back_at_end(&mut self) {
+        let back = match self {
+            Rest::Sized { body, back, .. } if body.is_end_stream() => back.take(),
+            Rest::Streamed { body, back, .. } if body.is_ended() => back.take(),
+            _ => None,
+        };
+        if let Some(Back { pool, sender }) = back {
+            pool.put(sender);
+        }
+    }
+
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self {
             Rest::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Rest::Sized { body, down } => loop {
+            Rest::Sized { body, down, .. } => loop {
                 // The upstream's trailers are not passed on.
                 match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
                     Some(Ok(frame)) => match frame.into_data() {
@@ -1217,7 +1314,7 @@ impl Body for Rest {
                     other => return Poll::Ready(other),
                 }
             },
-            Rest::Streamed { body, down } => {
+            Rest::Streamed { body, down, .. } => {
                 let polled = std::task::ready!(body.poll_next_unpin(cx));
                 Poll::Ready(polled.map(|chunk| {
                     chunk.map(|data| {
@@ -1227,6 +1324,23 @@ impl Body for Rest {
                 }))
             }
         }
+    }
+}
+
+impl Body for Rest {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = this.poll_body(cx);
+        // The server polls no more once the body says it has ended (after
+        // the last frame of a known length), so that is checked at each
+        // frame, not at the end only.
+        if let Poll::Ready(None | Some(Ok(_))) = &polled {
+            this.give_back_at_end();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1253,7 +1367,7 @@ async fn send(
     mut headers: HeaderMap,
     body: Up,
     sending: &Sending,
-) -> Result<Response<Incoming>, Refusal> {
+) -> Result<(Response<Incoming>, Option<Back>), Refusal> {
     let (bearer, account) = inner.token_headers(sending)?;
     if let Some(host) = &inner.upstream.host {
         headers.insert(header::HOST, host.clone());
@@ -1264,11 +1378,30 @@ async fn send(
     }
     let mut body = body;
     let uploaded = body.when_sent();
+    // A streamed upload's connection is not given back: the answer may
+    // end before the upload does, and the next request would wait for it.
+    let whole = uploaded.is_none();
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = url.clone();
     *request.headers_mut() = headers;
-    let request = inner.client.request(request);
+    let request = async {
+        match &inner.pool {
+            Some(pool) => pool.send(request).await.map(|(response, sender)| {
+                let back = whole.then(|| Back {
+                    pool: pool.clone(),
+                    sender,
+                });
+                (response, back)
+            }),
+            None => inner
+                .client
+                .request(request)
+                .await
+                .map(|response| (response, None))
+                .map_err(BoxError::from),
+        }
+    };
     let started = Instant::now();
     let timeout = inner.config.response_timeout;
     // The wait for the answer's head starts once the body is sent: a slow
@@ -1280,19 +1413,21 @@ async fn send(
         tokio::time::sleep(timeout).await;
     };
     let answered = tokio::select! {
+        // No random pick between the two at every poll.
+        biased;
         answered = request => Ok(answered),
         () = deadline => Err(()),
     };
     let response = match answered {
         Ok(Ok(response)) => response,
-        Ok(Err(e)) if stalled(&e) => {
+        Ok(Err(e)) if stalled(&*e) => {
             return Err(Refusal::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
                 Stalled.to_string(),
             ))
         }
-        Ok(Err(e)) if timed_out(&e) => return Err(upstream_timeout(inner, "connecting")),
+        Ok(Err(e)) if timed_out(&*e) => return Err(upstream_timeout(inner, "connecting")),
         Ok(Err(e)) => {
             return Err(Refusal::new(
                 StatusCode::BAD_GATEWAY,
@@ -1300,7 +1435,7 @@ async fn send(
                 format!(
                     "the upstream {} could not be reached: {}",
                     inner.config.upstream,
-                    error_chain(&e)
+                    error_chain(&*e)
                 ),
             ))
         }
@@ -1360,7 +1495,7 @@ fn upstream_timeout(inner: &Inner, doing: &str) -> Refusal {
 }
 
 /// The upstream's answer, streamed to the client as it comes.
-async fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Out> {
+async fn stream_back(inner: &Inner, upstream: Response<Incoming>, back: Option<Back>) -> Response<Out> {
     let (parts, body) = upstream.into_parts();
     let mut headers = parts.headers;
     // Framed by its transfer coding: a Content-Length beside it is stale
@@ -1374,11 +1509,12 @@ async fn stream_back(inner: &Inner, upstream: Response<Incoming>) -> Response<Ou
     // server ends it by its length, without waiting); a streamed one
     // (SSE) is coalesced.
     let body = if headers.contains_key(header::CONTENT_LENGTH) {
-        Rest::Sized { body, down }
+        Rest::Sized { body, down, back }
     } else {
         Rest::Streamed {
             body: Coalesce::new(body.into_data_stream()),
             down,
+            back,
         }
     };
     let mut response = Response::new(Out::ahead(body).await);
@@ -1419,6 +1555,8 @@ struct Coalesce<S: TryStream> {
     ended: bool,
 }
 
+/// Bytes held: none, one chunk as it came (not copied), or several copied
+/// into one.
 enum Held {
     Nothing,
     One(Bytes),
@@ -1568,6 +1706,66 @@ mod tests {
     }
 
     use super::*;
+
+    /// The hop-by-hop headers (RFC 9110 section 7.6.1).
+    const HOP_BY_HOP: [HeaderName; 9] = [
+        header::CONNECTION,
+        HeaderName::from_static("proxy-connection"),
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ];
+
+    #[test]
+    fn the_header_predicates_match_their_lists() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name) && !not_forwarded(name), "{name}");
+        }
+        for name in [header::HOST, header::AUTHORIZATION, header::EXPECT, ACCOUNT_HEADER] {
+            assert!(not_forwarded(&name) && !is_hop_by_hop(&name), "{name}");
+        }
+        for name in [
+            header::CONTENT_TYPE,
+            header::USER_AGENT,
+            header::PROXY_AUTHENTICATE.clone(),
+            HeaderName::from_static("x-te"),
+            HeaderName::from_static("hosts"),
+        ] {
+            let hop = HOP_BY_HOP.contains(&name);
+            assert_eq!(is_hop_by_hop(&name), hop, "{name}");
+            assert!(!not_forwarded(&name), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_answers_hop_by_hop_headers_and_those_its_connection_names_are_dropped() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "text/event-stream"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-request-id", "r"),
+            ("x-request-id", "s"),
+        ] {
+            headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        drop_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
+        assert_eq!(
+            left,
+            [
+                ("content-type", "text/event-stream"),
+                ("x-request-id", "r"),
+                ("x-request-id", "s")
+            ]
+        );
+    }
 
     fn events(range: std::ops::Range<usize>) -> Vec<Result<Bytes, reqwest::Error>> {
         range.map(|i| Ok(Bytes::from(format!("data: {i}\n\n")))).collect()

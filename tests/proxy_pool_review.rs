@@ -1,0 +1,553 @@
+//! A hostile review of the proxy's own HTTP/1.1 pool for a plain
+//! `http://` upstream (src/server/h1pool.rs), black-box: real
+//! `token-broker proxy` / `token-broker serve` processes, hand-written HTTP
+//! on both sides. No assertion is about speed: each outcome is decided by
+//! behaviour (the slow parties are slower by a wide margin).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use token_broker::sim::{codex_auth_json, ProviderServer, SimConfig};
+
+// ---------------------------------------------------------------------
+// A raw upstream: one thread a connection, each request's head and body
+// read, then the handler writes whatever it likes on the socket.
+
+/// One request as the upstream read it (its request line, its body).
+#[derive(Clone, Debug)]
+struct Seen {
+    line: String,
+    body: Vec<u8>,
+}
+
+impl Seen {
+    fn target(&self) -> &str {
+        self.line.split(' ').nth(1).unwrap_or("")
+    }
+}
+
+/// What the handler says about the connection after an answer.
+enum Then {
+    KeepAlive,
+    Close,
+}
+
+type Handler = dyn Fn(&Seen, &mut TcpStream) -> Then + Send + Sync;
+
+struct RawUpstream {
+    addr: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<AtomicU64>,
+}
+
+impl RawUpstream {
+    /// `early` answers a request from its head alone, before its body is
+    /// read (the path and the socket are given): used when Some returns.
+    fn start(
+        early: impl Fn(&str, &mut TcpStream) -> bool + Send + Sync + 'static,
+        handler: impl Fn(&Seen, &mut TcpStream) -> Then + Send + Sync + 'static,
+    ) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicU64::new(0));
+        let handler: Arc<Handler> = Arc::new(handler);
+        type Early = dyn Fn(&str, &mut TcpStream) -> bool + Send + Sync;
+        let early: Arc<Early> = Arc::new(early);
+        {
+            let (seen, connections) = (seen.clone(), connections.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let (seen, handler, early) = (seen.clone(), handler.clone(), early.clone());
+                    std::thread::spawn(move || serve_raw(stream, &seen, &*early, &*handler));
+                }
+            });
+        }
+        RawUpstream {
+            addr,
+            seen,
+            connections,
+        }
+    }
+
+    fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn targets(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.target().to_owned())
+            .collect()
+    }
+}
+
+fn serve_raw(
+    stream: TcpStream,
+    seen: &Mutex<Vec<Seen>>,
+    early: &(dyn Fn(&str, &mut TcpStream) -> bool + Send + Sync),
+    handler: &Handler,
+) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let line = line.trim_end().to_owned();
+        if line.is_empty() {
+            continue;
+        }
+        let mut length = 0;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = h.split_once(':') {
+                if n.trim().eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let target = line.split(' ').nth(1).unwrap_or("").to_owned();
+        if early(&target, &mut writer) {
+            return;
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let request = Seen { line, body };
+        seen.lock().unwrap().push(request.clone());
+        let then = handler(&request, &mut writer);
+        let _ = writer.flush();
+        if let Then::Close = then {
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+}
+
+fn no_early(_: &str, _: &mut TcpStream) -> bool {
+    false
+}
+
+/// A 200 with `body`, kept alive.
+fn ok(stream: &mut TcpStream, body: &str) -> Then {
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    Then::KeepAlive
+}
+
+// ---------------------------------------------------------------------
+// The proxy processes.
+
+struct Running {
+    child: Child,
+    addrs: Vec<String>,
+    key: Option<String>,
+}
+
+impl Running {
+    fn addr(&self) -> &str {
+        &self.addrs[0]
+    }
+    fn key(&self) -> &str {
+        self.key.as_deref().expect("a client key")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn started(mut child: Child, state: &Path, stderr: PathBuf, lines_wanted: usize) -> Running {
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addrs = Vec::new();
+    while addrs.len() < lines_wanted {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!(
+                "it stopped before naming its address: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        };
+        if let Some(rest) = line.split("http://").nth(1) {
+            addrs.push(rest.split_whitespace().next().unwrap().trim_end_matches(';').to_owned());
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let key = std::fs::read_to_string(state.join("token-broker/client-key"))
+        .ok()
+        .map(|k| k.trim().to_owned());
+    Running { child, addrs, key }
+}
+
+struct Cred {
+    sim: Arc<ProviderServer>,
+    dir: tempfile::TempDir,
+    auth: PathBuf,
+}
+
+impl Cred {
+    fn new() -> Cred {
+        let sim = Arc::new(ProviderServer::start(SimConfig::default()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let issued = sim.sign_in(3600.0);
+        let auth = dir.path().join("auth.json");
+        std::fs::write(&auth, codex_auth_json(&issued)).unwrap();
+        Cred { sim, dir, auth }
+    }
+
+    fn proxy(&self, upstream: &str) -> Running {
+        let stderr = self.dir.path().join("proxy.stderr");
+        let child = cli_command()
+            .arg("proxy")
+            .args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--auth-file"])
+            .arg(&self.auth)
+            .args(["--token-url", &self.sim.token_url()])
+            .env("XDG_STATE_HOME", self.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        started(child, self.dir.path(), stderr, 1)
+    }
+
+    /// `token-broker serve` with one proxy `t` to `upstream`, with `extra`
+    /// settings.
+    fn serve(&self, upstream: &str, extra: &str) -> Running {
+        let socket = self.dir.path().join("run/tb.sock");
+        let config = self.dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nsocket = {socket:?}\n\n[profiles.codex]\nprovider = \"codex\"\nauth_file = {:?}\n\
+                 token_url = {:?}\nwinner_wait = \"300ms\"\ntimeout = \"10s\"\n\n\
+                 [proxies.t]\nprofile = \"codex\"\nlisten = \"127.0.0.1:0\"\nupstream = {upstream:?}\n{extra}\n",
+                self.auth,
+                self.sim.token_url()
+            ),
+        )
+        .unwrap();
+        let stderr = self.dir.path().join("serve.stderr");
+        let child = cli_command()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("XDG_STATE_HOME", self.dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        started(child, self.dir.path(), stderr, 1)
+    }
+}
+
+// ---------------------------------------------------------------------
+// A raw client.
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one answer (`head_only` for a HEAD or a status without a body).
+fn read_answer(reader: &mut BufReader<TcpStream>, head_only: bool) -> Option<Answer> {
+    let mut head = String::new();
+    loop {
+        let mut l = String::new();
+        if reader.read_line(&mut l).ok()? == 0 {
+            return None;
+        }
+        if l == "\r\n" || l == "\n" {
+            if head.is_empty() {
+                continue;
+            }
+            break;
+        }
+        head.push_str(&l);
+    }
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let find = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    };
+    let mut body = Vec::new();
+    if head_only || status == 204 || status == 304 {
+    } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).ok()?;
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            if n == 0 {
+                let mut end = String::new();
+                reader.read_line(&mut end).ok()?;
+                break;
+            }
+            let mut c = vec![0; n + 2];
+            reader.read_exact(&mut c).ok()?;
+            body.extend_from_slice(&c[..n]);
+        }
+    } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body = vec![0; n];
+        reader.read_exact(&mut body).ok()?;
+    } else {
+        reader.read_to_end(&mut body).ok()?;
+    }
+    Some(Answer { status, body })
+}
+
+fn connect(addr: &str) -> (TcpStream, BufReader<TcpStream>) {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let reader = BufReader::new(stream.try_clone().unwrap());
+    (stream, reader)
+}
+
+fn get(addr: &str, key: &str, target: &str) -> Option<Answer> {
+    let (mut stream, mut reader) = connect(addr);
+    stream
+        .write_all(
+            format!("GET {target} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    read_answer(&mut reader, false)
+}
+
+// ---------------------------------------------------------------------
+// The findings.
+
+/// An upstream may answer before it has read a request's body (a 413, a
+/// 400 from the head alone) and keep the connection: the proxy's request
+/// is still being written when the answer ends. Such a connection is not
+/// ready for another request until the upload is through, which may be
+/// never. The next client must not be made to wait on it (hyper-util's
+/// pool hands a connection out only once it is ready): here it got a 504
+/// after response_timeout on an upstream that answers it at once.
+#[test]
+fn an_answer_that_ends_before_its_upload_is_written_does_not_hold_up_the_next_request() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(
+        |target, s| {
+            if target != "/early" {
+                return false;
+            }
+            // Answer from the head, keep the connection, read nothing more
+            // for a long while.
+            let _ = write!(s, "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\nno");
+            let _ = s.flush();
+            std::thread::sleep(Duration::from_secs(40));
+            true
+        },
+        |r, s| ok(s, &format!("at {}", r.target())),
+    );
+    // A body kept whole (under retry_body_limit) and far larger than what
+    // the sockets between the proxy and the upstream buffer.
+    let daemon = cred.serve(
+        &upstream.origin(),
+        "retry_body_limit = 134217728\nresponse_timeout = \"3s\"",
+    );
+    let size = 48 << 20;
+    let (mut stream, mut reader) = connect(daemon.addr());
+    let head = format!(
+        "POST /early HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\nContent-Length: {size}\r\n\r\n",
+        daemon.key()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&vec![b'x'; size]).unwrap();
+    let early = read_answer(&mut reader, false).expect("the early answer");
+    assert_eq!(early.status, 413, "{early:?}");
+    assert_eq!(early.text(), "no");
+    let next = get(daemon.addr(), daemon.key(), "/next").expect("an answer");
+    assert_eq!(
+        (next.status, next.text().as_str()),
+        (200, "at /next"),
+        "the next request waited on a connection still busy with another's upload: {next:?}"
+    );
+}
+
+/// Probes that held, kept as guards.
+///
+/// Bytes an upstream sends after a body of a known length (at once, or a
+/// moment later while the connection is idle) must never be read as the
+/// answer to the next request on that pooled connection; answers with
+/// `Connection: close`, from HTTP/1.0, or followed by a close without a
+/// word, must not cost the next request a 502.
+#[test]
+fn a_pooled_connection_never_carries_one_answer_into_the_next_request() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(no_early, |r, s| match r.target() {
+        "/extra-at-once" => {
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
+            );
+            Then::KeepAlive
+        }
+        "/extra-later" => {
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            let _ = s.flush();
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED");
+            Then::KeepAlive
+        }
+        "/head-with-body" | "/204-with-body" | "/304-with-body" => {
+            let status = match r.target() {
+                "/204-with-body" => "204 No Content",
+                "/304-with-body" => "304 Not Modified",
+                _ => "200 OK",
+            };
+            let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Length: 8\r\n\r\nSMUGGLED");
+            Then::KeepAlive
+        }
+        "/close" => {
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok");
+            Then::Close
+        }
+        "/http10" => {
+            let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            Then::Close
+        }
+        "/http10-eof" => {
+            let _ = write!(s, "HTTP/1.0 200 OK\r\n\r\nok-till-eof");
+            Then::Close
+        }
+        "/silent-close" => {
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            Then::Close
+        }
+        other => ok(s, &format!("at {other}")),
+    });
+    let proxy = cred.proxy(&upstream.origin());
+    let key = proxy.key().to_owned();
+    let (mut stream, mut reader) = connect(proxy.addr());
+    for first in [
+        "/extra-at-once",
+        "/extra-later",
+        "/head-with-body",
+        "/204-with-body",
+        "/304-with-body",
+        "/close",
+        "/http10",
+        "/http10-eof",
+        "/silent-close",
+    ] {
+        let method = if first == "/head-with-body" { "HEAD" } else { "GET" };
+        stream
+            .write_all(
+                format!("{method} {first} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n\r\n").as_bytes(),
+            )
+            .unwrap();
+        let a = read_answer(&mut reader, method == "HEAD").unwrap_or_else(|| panic!("{first}: no answer"));
+        assert!(!a.text().contains("SMUGGLED"), "{first}: {a:?}");
+        // Whatever the upstream does after its answer is done by now.
+        std::thread::sleep(Duration::from_millis(300));
+        for n in 0..2 {
+            let next = format!("/after{n}{first}");
+            stream
+                .write_all(format!("GET {next} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n\r\n").as_bytes())
+                .unwrap();
+            let a = read_answer(&mut reader, false).unwrap_or_else(|| panic!("{next}: no answer"));
+            assert_eq!(
+                (a.status, a.text()),
+                (200, format!("at {next}")),
+                "after {first}: {a:?}"
+            );
+        }
+    }
+}
+
+/// A client that goes away in the middle of an answer: the connection
+/// that answer came on is closed, never handed to the next request with
+/// the rest of the body still in it. And the URI made once for the last
+/// request target is not served for another target (another path, another
+/// query), and dot segments are still refused after a plain path.
+#[test]
+fn an_abandoned_answer_never_reaches_the_next_client_and_targets_are_not_mixed() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(no_early, |r, s| match r.target() {
+        "/big" => {
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n");
+            let _ = s.write_all(&[b'L'; 1000]);
+            let _ = s.flush();
+            std::thread::sleep(Duration::from_millis(500));
+            let _ = s.write_all(&[b'L'; 199_000]);
+            Then::KeepAlive
+        }
+        other => ok(s, &format!("at {other}")),
+    });
+    let proxy = cred.proxy(&upstream.origin());
+    let key = proxy.key().to_owned();
+    {
+        let (mut stream, mut reader) = connect(proxy.addr());
+        stream
+            .write_all(format!("GET /big HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+        // Gone after the head.
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    for target in [
+        "/next",
+        "/v1/a?x=1",
+        "/v1/b",
+        "/v1/a?x=2",
+        "/v1/a?x=1",
+        "/v1/a",
+        "/v1/a%2Fb",
+    ] {
+        let a = get(proxy.addr(), &key, target).unwrap_or_else(|| panic!("{target}: no answer"));
+        assert_eq!((a.status, a.text()), (200, format!("at {target}")), "{target}: {a:?}");
+    }
+    for bad in ["/v1/./a", "/v1/../a", "/v1/%2e%2E/a", "/v1\\a"] {
+        let a = get(proxy.addr(), &key, bad).unwrap_or_else(|| panic!("{bad}: no answer"));
+        assert_eq!(a.status, 400, "{bad}: {a:?}");
+    }
+    let targets = upstream.targets();
+    assert!(
+        !targets.iter().any(|t| t.contains("..") || t.contains("/./")),
+        "{targets:?}"
+    );
+    assert_eq!(targets.iter().filter(|t| *t == "/v1/a?x=1").count(), 2, "{targets:?}");
+    // The abandoned answer's connection, and one for all the others.
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+}

@@ -21,11 +21,11 @@ use token_broker::sim::{codex_auth_json, ProviderServer, SimConfig};
 // A raw upstream: one thread a connection, each request's head and body
 // read, then the handler writes whatever it likes on the socket.
 
-/// One request as the upstream read it (its request line, its body).
+/// One request as the upstream read it (its request line; its body is
+/// read and dropped).
 #[derive(Clone, Debug)]
 struct Seen {
     line: String,
-    body: Vec<u8>,
 }
 
 impl Seen {
@@ -137,7 +137,7 @@ fn serve_raw(
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let request = Seen { line, body };
+        let request = Seen { line };
         seen.lock().unwrap().push(request.clone());
         let then = handler(&request, &mut writer);
         let _ = writer.flush();

@@ -14,7 +14,9 @@
 //! closed while idle is skipped, and a request that a reused connection
 //! could not take (it closed before the request was written) goes on
 //! another one; the connect timeout is the `HttpConnector`'s; idle
-//! connections are closed after [`IDLE_TIMEOUT`].
+//! connections are closed after [`IDLE_TIMEOUT`]; a connection is pooled
+//! only once it can take the next request (an answer may end before its
+//! request has been written).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -108,10 +110,35 @@ where
     }
 
     /// A connection whose answer has been read whole, for the next request.
-    pub(crate) fn put(&self, sender: SendRequest<B>) {
+    ///
+    /// Pooled only once it can take a request: an answer may end before
+    /// its request is written (an upstream that answers from the head, a
+    /// 413, and reads the body later or never), and the next request must
+    /// not wait behind that upload (hyper-util's pool waits for readiness
+    /// too). Mostly it is ready at once; else a task waits for it, at most
+    /// [`IDLE_TIMEOUT`], and the connection is closed if it never is.
+    pub(crate) fn put(self: &Arc<Self>, mut sender: SendRequest<B>) {
         if sender.is_closed() {
             return;
         }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match sender.poll_ready(&mut cx) {
+            std::task::Poll::Ready(Ok(())) => self.keep(sender),
+            std::task::Poll::Ready(Err(_)) => {}
+            std::task::Poll::Pending => {
+                let pool = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, sender.ready()).await {
+                        if let Some(pool) = pool.upgrade() {
+                            pool.keep(sender);
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    fn keep(&self, sender: SendRequest<B>) {
         let idle = Idle {
             sender,
             since: Instant::now(),

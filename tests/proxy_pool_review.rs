@@ -5,17 +5,16 @@
 //! behaviour (the slow parties are slower by a wide margin).
 
 mod common;
+#[path = "common/raw_proxy.rs"]
+mod raw_proxy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
-use token_broker::sim::{codex_auth_json, ProviderServer, SimConfig};
+use raw_proxy::*;
 
 // ---------------------------------------------------------------------
 // A raw upstream: one thread a connection, each request's head and body
@@ -163,195 +162,6 @@ fn ok(stream: &mut TcpStream, body: &str) -> Then {
 }
 
 // ---------------------------------------------------------------------
-// The proxy processes.
-
-struct Running {
-    child: Child,
-    addrs: Vec<String>,
-    key: Option<String>,
-}
-
-impl Running {
-    fn addr(&self) -> &str {
-        &self.addrs[0]
-    }
-    fn key(&self) -> &str {
-        self.key.as_deref().expect("a client key")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn started(mut child: Child, state: &Path, stderr: PathBuf, lines_wanted: usize) -> Running {
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addrs = Vec::new();
-    while addrs.len() < lines_wanted {
-        let Some(Ok(line)) = lines.next() else {
-            let _ = child.kill();
-            panic!(
-                "it stopped before naming its address: {}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            );
-        };
-        if let Some(rest) = line.split("http://").nth(1) {
-            addrs.push(rest.split_whitespace().next().unwrap().trim_end_matches(';').to_owned());
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let key = std::fs::read_to_string(state.join("token-broker/client-key"))
-        .ok()
-        .map(|k| k.trim().to_owned());
-    Running { child, addrs, key }
-}
-
-struct Cred {
-    sim: Arc<ProviderServer>,
-    dir: tempfile::TempDir,
-    auth: PathBuf,
-}
-
-impl Cred {
-    fn new() -> Cred {
-        let sim = Arc::new(ProviderServer::start(SimConfig::default()).unwrap());
-        let dir = tempfile::tempdir().unwrap();
-        let issued = sim.sign_in(3600.0);
-        let auth = dir.path().join("auth.json");
-        std::fs::write(&auth, codex_auth_json(&issued)).unwrap();
-        Cred { sim, dir, auth }
-    }
-
-    fn proxy(&self, upstream: &str) -> Running {
-        let stderr = self.dir.path().join("proxy.stderr");
-        let child = cli_command()
-            .arg("proxy")
-            .args(["--listen", "127.0.0.1:0", "--upstream", upstream, "--auth-file"])
-            .arg(&self.auth)
-            .args(["--token-url", &self.sim.token_url()])
-            .env("XDG_STATE_HOME", self.dir.path())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        started(child, self.dir.path(), stderr, 1)
-    }
-
-    /// `token-broker serve` with one proxy `t` to `upstream`, with `extra`
-    /// settings.
-    fn serve(&self, upstream: &str, extra: &str) -> Running {
-        let socket = self.dir.path().join("run/tb.sock");
-        let config = self.dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[daemon]\nsocket = {socket:?}\n\n[profiles.codex]\nprovider = \"codex\"\nauth_file = {:?}\n\
-                 token_url = {:?}\nwinner_wait = \"300ms\"\ntimeout = \"10s\"\n\n\
-                 [proxies.t]\nprofile = \"codex\"\nlisten = \"127.0.0.1:0\"\nupstream = {upstream:?}\n{extra}\n",
-                self.auth,
-                self.sim.token_url()
-            ),
-        )
-        .unwrap();
-        let stderr = self.dir.path().join("serve.stderr");
-        let child = cli_command()
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("XDG_STATE_HOME", self.dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        started(child, self.dir.path(), stderr, 1)
-    }
-}
-
-// ---------------------------------------------------------------------
-// A raw client.
-
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// Reads one answer (`head_only` for a HEAD or a status without a body).
-fn read_answer(reader: &mut BufReader<TcpStream>, head_only: bool) -> Option<Answer> {
-    let mut head = String::new();
-    loop {
-        let mut l = String::new();
-        if reader.read_line(&mut l).ok()? == 0 {
-            return None;
-        }
-        if l == "\r\n" || l == "\n" {
-            if head.is_empty() {
-                continue;
-            }
-            break;
-        }
-        head.push_str(&l);
-    }
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    let find = |name: &str| {
-        head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-        })
-    };
-    let mut body = Vec::new();
-    if head_only || status == 204 || status == 304 {
-    } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size).ok()?;
-            let n = usize::from_str_radix(size.trim(), 16).ok()?;
-            if n == 0 {
-                let mut end = String::new();
-                reader.read_line(&mut end).ok()?;
-                break;
-            }
-            let mut c = vec![0; n + 2];
-            reader.read_exact(&mut c).ok()?;
-            body.extend_from_slice(&c[..n]);
-        }
-    } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body = vec![0; n];
-        reader.read_exact(&mut body).ok()?;
-    } else {
-        reader.read_to_end(&mut body).ok()?;
-    }
-    Some(Answer { status, body })
-}
-
-fn connect(addr: &str) -> (TcpStream, BufReader<TcpStream>) {
-    let stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let reader = BufReader::new(stream.try_clone().unwrap());
-    (stream, reader)
-}
-
-fn get(addr: &str, key: &str, target: &str) -> Option<Answer> {
-    let (mut stream, mut reader) = connect(addr);
-    stream
-        .write_all(
-            format!("GET {target} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .unwrap();
-    read_answer(&mut reader, false)
-}
-
-// ---------------------------------------------------------------------
 // The findings.
 
 /// An upstream may answer before it has read a request's body (a 413, a
@@ -381,8 +191,12 @@ fn an_answer_that_ends_before_its_upload_is_written_does_not_hold_up_the_next_re
     // A body kept whole (under retry_body_limit) and far larger than what
     // the sockets between the proxy and the upstream buffer.
     let daemon = cred.serve(
-        &upstream.origin(),
-        "retry_body_limit = 134217728\nresponse_timeout = \"3s\"",
+        &format!(
+            "[proxies.t]\nprofile = \"codex\"\nlisten = \"127.0.0.1:0\"\nupstream = {:?}\n\
+             retry_body_limit = 134217728\nresponse_timeout = \"3s\"\n",
+            upstream.origin()
+        ),
+        1,
     );
     let size = 48 << 20;
     let (mut stream, mut reader) = connect(daemon.addr());
@@ -455,7 +269,7 @@ fn a_pooled_connection_never_carries_one_answer_into_the_next_request() {
         }
         other => ok(s, &format!("at {other}")),
     });
-    let proxy = cred.proxy(&upstream.origin());
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
     let key = proxy.key().to_owned();
     let (mut stream, mut reader) = connect(proxy.addr());
     for first in [
@@ -513,7 +327,7 @@ fn an_abandoned_answer_never_reaches_the_next_client_and_targets_are_not_mixed()
         }
         other => ok(s, &format!("at {other}")),
     });
-    let proxy = cred.proxy(&upstream.origin());
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
     let key = proxy.key().to_owned();
     {
         let (mut stream, mut reader) = connect(proxy.addr());

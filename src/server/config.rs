@@ -306,7 +306,8 @@ pub struct EtcdProfile {
     pub spool_dir: Option<PathBuf>,
     /// `takeover`: `wait` (default) or `retry-once`.
     pub takeover: crate::store::Takeover,
-    /// `lease_ttl`: the lock's lease (default 30 s).
+    /// `lease_ttl`: the lock's lease (default: 30 s, or twice the timeout
+    /// plus a second when that is longer: 62 s with the default 30 s).
     pub lease_ttl: Duration,
 }
 
@@ -1105,7 +1106,7 @@ impl RawProfile {
                 ))
             }
             Some(ttl) => ttl,
-            None => Duration::from_secs(30).max(needed * 2),
+            None => Duration::from_secs(30).max((timeout + crate::defaults::TIMEOUT_GRACE) * 2),
         };
         let path = |key: &str, value: &Option<String>| -> Result<Option<PathBuf>, String> {
             value

@@ -12,6 +12,12 @@ use std::time::{Duration, SystemTime};
 
 mod cli;
 
+/// The binary's allocator (the library leaves the choice to its embedder):
+/// mimalloc's thread-local free lists serve the proxy's and the daemon's
+/// many small, short-lived allocations for less than glibc's malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use token_broker::provider::ClientAuth;
 use token_broker::server::client::{ClientError, DaemonClient};
@@ -110,6 +116,10 @@ struct ProxyArgs {
     /// a 401.
     #[arg(long, value_name = "BYTES", default_value_t = token_broker::server::config::DEFAULT_RETRY_BODY_LIMIT)]
     retry_body_limit: usize,
+    /// The most header fields an upstream's answer may have (an answer
+    /// with more is a 502); above the default, every answer costs more.
+    #[arg(long, value_name = "N", default_value_t = token_broker::server::config::DEFAULT_MAX_UPSTREAM_HEADERS)]
+    max_upstream_headers: usize,
 }
 
 #[derive(Debug, Args)]
@@ -730,6 +740,7 @@ async fn run_proxy(broker: &TokenBroker, args: &ProxyArgs, signals: &mut Signals
     config.allow_remote = args.allow_remote;
     config.require_client_key = !args.no_client_key;
     config.retry_body_limit = args.retry_body_limit;
+    config.max_upstream_headers = args.max_upstream_headers;
     if let Err(why) = config.check() {
         return Err(CliError::Broker(BrokerError::Config(why)));
     }

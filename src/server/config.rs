@@ -148,6 +148,11 @@ pub struct ProxyConfig {
     pub response_timeout: Duration,
     /// At most this many client connections at once.
     pub max_connections: usize,
+    /// The most header fields an upstream's answer may have (HTTP/1.1;
+    /// 1 to [`MAX_MAX_UPSTREAM_HEADERS`]); an answer with more is a 502
+    /// `upstream_head_too_large`. The default, 100, is also the cheapest:
+    /// see [`DEFAULT_MAX_UPSTREAM_HEADERS`].
+    pub max_upstream_headers: usize,
 }
 
 impl ProxyConfig {
@@ -163,17 +168,24 @@ impl ProxyConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_upstream_headers: DEFAULT_MAX_UPSTREAM_HEADERS,
         }
     }
 
     /// Checks the settings that do not depend on the profiles: a loopback
     /// `listen` unless `allow_remote`, an `https://` upstream unless its
     /// host is loopback, `max_connections` from 1 to
-    /// [`MAX_MAX_CONNECTIONS`].
+    /// [`MAX_MAX_CONNECTIONS`], `max_upstream_headers` from 1 to
+    /// [`MAX_MAX_UPSTREAM_HEADERS`].
     pub fn check(&self) -> Result<(), String> {
         if self.max_connections == 0 || self.max_connections > MAX_MAX_CONNECTIONS {
             return Err(format!(
                 "max_connections must be at least 1 and at most {MAX_MAX_CONNECTIONS}"
+            ));
+        }
+        if self.max_upstream_headers == 0 || self.max_upstream_headers > MAX_MAX_UPSTREAM_HEADERS {
+            return Err(format!(
+                "max_upstream_headers must be at least 1 and at most {MAX_MAX_UPSTREAM_HEADERS}"
             ));
         }
         if self.allow_remote && !self.require_client_key {
@@ -221,6 +233,15 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// the proxy's semaphore, a panic that stops the proxy; no process has
 /// that many descriptors anyway).
 pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
+/// The most header fields an upstream's answer may have, by default:
+/// hyper's own cap, and real model APIs send a few dozen. It is also the
+/// fast one: hyper parses a head into two arrays of the cap's size, on the
+/// stack and untouched at its own default, but filled slot by slot, and
+/// above 100 allocated, at every answer for any other cap.
+pub const DEFAULT_MAX_UPSTREAM_HEADERS: usize = 100;
+/// The most `max_upstream_headers` may be (each answer then costs two
+/// vectors of that many slots).
+pub const MAX_MAX_UPSTREAM_HEADERS: usize = 10_000;
 
 /// The `[daemon]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -853,6 +874,7 @@ struct RawProxy {
     #[serde(default, deserialize_with = "response_timeout")]
     response_timeout: Option<Duration>,
     max_connections: Option<usize>,
+    max_upstream_headers: Option<usize>,
 }
 
 fn yes() -> bool {
@@ -881,6 +903,7 @@ impl RawProxy {
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             response_timeout: self.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT),
             max_connections,
+            max_upstream_headers: self.max_upstream_headers.unwrap_or(DEFAULT_MAX_UPSTREAM_HEADERS),
         };
         proxy.check()?;
         Ok(proxy)
@@ -1322,5 +1345,28 @@ timeout = "30s"
             c.profiles["a"].auth_file.as_deref(),
             Some(Path::new("/etc/tb/a/auth.json"))
         );
+    }
+
+    #[test]
+    fn max_upstream_headers_defaults_to_hypers_cap_and_is_bounded() {
+        let proxy = |extra: &str| {
+            Config::parse(
+                &format!(
+                    "[profiles.a]\nprovider = \"codex\"\n[proxies.p]\nprofile = \"a\"\n\
+                     listen = \"127.0.0.1:8788\"\nupstream = \"https://example.com/v1\"\n{extra}"
+                ),
+                None,
+            )
+        };
+        let c = proxy("").unwrap();
+        assert_eq!(c.proxies["p"].max_upstream_headers, DEFAULT_MAX_UPSTREAM_HEADERS);
+        assert_eq!(
+            proxy("max_upstream_headers = 256\n").unwrap().proxies["p"].max_upstream_headers,
+            256
+        );
+        for bad in ["0", "10001", "18446744073709551615"] {
+            let e = proxy(&format!("max_upstream_headers = {bad}\n")).unwrap_err();
+            assert!(e.to_string().contains("max_upstream_headers"), "{bad}: {e}");
+        }
     }
 }

@@ -223,22 +223,45 @@ impl ClientKey {
     }
 
     /// Whether `headers` carry the key as a bearer token (in constant time).
+    /// On the header's bytes: the key is base64url, so a value that is not
+    /// visible ASCII cannot match it anyway, and checking that first (as
+    /// `to_str` does) doubled the cost of the check on every request.
     fn admits(&self, headers: &HeaderMap) -> bool {
-        use subtle::ConstantTimeEq;
-        let Some(sent) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer)
-        else {
+        let Some(sent) = headers.get(header::AUTHORIZATION).and_then(|v| bearer(v.as_bytes())) else {
             return false;
         };
-        sent.as_bytes().ct_eq(self.key.expose().as_bytes()).into()
+        same_in_constant_time(sent, self.key.expose().as_bytes())
     }
 }
 
-fn bearer(value: &str) -> Option<&str> {
-    let (scheme, rest) = value.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+/// `a == b`, in a time that depends on their lengths alone (never on
+/// where they first differ): the XOR of each 8-byte word is gathered
+/// behind an optimisation barrier (`black_box`) so that the compiler
+/// cannot stop at the first difference. A word at a time, not a byte at
+/// a time as `subtle` does: its barrier for each of the key's 43 bytes
+/// cost more than the rest of the check.
+fn same_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (a_words, a_rest) = a.as_chunks::<8>();
+    let (b_words, b_rest) = b.as_chunks::<8>();
+    let mut differ = 0u64;
+    for (x, y) in a_words.iter().zip(b_words) {
+        differ = std::hint::black_box(differ | (u64::from_ne_bytes(*x) ^ u64::from_ne_bytes(*y)));
+    }
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        differ = std::hint::black_box(differ | u64::from(x ^ y));
+    }
+    differ == 0
+}
+
+/// The credentials of an `Authorization: Bearer <credentials>` value (the
+/// scheme in any case), without the blanks around them.
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = value.split_at_checked(6)?;
+    (scheme.eq_ignore_ascii_case(b"bearer") && rest.first() == Some(&b' ')).then(|| rest.trim_ascii())
 }
 
 /// Where a proxy gets its tokens.
@@ -554,8 +577,9 @@ impl Proxy {
                     .build()
                     .ok()?;
                 let mut builder = hyper::client::conn::http1::Builder::new();
-                // An answer may carry many headers (hyper's default is 100).
-                builder.max_headers(MAX_UPSTREAM_HEADERS);
+                if let Some(cap) = header_cap(&config) {
+                    builder.max_headers(cap);
+                }
                 Some(H1Pool::new(http.clone(), target, builder, config.max_connections))
             })
             .flatten();
@@ -565,13 +589,15 @@ impl Proxy {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        let mut client = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+        client
             .pool_idle_timeout(Duration::from_secs(90))
-            // An answer may carry many headers (hyper's default is 100).
-            .http1_max_headers(MAX_UPSTREAM_HEADERS)
             .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
+            .timer(TokioTimer::new());
+        if let Some(cap) = header_cap(&config) {
+            client.http1_max_headers(cap);
+        }
+        let client = client.build(https);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ProxyError::Listen {
@@ -771,16 +797,17 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
             "the request's path cannot be forwarded",
         )
     })?;
-    let headers = forwarded(&parts.headers);
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let headers = forwarded(parts.headers);
     let body = Kept::read(body, declared, inner.config.retry_body_limit, &inner.metrics).await?;
     let sent = inner.source.token().await?;
+    // A kept body can be sent again after a 401, with the same headers.
     let (first_body, kept) = match body {
-        Kept::Whole(bytes) => (Up::Whole(Some(bytes.clone())), Some(bytes)),
+        Kept::Whole(bytes) => (Up::Whole(Some(bytes.clone())), Some((bytes, headers.clone()))),
         Kept::Streamed(body) => (body, None),
     };
     let (first, back) = send(inner, &parts.method, &url, headers, first_body, &sent).await?;
@@ -802,7 +829,7 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
         // mend. The client sees the 401.
         return Ok(stream_back(inner, first, back).await);
     }
-    let Some(bytes) = kept else {
+    let Some((bytes, headers)) = kept else {
         // Too large to send again: the client sees the 401, once the
         // token is refreshed, so that its retry goes with the new one.
         let _ = inner.source.reject(&sent.reply.access_token).await;
@@ -812,7 +839,6 @@ async fn proxy(inner: &Inner, request: Request<Incoming>) -> Result<Response<Out
     drop((first, back));
     let fresh = inner.source.reject(&sent.reply.access_token).await?;
     inner.metrics.retry();
-    let headers = forwarded(&parts.headers);
     let (second, back) = send(inner, &parts.method, &url, headers, Up::Whole(Some(bytes)), &fresh).await?;
     if second.status() == StatusCode::UNAUTHORIZED {
         inner.refused_at_once(&fresh.reply.access_token);
@@ -855,12 +881,17 @@ fn plain_path(path: &str) -> bool {
     })
 }
 
-/// The most header fields an upstream's answer may have (hyper's default
-/// is 100; real answers carry a few dozen at most). hyper's client makes
-/// room for this many at every answer it parses, whatever it holds: 1,000
-/// cost about 10,000 instructions an answer (two 1,000-slot vectors filled
-/// and freed), a seventh of the proxy's work a request.
-const MAX_UPSTREAM_HEADERS: usize = 256;
+/// The cap on an upstream answer's header fields to give hyper's HTTP/1
+/// client: none at the default of 100, which is hyper's own. hyper parses
+/// an answer's head into two arrays of that many slots: at its default
+/// they sit on the stack untouched, while any cap it is given, even 100,
+/// is two vectors filled slot by slot and, above 100, allocated and freed
+/// at every answer (at 256, about 2,500 instructions and 16 KB written an
+/// answer, a twelfth of the proxy's work on a small one).
+fn header_cap(config: &ProxyConfig) -> Option<usize> {
+    (config.max_upstream_headers != crate::server::config::DEFAULT_MAX_UPSTREAM_HEADERS)
+        .then_some(config.max_upstream_headers)
+}
 
 /// Whether `name` is a hop-by-hop header (RFC 9110 section 7.6.1): a
 /// match on its text, for the loops over every header of every request
@@ -914,32 +945,34 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// The client's headers the upstream never gets (besides the hop-by-hop
-/// ones): its `Host` (the upstream's is set), its credentials and account
-/// (the profile's are set), and `Expect` (the proxy reads the body itself):
-/// `host`, `authorization`, `expect` and [`ACCOUNT_HEADER`].
-fn not_forwarded(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "host" | "authorization" | "expect" | "chatgpt-account-id"
-    )
+/// The client's headers the upstream never gets: the hop-by-hop ones,
+/// `Expect` (the proxy reads the body itself) and [`ACCOUNT_HEADER`] (a
+/// codex profile's own is set). Its `Host` and `Authorization` are
+/// replaced in [`send`].
+fn dropped(name: &HeaderName) -> bool {
+    is_hop_by_hop(name) || matches!(name.as_str(), "expect" | "chatgpt-account-id")
 }
 
-/// The client's headers as the upstream gets them (before the token).
-/// Made by copying the others (each a reference count) into a new map: a
-/// clone of the whole and a lookup of each name to remove cost twice as
-/// much.
-fn forwarded(client: &HeaderMap) -> HeaderMap {
-    let named = connection_named(client);
-    let mut headers = HeaderMap::with_capacity(client.keys_len() + 2);
-    let (mut agent, mut accept) = (false, false);
-    for (name, value) in client {
-        if is_hop_by_hop(name) || not_forwarded(name) || named.contains(name) {
-            continue;
-        }
+/// The client's headers as the upstream gets them (before [`send`] sets
+/// the token, the account and the `Host`): changed in place, since mostly
+/// there is nothing to remove (a new map cost a hash and an append for
+/// each header that stays).
+fn forwarded(mut headers: HeaderMap) -> HeaderMap {
+    let (mut some_dropped, mut agent, mut accept) = (false, false, false);
+    for name in headers.keys() {
+        some_dropped |= dropped(name);
         agent |= name == header::USER_AGENT;
         accept |= name == header::ACCEPT;
-        headers.append(name.clone(), value.clone());
+    }
+    if some_dropped {
+        let mut named = connection_named(&headers);
+        named.extend(headers.keys().filter(|name| dropped(name)).cloned());
+        for name in &named {
+            headers.remove(name);
+        }
+        // `Connection` may have named either.
+        agent = headers.contains_key(header::USER_AGENT);
+        accept = headers.contains_key(header::ACCEPT);
     }
     // What the upstream's client set when the client's request had none.
     if !agent {
@@ -1369,9 +1402,11 @@ async fn send(
     sending: &Sending,
 ) -> Result<(Response<Incoming>, Option<Back>), Refusal> {
     let (bearer, account) = inner.token_headers(sending)?;
-    if let Some(host) = &inner.upstream.host {
-        headers.insert(header::HOST, host.clone());
-    }
+    match &inner.upstream.host {
+        Some(host) => headers.insert(header::HOST, host.clone()),
+        // The client sets the upstream's.
+        None => headers.remove(header::HOST),
+    };
     headers.insert(header::AUTHORIZATION, bearer);
     if let Some(account) = account {
         headers.insert(ACCOUNT_HEADER, account);
@@ -1428,6 +1463,18 @@ async fn send(
             ))
         }
         Ok(Err(e)) if timed_out(&*e) => return Err(upstream_timeout(inner, "connecting")),
+        Ok(Err(e)) if head_too_large(&*e) => {
+            return Err(Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_head_too_large",
+                format!(
+                    "the upstream {} answered with a head this proxy will not read: more than {} header fields \
+                     (raise max_upstream_headers, or --max-upstream-headers, if that upstream is trusted) \
+                     or too many bytes",
+                    inner.config.upstream, inner.config.max_upstream_headers
+                ),
+            ))
+        }
         Ok(Err(e)) => {
             return Err(Refusal::new(
                 StatusCode::BAD_GATEWAY,
@@ -1450,6 +1497,21 @@ fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(e) = cause {
         if e.downcast_ref::<Stalled>().is_some() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// Whether `e` is an upstream answer whose head hyper refused to read:
+/// more header fields than the cap, or more bytes than its buffer.
+fn head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+        {
             return true;
         }
         cause = e.source();
@@ -1674,6 +1736,40 @@ where
 #[cfg(test)]
 mod tests {
     #[test]
+    fn keys_are_compared_whole() {
+        let key = b"Zm9vYmFyYmF6cXV4cXV1eHF1dXpxdXV6cXV1enF1dXo";
+        assert!(super::same_in_constant_time(key, key));
+        assert!(super::same_in_constant_time(b"", b""));
+        for i in 0..key.len() {
+            let mut other = *key;
+            other[i] ^= 1;
+            assert!(!super::same_in_constant_time(key, &other), "byte {i}");
+        }
+        assert!(!super::same_in_constant_time(key, &key[..42]));
+        assert!(!super::same_in_constant_time(&key[..42], key));
+    }
+
+    #[test]
+    fn the_bearer_credentials_are_read_as_clients_write_them() {
+        for (value, credentials) in [
+            (&b"Bearer abc"[..], Some(&b"abc"[..])),
+            (b"bearer abc", Some(b"abc")),
+            (b"BEARER  abc ", Some(b"abc")),
+            (b" Bearer abc\t", Some(b"abc")),
+            (b"Bearer ", None),
+            (b"Bearer", None),
+            (b"Bearerabc", None),
+            (b"Bearer\tabc", None),
+            (b"Basic abc", None),
+            (b"Bearer\xffabc", None),
+            (b"", None),
+            (b"B\xc3\xa9arer abc", None),
+        ] {
+            assert_eq!(super::bearer(value), credentials, "{}", String::from_utf8_lossy(value));
+        }
+    }
+
+    #[test]
     fn only_plain_paths_are_forwarded() {
         for good in [
             "/",
@@ -1723,22 +1819,62 @@ mod tests {
     #[test]
     fn the_header_predicates_match_their_lists() {
         for name in &HOP_BY_HOP {
-            assert!(is_hop_by_hop(name) && !not_forwarded(name), "{name}");
+            assert!(is_hop_by_hop(name) && dropped(name), "{name}");
         }
-        for name in [header::HOST, header::AUTHORIZATION, header::EXPECT, ACCOUNT_HEADER] {
-            assert!(not_forwarded(&name) && !is_hop_by_hop(&name), "{name}");
+        for name in [header::EXPECT, ACCOUNT_HEADER] {
+            assert!(dropped(&name) && !is_hop_by_hop(&name), "{name}");
         }
         for name in [
             header::CONTENT_TYPE,
             header::USER_AGENT,
+            header::HOST,
+            header::AUTHORIZATION,
             header::PROXY_AUTHENTICATE.clone(),
             HeaderName::from_static("x-te"),
             HeaderName::from_static("hosts"),
         ] {
             let hop = HOP_BY_HOP.contains(&name);
             assert_eq!(is_hop_by_hop(&name), hop, "{name}");
-            assert!(!not_forwarded(&name), "{name}");
+            assert_eq!(dropped(&name), hop, "{name}");
         }
+    }
+
+    #[test]
+    fn a_requests_headers_lose_what_the_upstream_must_not_get() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("host", "127.0.0.1:8788"),
+            ("authorization", "Bearer client-key"),
+            ("content-type", "application/json"),
+            ("connection", "keep-alive, x-private, user-agent"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("user-agent", "sdk/1"),
+            ("expect", "100-continue"),
+            ("chatgpt-account-id", "someone-else"),
+            ("x-kept", "a"),
+            ("x-kept", "b"),
+        ] {
+            headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        let out = forwarded(headers);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        for gone in ["connection", "keep-alive", "x-private", "expect", "chatgpt-account-id"] {
+            assert!(!names.contains(&gone), "{gone} in {names:?}");
+        }
+        // Named by Connection: the proxy's own user agent instead.
+        assert!(out[header::USER_AGENT].to_str().unwrap().starts_with("token-broker/"));
+        assert_eq!(out[header::ACCEPT], "*/*");
+        assert_eq!(out.get_all("x-kept").iter().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(out[header::CONTENT_TYPE], "application/json");
+        // Replaced by `send`: the upstream's Host and the profile's token.
+        assert!(out.contains_key(header::HOST) && out.contains_key(header::AUTHORIZATION));
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::USER_AGENT, HeaderValue::from_static("sdk/1"));
+        plain.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
+        let out = forwarded(plain.clone());
+        assert_eq!(out, plain);
     }
 
     #[test]

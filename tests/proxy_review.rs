@@ -1485,3 +1485,24 @@ fn a_remote_listener_without_a_client_key_is_refused() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// Review 12c, finding (low, older than the change): a `Connection`
+/// header with a byte that is not ASCII anywhere in its value (obs-text,
+/// which HTTP/1.1 parsers accept) was skipped whole when its names were
+/// read, so the headers it names reached the upstream.
+#[test]
+fn headers_named_by_a_connection_value_with_obs_text_never_reach_the_upstream() {
+    let cred = Cred::new();
+    let upstream = RawUpstream::start(|_, s| ok(s, "ok"));
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
+    let key = proxy.key().to_owned();
+    let mut raw = format!(
+        "GET /v1/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\nX-Secret-Hop: 1\r\nConnection: X-Secret-Hop, caf"
+    )
+    .into_bytes();
+    raw.extend_from_slice(b"\xc3\xa9\r\nConnection: close\r\n\r\n");
+    let answer = send_raw(proxy.addr(), &raw).unwrap();
+    assert_eq!(answer.status, 200, "{answer:?} {}", answer.text());
+    let s = &upstream.seen()[0];
+    assert!(s.header("x-secret-hop").is_none(), "{}", s.head_text());
+}

@@ -936,12 +936,13 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
     if !headers.keys().any(|name| name == header::CONNECTION) {
         return Vec::new();
     }
+    // On the bytes: a value with a byte that is not ASCII (obs-text, which
+    // HTTP/1.1 parsers accept) still names the others.
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
         .collect()
 }
 
@@ -1901,6 +1902,22 @@ mod tests {
                 ("x-request-id", "s")
             ]
         );
+    }
+
+    #[test]
+    fn a_connection_value_with_obs_text_still_names_its_headers() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-private, caf\xc3\xa9").unwrap(),
+        );
+        headers.append(HeaderName::from_static("x-private"), HeaderValue::from_static("1"));
+        headers.append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let mut answer = headers.clone();
+        drop_hop_by_hop(&mut answer);
+        assert_eq!(answer.keys().collect::<Vec<_>>(), [header::CONTENT_TYPE]);
+        let request = forwarded(headers);
+        assert!(!request.contains_key("x-private") && !request.contains_key(header::CONNECTION));
     }
 
     fn events(range: std::ops::Range<usize>) -> Vec<Result<Bytes, reqwest::Error>> {

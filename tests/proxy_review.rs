@@ -1486,6 +1486,85 @@ fn a_remote_listener_without_a_client_key_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 
+/// Review 12c: the client's headers are now edited in place and `send`
+/// replaces `Host` and `Authorization`. Several of each (in odd case), a
+/// `Connection` that names them, several account ids: the upstream still
+/// gets exactly one `Host` (its own), one `Authorization` (the token),
+/// one account id (the profile's), never the client key, and the retry
+/// after a 401 carries the same headers with the new token.
+#[test]
+fn duplicated_credentials_and_hosts_never_reach_the_upstream_even_on_the_retry() {
+    let cred = Cred::new();
+    let old = cred.issued.access_token.clone();
+    let upstream = RawUpstream::start(move |r, s| {
+        if r.header("authorization") == Some(format!("Bearer {old}").as_str()) {
+            let _ = write!(s, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n");
+        } else {
+            ok(s, "ok");
+        }
+    });
+    let proxy = cred.proxy(&upstream.origin(), &[], &[]);
+    let key = proxy.key().to_owned();
+    let answer = send_raw(
+        proxy.addr(),
+        format!(
+            "POST /v1/x HTTP/1.1\r\nHOST: evil.example\r\nAuthorization: Bearer {key}\r\n\
+             aUTHORIZATION: Bearer {key}\r\nhost: evil2.example\r\nChatGPT-Account-Id: a\r\n\
+             CHATGPT-ACCOUNT-ID: b\r\nConnection: Authorization, HOST\r\nconnection: close\r\n\
+             X-Kept: 1\r\nx-kept: 2\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(answer.status, 200, "{answer:?} {}", answer.text());
+    let seen = upstream.seen();
+    assert_eq!(
+        seen.len(),
+        2,
+        "the first with the old token, the retry with the new one"
+    );
+    let count = |s: &Seen, name: &str| s.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).count();
+    for s in &seen {
+        let head = s.head_text();
+        assert!(!head.contains(&key), "the client key reached the upstream:\n{head}");
+        assert!(
+            !head.contains("evil"),
+            "the client's Host reached the upstream:\n{head}"
+        );
+        for one in ["host", "authorization", "chatgpt-account-id"] {
+            assert_eq!(count(s, one), 1, "{one}:\n{head}");
+        }
+        assert_eq!(s.header("host"), Some(upstream.addr.as_str()), "{head}");
+        assert_eq!(
+            s.header("chatgpt-account-id"),
+            Some(cred.issued.account_id.as_str()),
+            "{head}"
+        );
+        assert_eq!(count(s, "x-kept"), 2, "{head}");
+        assert!(
+            s.header("connection").is_none_or(|v| !v.contains("uthorization")),
+            "{head}"
+        );
+    }
+    assert_eq!(
+        seen[1].header("authorization"),
+        Some(format!("Bearer {}", cred.current_token()).as_str())
+    );
+    assert_ne!(seen[0].header("authorization"), seen[1].header("authorization"));
+    let others = |s: &Seen| -> Vec<(String, String)> {
+        let mut h: Vec<_> = s
+            .headers
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case("authorization"))
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+            .collect();
+        h.sort();
+        h
+    };
+    assert_eq!(others(&seen[0]), others(&seen[1]), "the retry's headers differ");
+    assert_eq!(seen[0].body, seen[1].body);
+}
+
 /// Review 12c, finding (low, older than the change): a `Connection`
 /// header with a byte that is not ASCII anywhere in its value (obs-text,
 /// which HTTP/1.1 parsers accept) was skipped whole when its names were

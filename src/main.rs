@@ -116,8 +116,9 @@ struct ProxyArgs {
     /// a 401.
     #[arg(long, value_name = "BYTES", default_value_t = token_broker::server::config::DEFAULT_RETRY_BODY_LIMIT)]
     retry_body_limit: usize,
-    /// The most header fields an upstream's answer may have (an answer
-    /// with more is a 502); above the default, every answer costs more.
+    /// The most header fields an upstream's HTTP/1.1 answer may have (an
+    /// answer with more is a 502; HTTP/2 answers are not counted); above
+    /// the default, every answer costs more.
     #[arg(long, value_name = "N", default_value_t = token_broker::server::config::DEFAULT_MAX_UPSTREAM_HEADERS)]
     max_upstream_headers: usize,
 }

@@ -12,12 +12,6 @@ use std::time::{Duration, SystemTime};
 
 mod cli;
 
-/// The binary's allocator (the library leaves the choice to its embedder):
-/// mimalloc's thread-local free lists serve the proxy's and the daemon's
-/// many small, short-lived allocations for less than glibc's malloc.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use token_broker::provider::ClientAuth;
 use token_broker::server::client::{ClientError, DaemonClient};

@@ -8,156 +8,16 @@ mod common;
 #[path = "common/raw_proxy.rs"]
 mod raw_proxy;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::io::{BufRead, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use raw_proxy::*;
 
-// ---------------------------------------------------------------------
-// A raw upstream: one thread a connection, each request's head and body
-// read, then the handler writes whatever it likes on the socket.
-
-/// One request as the upstream read it (its request line; its body is
-/// read and dropped).
-#[derive(Clone, Debug)]
-struct Seen {
-    line: String,
-}
-
-impl Seen {
-    fn target(&self) -> &str {
-        self.line.split(' ').nth(1).unwrap_or("")
-    }
-}
-
-/// What the handler says about the connection after an answer.
-enum Then {
-    KeepAlive,
-    Close,
-}
-
-type Handler = dyn Fn(&Seen, &mut TcpStream) -> Then + Send + Sync;
-
-struct RawUpstream {
-    addr: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    connections: Arc<AtomicU64>,
-}
-
-impl RawUpstream {
-    /// `early` answers a request from its head alone, before its body is
-    /// read (the path and the socket are given): used when Some returns.
-    fn start(
-        early: impl Fn(&str, &mut TcpStream) -> bool + Send + Sync + 'static,
-        handler: impl Fn(&Seen, &mut TcpStream) -> Then + Send + Sync + 'static,
-    ) -> RawUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let connections = Arc::new(AtomicU64::new(0));
-        let handler: Arc<Handler> = Arc::new(handler);
-        type Early = dyn Fn(&str, &mut TcpStream) -> bool + Send + Sync;
-        let early: Arc<Early> = Arc::new(early);
-        {
-            let (seen, connections) = (seen.clone(), connections.clone());
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(stream) = stream else { continue };
-                    connections.fetch_add(1, Ordering::SeqCst);
-                    let (seen, handler, early) = (seen.clone(), handler.clone(), early.clone());
-                    std::thread::spawn(move || serve_raw(stream, &seen, &*early, &*handler));
-                }
-            });
-        }
-        RawUpstream {
-            addr,
-            seen,
-            connections,
-        }
-    }
-
-    fn origin(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn targets(&self) -> Vec<String> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|s| s.target().to_owned())
-            .collect()
-    }
-}
-
-fn serve_raw(
-    stream: TcpStream,
-    seen: &Mutex<Vec<Seen>>,
-    early: &(dyn Fn(&str, &mut TcpStream) -> bool + Send + Sync),
-    handler: &Handler,
-) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let line = line.trim_end().to_owned();
-        if line.is_empty() {
-            continue;
-        }
-        let mut length = 0;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((n, v)) = h.split_once(':') {
-                if n.trim().eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let target = line.split(' ').nth(1).unwrap_or("").to_owned();
-        if early(&target, &mut writer) {
-            return;
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let request = Seen { line };
-        seen.lock().unwrap().push(request.clone());
-        let then = handler(&request, &mut writer);
-        let _ = writer.flush();
-        if let Then::Close = then {
-            let _ = writer.shutdown(std::net::Shutdown::Both);
-            return;
-        }
-    }
-}
-
-fn no_early(_: &str, _: &mut TcpStream) -> bool {
-    false
-}
-
 /// A 200 with `body`, kept alive.
-fn ok(stream: &mut TcpStream, body: &str) -> Then {
-    let _ = write!(
-        stream,
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+fn ok_kept(stream: &mut TcpStream, body: &str) -> Then {
+    ok(stream, body);
     Then::KeepAlive
 }
 
@@ -174,7 +34,7 @@ fn ok(stream: &mut TcpStream, body: &str) -> Then {
 #[test]
 fn an_answer_that_ends_before_its_upload_is_written_does_not_hold_up_the_next_request() {
     let cred = Cred::new();
-    let upstream = RawUpstream::start(
+    let upstream = RawUpstream::start_with(
         |target, s| {
             if target != "/early" {
                 return false;
@@ -186,7 +46,7 @@ fn an_answer_that_ends_before_its_upload_is_written_does_not_hold_up_the_next_re
             std::thread::sleep(Duration::from_secs(40));
             true
         },
-        |r, s| ok(s, &format!("at {}", r.target())),
+        |r, s| ok_kept(s, &format!("at {}", r.target())),
     );
     // A body kept whole (under retry_body_limit) and far larger than what
     // the sockets between the proxy and the upstream buffer.
@@ -227,7 +87,7 @@ fn an_answer_that_ends_before_its_upload_is_written_does_not_hold_up_the_next_re
 #[test]
 fn a_pooled_connection_never_carries_one_answer_into_the_next_request() {
     let cred = Cred::new();
-    let upstream = RawUpstream::start(no_early, |r, s| match r.target() {
+    let upstream = RawUpstream::start_with(no_early, |r, s| match r.target() {
         "/extra-at-once" => {
             let _ = write!(
                 s,
@@ -267,7 +127,7 @@ fn a_pooled_connection_never_carries_one_answer_into_the_next_request() {
             let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
             Then::Close
         }
-        other => ok(s, &format!("at {other}")),
+        other => ok_kept(s, &format!("at {other}")),
     });
     let proxy = cred.proxy(&upstream.origin(), &[], &[]);
     let key = proxy.key().to_owned();
@@ -316,7 +176,7 @@ fn a_pooled_connection_never_carries_one_answer_into_the_next_request() {
 #[test]
 fn an_abandoned_answer_never_reaches_the_next_client_and_targets_are_not_mixed() {
     let cred = Cred::new();
-    let upstream = RawUpstream::start(no_early, |r, s| match r.target() {
+    let upstream = RawUpstream::start_with(no_early, |r, s| match r.target() {
         "/big" => {
             let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n");
             let _ = s.write_all(&[b'L'; 1000]);
@@ -325,7 +185,7 @@ fn an_abandoned_answer_never_reaches_the_next_client_and_targets_are_not_mixed()
             let _ = s.write_all(&[b'L'; 199_000]);
             Then::KeepAlive
         }
-        other => ok(s, &format!("at {other}")),
+        other => ok_kept(s, &format!("at {other}")),
     });
     let proxy = cred.proxy(&upstream.origin(), &[], &[]);
     let key = proxy.key().to_owned();

@@ -1,5 +1,5 @@
 //! A real `token-broker proxy` or `serve` process for the proxy's hostile
-//! reviews, and a raw HTTP/1.1 client: what tests/proxy_review.rs and
+//! reviews, a raw HTTP/1.1 client and a raw upstream: what tests/proxy_review.rs and
 //! tests/proxy_pool_review.rs share.
 //!
 //! Mount it with `#[path = "common/raw_proxy.rs"] mod raw_proxy;` next to
@@ -8,11 +8,11 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::common::*;
@@ -257,4 +257,206 @@ pub fn get(addr: &str, key: &str, target: &str) -> Option<Answer> {
         format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n")
             .as_bytes(),
     )
+}
+
+// ---------------------------------------------------------------------
+// A raw upstream: records every request as it arrived, answers through a
+// handler (and, with `start_with`, may answer from a request's head alone
+// or close the connection after an answer).
+
+/// One request as the upstream read it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// The request line.
+    pub line: String,
+    /// The header lines, as sent.
+    pub headers: Vec<(String, String)>,
+    /// The body, decoded from its framing.
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn method(&self) -> &str {
+        self.line.split(' ').next().unwrap_or("")
+    }
+    pub fn target(&self) -> &str {
+        self.line.split(' ').nth(1).unwrap_or("")
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn head_text(&self) -> String {
+        let mut s = self.line.clone();
+        for (n, v) in &self.headers {
+            s.push_str(&format!("\n{n}: {v}"));
+        }
+        s
+    }
+}
+
+/// What a handler says about the connection after its answer.
+pub enum Then {
+    KeepAlive,
+    Close,
+}
+
+type Handler = dyn Fn(&Seen, &mut TcpStream) -> Then + Send + Sync;
+type Early = dyn Fn(&str, &mut TcpStream) -> bool + Send + Sync;
+
+pub struct RawUpstream {
+    pub addr: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// The connections it accepted.
+    pub connections: Arc<AtomicU64>,
+}
+
+impl RawUpstream {
+    /// Answers every request with `handler`, keeping the connection.
+    pub fn start(handler: impl Fn(&Seen, &mut TcpStream) + Send + Sync + 'static) -> RawUpstream {
+        RawUpstream::start_with(no_early, move |r, s| {
+            handler(r, s);
+            Then::KeepAlive
+        })
+    }
+
+    /// `early` may answer a request from its head alone, before its body
+    /// is read (given the target and the socket): then it returns true and
+    /// the connection is left. Else `handler` answers it and says whether
+    /// the connection stays.
+    pub fn start_with(
+        early: impl Fn(&str, &mut TcpStream) -> bool + Send + Sync + 'static,
+        handler: impl Fn(&Seen, &mut TcpStream) -> Then + Send + Sync + 'static,
+    ) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicU64::new(0));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let early: Arc<Early> = Arc::new(early);
+        {
+            let (seen, connections) = (seen.clone(), connections.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let (seen, handler, early) = (seen.clone(), handler.clone(), early.clone());
+                    std::thread::spawn(move || serve_raw(stream, &seen, &*early, &*handler));
+                }
+            });
+        }
+        RawUpstream {
+            addr,
+            seen,
+            connections,
+        }
+    }
+
+    pub fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The request targets it read, in order.
+    pub fn targets(&self) -> Vec<String> {
+        self.seen().iter().map(|s| s.target().to_owned()).collect()
+    }
+}
+
+/// Reads requests from one connection (keep-alive) and answers each.
+fn serve_raw(stream: TcpStream, seen: &Mutex<Vec<Seen>>, early: &Early, handler: &Handler) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let line = line.trim_end().to_owned();
+        if line.is_empty() {
+            continue;
+        }
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (n, v) = h.split_once(':').unwrap_or((h, ""));
+            headers.push((n.trim().to_owned(), v.trim().to_owned()));
+        }
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        if early(line.split(' ').nth(1).unwrap_or(""), &mut writer) {
+            return;
+        }
+        let mut body = Vec::new();
+        if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+            loop {
+                let mut size = String::new();
+                if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                    return;
+                }
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap_or(0);
+                if n == 0 {
+                    // Trailers, up to the empty line.
+                    loop {
+                        let mut t = String::new();
+                        if reader.read_line(&mut t).unwrap_or(0) == 0 || t.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let mut chunk = vec![0; n + 2];
+                if reader.read_exact(&mut chunk).is_err() {
+                    return;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else if let Some(n) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            let mut b = vec![0; n];
+            if reader.read_exact(&mut b).is_err() {
+                return;
+            }
+            body = b;
+        }
+        let request = Seen { line, headers, body };
+        seen.lock().unwrap().push(request.clone());
+        let then = handler(&request, &mut writer);
+        let _ = writer.flush();
+        if let Then::Close = then {
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// An `early` that never answers early.
+pub fn no_early(_: &str, _: &mut TcpStream) -> bool {
+    false
+}
+
+/// A 200 with `body`, keep-alive.
+pub fn ok(stream: &mut TcpStream, body: &str) {
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
 }

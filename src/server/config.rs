@@ -887,12 +887,6 @@ impl RawProxy {
             .listen
             .parse()
             .map_err(|_| "listen must be an address and port, such as 127.0.0.1:8788".to_owned())?;
-        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-        if max_connections == 0 || max_connections > MAX_MAX_CONNECTIONS {
-            return Err(format!(
-                "max_connections must be at least 1 and at most {MAX_MAX_CONNECTIONS}"
-            ));
-        }
         let proxy = ProxyConfig {
             profile: self.profile,
             listen,
@@ -902,9 +896,10 @@ impl RawProxy {
             retry_body_limit: self.retry_body_limit.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             response_timeout: self.response_timeout.unwrap_or(DEFAULT_RESPONSE_TIMEOUT),
-            max_connections,
+            max_connections: self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             max_upstream_headers: self.max_upstream_headers.unwrap_or(DEFAULT_MAX_UPSTREAM_HEADERS),
         };
+        // The ranges are checked there, as for a config made in code.
         proxy.check()?;
         Ok(proxy)
     }

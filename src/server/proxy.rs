@@ -1493,58 +1493,42 @@ async fn send(
     Ok(response)
 }
 
+/// `e` and its causes, outermost first.
+fn causes<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
 /// Whether `e` is a client's request body that stalled.
 fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(e) = cause {
-        if e.downcast_ref::<Stalled>().is_some() {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+    causes(e).any(|e| e.is::<Stalled>())
 }
 
 /// Whether `e` is an upstream answer whose head hyper refused to read:
 /// more header fields than the cap, or more bytes than its buffer.
 fn head_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(e) = cause {
-        if e.downcast_ref::<hyper::Error>()
+    causes(e).any(|e| {
+        e.downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_parse_too_large)
-        {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+    })
 }
 
 /// Whether `e` is the connect timeout.
 fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(e) = cause {
-        if e.downcast_ref::<std::io::Error>()
+    causes(e).any(|e| {
+        e.downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+    })
 }
 
 /// `e` and its causes, each once.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(e) = cause {
-        let more = e.to_string();
+    for cause in causes(e).skip(1) {
+        let more = cause.to_string();
         if !text.contains(&more) {
             text.push_str(": ");
             text.push_str(&more);
         }
-        cause = e.source();
     }
     text
 }

@@ -241,13 +241,7 @@ fn etcd_away_serves_valid_tokens_and_spends_nothing() {
         let (_, body) = socket_get(&host.socket, "/v1/profiles/codex/status");
         body.contains("\"coordination_unavailable\":false")
     });
-    let counts = fx.sim.counts();
-    assert_eq!(
-        (counts.token_requests, counts.reused),
-        (1, 0),
-        "{counts:?}\n{}",
-        d.logs()
-    );
+    one_refresh(&fx, &d.logs());
 }
 
 /// The holder is killed (SIGKILL) after the provider rotated the token and
@@ -509,8 +503,7 @@ fn killed_before_the_record() {
     f.kill_a();
     let b = f.start_b();
     let new = f.wait_new_token(1, &|| b.logs());
-    let counts = f.fx.sim.counts();
-    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+    one_refresh(&f.fx, "");
     assert!(f.fx.sim.is_live(&new));
 }
 
@@ -549,13 +542,7 @@ fn killed_after_the_response() {
     f.wait_interrupted(&b);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(f.token_at(1), f.issued.access_token);
-    let counts = f.fx.sim.counts();
-    assert_eq!(
-        (counts.token_requests, counts.reused),
-        (1, 0),
-        "{counts:?}\n{}",
-        b.logs()
-    );
+    one_refresh(&f.fx, &b.logs());
     no_secret_in(&f.fx, &b.logs());
 }
 
@@ -572,13 +559,7 @@ fn killed_after_the_spool_and_restarted() {
     assert!(f.a.logs().contains("spooled by an earlier attempt"), "{}", f.a.logs());
     let b = f.start_b();
     assert_eq!(f.token_at(1), new);
-    let counts = f.fx.sim.counts();
-    assert_eq!(
-        (counts.token_requests, counts.reused),
-        (1, 0),
-        "{counts:?}\n{}",
-        b.logs()
-    );
+    one_refresh(&f.fx, &b.logs());
     assert!(f.fx.sim.is_live(&new));
 }
 
@@ -592,8 +573,7 @@ fn killed_after_the_write() {
     let b = f.start_b();
     let new = f.wait_new_token(1, &|| b.logs());
     std::thread::sleep(Duration::from_secs(1));
-    let counts = f.fx.sim.counts();
-    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+    one_refresh(&f.fx, "");
     assert!(f.fx.sim.is_live(&new));
     assert!(!f.cluster.get("/tb/k5/tokens").is_empty());
 }
@@ -612,8 +592,7 @@ fn frozen_past_the_lease_then_thawed() {
     f.a.signal(libc::SIGCONT);
     let new = f.wait_new_token(1, &|| format!("{}\n---\n{}", f.a.logs(), b.logs()));
     assert_eq!(f.token_at(0), new);
-    let counts = f.fx.sim.counts();
-    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+    one_refresh(&f.fx, "");
 }
 
 /// A TCP forwarder in front of an etcd member that can black-hole the
@@ -744,8 +723,7 @@ fn a_rotation_that_reached_the_provider_but_not_etcd_lands_when_the_path_heals()
     // watch: it finishes its own cycle after the write).
     let on_a = wait_new_token(&a.socket, &issued.access_token, Duration::from_secs(20), &|| da.logs());
     assert_eq!(on_a, new);
-    let counts = fx.sim.counts();
-    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+    one_refresh(&fx, "");
     wait_until(Duration::from_secs(10), "the spool is gone", || {
         std::fs::read_dir(&spool).is_ok_and(|mut d| d.next().is_none())
     });
@@ -780,8 +758,7 @@ fn losing_quorum_then_regaining_it() {
     wait_new_token(&host.socket, &issued.access_token, Duration::from_secs(40), &|| {
         d.logs()
     });
-    let counts = fx.sim.counts();
-    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}");
+    one_refresh(&fx, "");
 }
 
 /// etcd with authentication on: a user whose role reaches only the

@@ -155,3 +155,11 @@ pub fn no_secret_in(fx: &Fixture, text: &str) {
         assert!(!text.contains(&secret), "a secret leaked:\n{text}");
     }
 }
+
+/// The provider saw exactly one token request so far, and no refresh
+/// token spent twice (`logs`: the daemons' logs, for the failure message).
+#[track_caller]
+pub fn one_refresh(fx: &Fixture, logs: &str) {
+    let counts = fx.sim.counts();
+    assert_eq!((counts.token_requests, counts.reused), (1, 0), "{counts:?}\n{logs}");
+}

@@ -21,7 +21,7 @@ use common::*;
 use daemon::{socket_get, Daemon};
 use etcd::Cluster;
 use fleet::*;
-use token_broker::sim::{codex_auth_json, Issued, SimConfig};
+use token_broker::sim::{Issued, SimConfig};
 
 #[test]
 fn import_status_and_sealed_tokens_at_rest() {
@@ -803,27 +803,8 @@ fn a_user_limited_to_the_prefix_is_enough() {
     };
     let host = Host::new(fx.dir.path(), "a", &profile("tb", "/tb/auth"));
     let issued = fx.sim.sign_in(3600.0);
-    let file = fx.path("auth.json");
-    std::fs::write(&file, codex_auth_json(&issued)).unwrap();
-    let run = |host: &Host, password: &str, args: &[&str]| {
-        cli_command()
-            .args(args)
-            .arg("--config")
-            .arg(&host.config)
-            .env("TB_ETCD_PW", password)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
-    };
-    let import_args = [
-        "fleet",
-        "import",
-        "--profile",
-        "codex",
-        "--from",
-        file.to_str().unwrap(),
-    ];
-    let out = run(&host, secret, &import_args);
+    let run = |host: &Host, password: &str, args: &[&str]| host.cli(args, &[("TB_ETCD_PW", password)]);
+    let out = import_env(&fx, &host, &issued, false, &[("TB_ETCD_PW", secret)]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = run(&host, secret, &["token", "--profile", "codex", "--daemon", "never"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -839,7 +820,7 @@ fn a_user_limited_to_the_prefix_is_enough() {
     assert!(!stderr(&out).contains("wrong-pw-Ab12"), "{}", stderr(&out));
     // Outside the role's prefix: refused by etcd, nothing written.
     let outside = Host::new(fx.dir.path(), "b", &profile("tb", "/tb/elsewhere"));
-    let out = run(&outside, secret, &import_args);
+    let out = import_env(&fx, &outside, &issued, false, &[("TB_ETCD_PW", secret)]);
     assert!(!out.status.success(), "{}", stdout(&out));
     assert!(!stderr(&out).contains(secret), "{}", stderr(&out));
     // The password is in no output.
